@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: (GPL-2.0 OR MIT)
+//
+// l4lb's XDP steering program: the only kernel-side code of the project.
+//
+// It decides, per frame, whether l4lb's user-space data plane must see it
+// (redirect into the AF_XDP socket bound to this RX queue) or whether the
+// kernel keeps it (XDP_PASS). It never rewrites or drops anything: all
+// forwarding decisions and all drop counters live in user space, where they
+// are tested without a kernel (src/dataplane/classify.rs mirrors this logic).
+//
+// Redirected:
+//   * frames to a VIP address that match a listener (vip, port, protocol);
+//   * frames to a VIP address whose L4 header cannot be read (truncated,
+//     fragmented, bad IHL), so that user space counts them as malformed
+//     instead of the kernel dropping them silently;
+//   * frames from a backend address to an address that is not one of this
+//     host's own: replies of NAT'ed flows. Replies to the host itself (its
+//     health checks, ssh, ...) stay with the kernel.
+// Everything else (ARP, neighbour discovery, other ports on a VIP, the host's
+// own traffic) is passed to the kernel.
+//
+// Addresses are stored as 16 bytes: IPv6 as is, IPv4 as IPv4-mapped IPv6
+// (::ffff:a.b.c.d), so one set of maps serves both families.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+struct addr_key {
+	__u8 addr[16];
+};
+
+struct l4_key {
+	__u8 addr[16];
+	__u16 port; // network byte order
+	__u8 proto; // IPPROTO_TCP or IPPROTO_UDP
+	__u8 pad;
+};
+
+#define MAX_QUEUES 64
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct addr_key);
+	__type(value, __u32);
+} l4lb_vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct l4_key);
+	__type(value, __u32);
+} l4lb_listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct addr_key);
+	__type(value, __u32);
+} l4lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct addr_key);
+	__type(value, __u32);
+} l4lb_local SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, MAX_QUEUES);
+	__type(key, __u32);
+	__type(value, __u32);
+} l4lb_xsks SEC(".maps");
+
+// Per-CPU counters read by `l4lb stats`: [0] redirected, [1] passed.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} l4lb_steer_stats SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&l4lb_steer_stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int redirect(struct xdp_md *ctx)
+{
+	count(0);
+	// Falls back to XDP_PASS when no socket is bound to this queue.
+	return bpf_redirect_map(&l4lb_xsks, ctx->rx_queue_index, XDP_PASS);
+}
+
+static __always_inline int pass(void)
+{
+	count(1);
+	return XDP_PASS;
+}
+
+static __always_inline void map_v4(struct addr_key *k, __be32 a)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->addr[10] = 0xff;
+	k->addr[11] = 0xff;
+	__builtin_memcpy(&k->addr[12], &a, 4);
+}
+
+// Decide for a frame whose L3 addresses are known. `l4` points at the L4
+// header or is NULL when it cannot be read (truncated or a fragment).
+static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struct addr_key *src,
+				 __u8 proto, void *l4, void *data_end)
+{
+	if (bpf_map_lookup_elem(&l4lb_vips, dst)) {
+		if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+			return pass(); // ICMP etc. to a VIP: the kernel's business
+		if (!l4 || l4 + 4 > data_end)
+			return redirect(ctx); // malformed: user space counts it
+		struct l4_key lk;
+		__builtin_memcpy(lk.addr, dst->addr, 16);
+		lk.port = *(__u16 *)(l4 + 2);
+		lk.proto = proto;
+		lk.pad = 0;
+		if (bpf_map_lookup_elem(&l4lb_listeners, &lk))
+			return redirect(ctx);
+		return pass();
+	}
+	if (bpf_map_lookup_elem(&l4lb_backends, src) && !bpf_map_lookup_elem(&l4lb_local, dst))
+		return redirect(ctx);
+	return pass();
+}
+
+SEC("xdp")
+int l4lb_steer(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct addr_key src, dst;
+
+	if ((void *)(eth + 1) > data_end)
+		return pass();
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return pass(); // cannot tell whose it is: the kernel drops it
+		map_v4(&dst, ip->daddr);
+		map_v4(&src, ip->saddr);
+		void *l4 = NULL;
+		__u32 ihl = ip->ihl & 0xf;
+		// A fragment (MF set or non-zero offset) carries no usable ports.
+		int frag = (ip->frag_off & bpf_htons(0x3fff)) != 0;
+		if (ihl >= 5 && !frag)
+			l4 = (void *)ip + ihl * 4;
+		return steer(ctx, &dst, &src, ip->protocol, l4, data_end);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > data_end)
+			return pass();
+		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
+		__builtin_memcpy(src.addr, &ip6->saddr, 16);
+		__u8 nh = ip6->nexthdr;
+		if (nh == IPPROTO_TCP || nh == IPPROTO_UDP)
+			return steer(ctx, &dst, &src, nh, (void *)(ip6 + 1), data_end);
+		if (nh == IPPROTO_ICMPV6)
+			return steer(ctx, &dst, &src, nh, NULL, data_end);
+		// Extension headers are not followed: such frames to a VIP reach
+		// user space without ports and are counted there as unsupported.
+		return steer(ctx, &dst, &src, IPPROTO_TCP, NULL, data_end);
+	}
+	return pass();
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,297 @@
+//! Configuration: TOML loading and validation into a checked [`Config`].
+//!
+//! Loading happens in two stages:
+//!
+//! 1. serde + `toml` parse the text into loosely typed raw structs whose
+//!    leaves are [`toml::Spanned`]. Only structural problems stop here (TOML
+//!    syntax, unknown keys, missing required keys, wrong value types); such a
+//!    problem is reported alone.
+//! 2. `validate` converts the raw structs into the model below, checking every
+//!    rule and collecting *all* problems.
+//!
+//! Every problem is a [`Located`] error, printed as `FILE:LINE:COL: message`
+//! with 1-based line and column pointing at the offending key or value.
+//! Nothing in here panics, whatever the input.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+/// Most listeners one instance accepts.
+pub const MAX_LISTENERS: usize = 1024;
+/// Most servers one instance accepts: the total over all backend services,
+/// counted after expanding availability groups.
+pub const MAX_SERVERS: usize = 4096;
+
+/// The demo configuration (`config/l4lb.toml`), also the built-in default.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/l4lb.toml");
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub instance: Instance,
+    /// In config order.
+    pub listeners: Vec<Listener>,
+    /// In config order; [`Listener::service`] indexes this.
+    pub services: Vec<BackendService>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub name: String,
+    /// `mode = "nat"` (the default and, for now, the only mode).
+    pub mode: ForwardingMode,
+    /// Client-facing interface.
+    pub client_interface: String,
+    /// Backend-facing interface; differs from `client_interface`.
+    pub backend_interface: String,
+    /// Next hop for replies to clients; its MAC comes from the kernel
+    /// neighbour table (or from `neighbours`).
+    pub client_gateway: IpAddr,
+    /// `attach = "native" | "skb"`, default native.
+    pub attach: AttachMode,
+    /// `bind = "auto" | "copy" | "zero_copy"`, default auto.
+    pub bind: BindMode,
+    /// CPU core ids, one worker per entry; worker i serves queue i.
+    /// Non-empty, no duplicates, each < 1024. Default `[0]`.
+    pub workers: Vec<usize>,
+    /// Default 1_048_576; range 1024..=67_108_864.
+    pub flow_table_capacity: usize,
+    /// Seconds; default 300, range 10..=86400.
+    pub flow_idle_timeout: u32,
+    /// Default `/run/l4lb/l4lb.sock`.
+    pub control_socket: PathBuf,
+    /// Static MACs (`[[instance.neighbour]]`) that override the kernel table.
+    pub neighbours: Vec<StaticNeighbour>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardingMode {
+    Nat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    Native,
+    Skb,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindMode {
+    Auto,
+    Copy,
+    ZeroCopy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticNeighbour {
+    pub address: IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// TOML: `"tcp"` or `"udp"` (case-insensitive). Displays lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub vip: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Index into [`Config::services`].
+    pub service: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendService {
+    pub name: String,
+    /// Equals the protocol of every listener using the service (NAT cannot
+    /// change the L4 protocol).
+    pub protocol: Protocol,
+    pub scheduler: Scheduler,
+    pub health_check: HealthCheck,
+    /// Seconds; `None` = off (`persistence_timeout = 0` or absent),
+    /// otherwise 30..=3600.
+    pub persistence_timeout: Option<u32>,
+    /// The service's own servers followed by the servers of each availability
+    /// group it uses, in order. Never empty.
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduler {
+    WeightedSourceIp,
+    WeightedRoundRobin,
+    WeightedLeastConnections,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    pub address: IpAddr,
+    pub port: u16,
+    /// 0..=100 (0 = gets no new clients), default 100.
+    pub weight: u8,
+    /// Name of the availability group the server came from, if any.
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    /// `type = "tcp" | "http" | "udp"`, default tcp.
+    pub kind: HealthCheckKind,
+    /// Check port; `None` = the server's own port.
+    pub port: Option<u16>,
+    /// Response timeout in seconds: default 2, range 1..=300, at most `interval`.
+    pub timeout: u32,
+    /// Seconds between checks: default 5, range 1..=50.
+    pub interval: u32,
+    /// Default 3, range 2..=10.
+    pub unhealthy_threshold: u32,
+    /// Default 2, range 2..=10.
+    pub healthy_threshold: u32,
+    /// HTTP only: request path, default "/".
+    pub path: Option<String>,
+    /// HTTP only: Host header.
+    pub domain: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    Tcp,
+    Http,
+    Udp,
+}
+
+/// One problem in a configuration file, with its 1-based position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
+    }
+}
+
+impl std::error::Error for Located {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// One line per problem, in file order.
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Located>),
+}
+
+impl Config {
+    /// Reads and validates the file at `path`; messages name the file as
+    /// `path` is written.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let file_name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::Io {
+            path: file_name.clone(),
+            source,
+        })?;
+        match String::from_utf8(bytes) {
+            Ok(text) => Config::from_str(&text, &file_name),
+            Err(e) => {
+                let valid = e.utf8_error().valid_up_to();
+                let bytes = e.as_bytes();
+                let prefix = String::from_utf8_lossy(&bytes[..valid.min(bytes.len())]);
+                let (line, col) = validate::LineIndex::new(&prefix).position(prefix.len());
+                Err(ConfigError::Invalid(vec![Located {
+                    file: file_name,
+                    line,
+                    col,
+                    message: "the file is not valid UTF-8".to_string(),
+                }]))
+            }
+        }
+    }
+
+    /// Parses and validates `text`; `file_name` is used in messages.
+    pub fn from_str(text: &str, file_name: &str) -> Result<Config, ConfigError> {
+        validate::load(text, file_name).map_err(ConfigError::Invalid)
+    }
+
+    /// One line, e.g. "demo: 3 listeners, 2 backend services, 6 servers,
+    /// 1 worker, nat mode on lb-c/lb-b".
+    pub fn summary(&self) -> String {
+        fn count(n: usize, what: &str) -> String {
+            format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+        }
+        let servers: usize = self.services.iter().map(|s| s.servers.len()).sum();
+        format!(
+            "{}: {}, {}, {}, {}, {} mode on {}/{}",
+            self.instance.name,
+            count(self.listeners.len(), "listener"),
+            count(self.services.len(), "backend service"),
+            count(servers, "server"),
+            count(self.instance.workers.len(), "worker"),
+            self.instance.mode,
+            self.instance.client_interface,
+            self.instance.backend_interface,
+        )
+    }
+}
+
+impl Protocol {
+    /// `"tcp"` or `"udp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The remaining enums display as their TOML spelling.
+macro_rules! display_as_toml {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    $(<$ty>::$variant => $text),+
+                })
+            }
+        }
+    };
+}
+
+display_as_toml!(ForwardingMode { Nat => "nat" });
+display_as_toml!(AttachMode { Native => "native", Skb => "skb" });
+display_as_toml!(BindMode { Auto => "auto", Copy => "copy", ZeroCopy => "zero_copy" });
+display_as_toml!(Scheduler {
+    WeightedSourceIp => "weighted_source_ip",
+    WeightedRoundRobin => "weighted_round_robin",
+    WeightedLeastConnections => "weighted_least_connections",
+});
+display_as_toml!(HealthCheckKind { Tcp => "tcp", Http => "http", Udp => "udp" });

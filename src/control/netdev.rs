@@ -1,0 +1,309 @@
+//! What the control plane asks the kernel about interfaces: index, MAC,
+//! addresses, and next-hop MACs from the neighbour table (rtnetlink).
+
+use crate::util::Mac;
+use anyhow::{bail, Context, Result};
+use std::ffi::{CStr, CString};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = CString::new(name).context("interface name contains NUL")?;
+    // SAFETY: valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!("interface {name} not found in this network namespace");
+    }
+    Ok(idx)
+}
+
+pub fn mac(name: &str) -> Result<Mac> {
+    // SAFETY: a plain datagram socket used for one ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SIOCGIFHWADDR");
+    }
+    // SAFETY: ifreq is plain data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: fd is valid and req is an initialised ifreq.
+    let ret = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if ret < 0 {
+        return Err(err).with_context(|| format!("reading the MAC address of {name}"));
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut m = [0u8; 6];
+    for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(m)
+}
+
+/// The IPv4 and IPv6 addresses configured on `name`.
+pub fn addresses(name: &str) -> Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getifaddrs");
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string.
+        let n = unsafe { CStr::from_ptr(ifa.ifa_name) };
+        if n.to_bytes() != name.as_bytes() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and its family tells its type.
+        unsafe {
+            match (*ifa.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+    }
+    // SAFETY: head came from getifaddrs.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NTF_USE: u8 = 0x01;
+/// Entry states with a usable link-layer address.
+const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// A neighbour table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    pub mac: Mac,
+}
+
+struct Netlink(i32);
+
+impl Netlink {
+    fn open() -> Result<Netlink> {
+        // SAFETY: creating a netlink socket.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("opening an rtnetlink socket");
+        }
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: setting a receive timeout on our socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        Ok(Netlink(fd))
+    }
+
+    fn send(&self, msg: &[u8]) -> Result<()> {
+        // SAFETY: msg is a valid buffer.
+        let n = unsafe { libc::send(self.0, msg.as_ptr() as *const libc::c_void, msg.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error()).context("sending to rtnetlink");
+        }
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> Result<usize> {
+        // SAFETY: buf is a valid writable buffer.
+        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error()).context("reading from rtnetlink");
+        }
+        Ok(n as usize)
+    }
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        // SAFETY: our fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn nl_header(buf: &mut Vec<u8>, ty: u16, flags: u16) {
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched later
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // pid: kernel assigns
+}
+
+fn ndmsg(buf: &mut Vec<u8>, family: u8, ifindex: u32, state: u16, flags: u8) {
+    buf.push(family);
+    buf.extend_from_slice(&[0, 0, 0]);
+    buf.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    buf.extend_from_slice(&state.to_ne_bytes());
+    buf.push(flags);
+    buf.push(0);
+}
+
+fn finish(buf: &mut [u8]) {
+    let len = buf.len() as u32;
+    buf[..4].copy_from_slice(&len.to_ne_bytes());
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Dumps the neighbour table (both families).
+pub fn neighbours() -> Result<Vec<Neighbour>> {
+    let nl = Netlink::open()?;
+    let mut req = Vec::with_capacity(32);
+    nl_header(&mut req, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP);
+    ndmsg(&mut req, libc::AF_UNSPEC as u8, 0, 0, 0);
+    finish(&mut req);
+    nl.send(&req)?;
+
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = nl.recv(&mut buf)?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+            let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+            if len < 16 || off + len > n {
+                bail!("malformed rtnetlink reply");
+            }
+            match ty {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => bail!("rtnetlink refused the neighbour dump"),
+                _ => {
+                    if let Some(nb) = parse_neigh(&buf[off + 16..off + len]) {
+                        out.push(nb);
+                    }
+                }
+            }
+            off += align4(len);
+        }
+    }
+}
+
+fn parse_neigh(m: &[u8]) -> Option<Neighbour> {
+    if m.len() < 12 {
+        return None;
+    }
+    let family = m[0] as i32;
+    let ifindex = i32::from_ne_bytes(m[4..8].try_into().ok()?) as u32;
+    let state = u16::from_ne_bytes(m[8..10].try_into().ok()?);
+    if state & NUD_USABLE == 0 {
+        return None;
+    }
+    let mut addr = None;
+    let mut mac = None;
+    let mut off = 12;
+    while off + 4 <= m.len() {
+        let alen = u16::from_ne_bytes(m[off..off + 2].try_into().ok()?) as usize;
+        let aty = u16::from_ne_bytes(m[off + 2..off + 4].try_into().ok()?);
+        if alen < 4 || off + alen > m.len() {
+            break;
+        }
+        let payload = &m[off + 4..off + alen];
+        match (aty, family, payload.len()) {
+            (NDA_DST, libc::AF_INET, 4) => {
+                addr = Some(IpAddr::V4(Ipv4Addr::new(
+                    payload[0], payload[1], payload[2], payload[3],
+                )))
+            }
+            (NDA_DST, libc::AF_INET6, 16) => {
+                let b: [u8; 16] = payload.try_into().ok()?;
+                addr = Some(IpAddr::V6(Ipv6Addr::from(b)));
+            }
+            (NDA_LLADDR, _, 6) => mac = Some(payload.try_into().ok()?),
+            _ => {}
+        }
+        off += align4(alen);
+    }
+    Some(Neighbour {
+        ifindex,
+        addr: addr?,
+        mac: mac?,
+    })
+}
+
+/// Asks the kernel to resolve `addr` on `ifindex` (ARP / neighbour
+/// solicitation), without sending anything to the address itself: an
+/// RTM_NEWNEIGH with NTF_USE triggers the kernel's own resolution.
+pub fn solicit(ifindex: u32, addr: &IpAddr) -> Result<()> {
+    let nl = Netlink::open()?;
+    let (family, bytes): (u8, Vec<u8>) = match addr {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let mut req = Vec::with_capacity(48);
+    nl_header(
+        &mut req,
+        RTM_NEWNEIGH,
+        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+    );
+    ndmsg(&mut req, family, ifindex, 0, NTF_USE);
+    let alen = 4 + bytes.len();
+    req.extend_from_slice(&(alen as u16).to_ne_bytes());
+    req.extend_from_slice(&NDA_DST.to_ne_bytes());
+    req.extend_from_slice(&bytes);
+    req.resize(align4(req.len()), 0);
+    finish(&mut req);
+    nl.send(&req)?;
+    let mut buf = [0u8; 1024];
+    let n = nl.recv(&mut buf)?;
+    if n >= 20 && u16::from_ne_bytes(buf[4..6].try_into().expect("2")) == NLMSG_ERROR {
+        let code = i32::from_ne_bytes(buf[16..20].try_into().expect("4"));
+        if code != 0 {
+            return Err(std::io::Error::from_raw_os_error(-code))
+                .with_context(|| format!("asking the kernel to resolve {addr}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The stats report served on the control socket and printed by
+//! `l4lb stats`.
+
+use crate::control::snapshot::Snapshot;
+use crate::control::xdp::Steering;
+use crate::dataplane::counters::{DropReason, WorkerStats};
+use crate::table::FlowTable;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub instance: String,
+    pub generation: u64,
+    pub uptime_s: u64,
+    pub workers: Vec<WorkerReport>,
+    /// Drops summed over workers, by reason (every reason listed).
+    pub drops: BTreeMap<String, u64>,
+    pub listeners: Vec<CounterReport>,
+    pub backends: Vec<CounterReport>,
+    pub steering: Vec<SteerReport>,
+    pub flows: FlowReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerReport {
+    pub worker: usize,
+    pub core: usize,
+    pub rx: u64,
+    pub tx: u64,
+    pub forwarded: u64,
+    pub replied: u64,
+    pub flows_created: u64,
+    pub flows_evicted: u64,
+    pub drops: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CounterReport {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SteerReport {
+    pub interface: String,
+    pub redirected: u64,
+    pub passed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowReport {
+    pub capacity: usize,
+    pub live: usize,
+    pub idle_timeout_s: u32,
+    pub memory_bytes: usize,
+}
+
+pub struct Sources<'a> {
+    pub instance: &'a str,
+    pub snapshot: &'a Snapshot,
+    pub workers: &'a [(usize, std::sync::Arc<WorkerStats>)],
+    pub steering: &'a [&'a Steering],
+    pub flows: &'a FlowTable,
+    pub now: u32,
+    pub uptime_s: u64,
+}
+
+pub fn collect(s: &Sources) -> Stats {
+    let mut drops: BTreeMap<String, u64> = DropReason::ALL
+        .iter()
+        .map(|r| (r.name().to_string(), 0))
+        .collect();
+    let mut workers = Vec::new();
+    for (i, (core, w)) in s.workers.iter().enumerate() {
+        let c = &w.core;
+        let mut total = 0;
+        for r in DropReason::ALL {
+            let n = w.drops(r);
+            total += n;
+            *drops.get_mut(r.name()).expect("all reasons present") += n;
+        }
+        workers.push(WorkerReport {
+            worker: i,
+            core: *core,
+            rx: c.rx.load(Relaxed),
+            tx: c.tx.load(Relaxed),
+            forwarded: c.forwarded.load(Relaxed),
+            replied: c.replied.load(Relaxed),
+            flows_created: c.flows_created.load(Relaxed),
+            flows_evicted: c.flows_evicted.load(Relaxed),
+            drops: total,
+        });
+    }
+    let sum = |pick: &dyn Fn(&WorkerStats) -> (u64, u64)| {
+        s.workers.iter().fold((0, 0), |(p, b), (_, w)| {
+            let (wp, wb) = pick(w);
+            (p + wp, b + wb)
+        })
+    };
+    let listeners = s
+        .snapshot
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let (packets, bytes) = sum(&|w| w.listeners.get(i).map_or((0, 0), |p| p.read()));
+            CounterReport {
+                name: format!("{} {}:{}/{}", l.name, l.vip, l.port, l.protocol),
+                packets,
+                bytes,
+            }
+        })
+        .collect();
+    let backends = s
+        .snapshot
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let (packets, bytes) = sum(&|w| w.backends.get(i).map_or((0, 0), |p| p.read()));
+            let addr = match b.address {
+                std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
+                std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
+            };
+            CounterReport {
+                name: format!("{addr}/{}", b.protocol),
+                packets,
+                bytes,
+            }
+        })
+        .collect();
+    let steering = s
+        .steering
+        .iter()
+        .map(|st| {
+            let (redirected, passed) = st.counters();
+            SteerReport {
+                interface: st.ifname().to_string(),
+                redirected,
+                passed,
+            }
+        })
+        .collect();
+    Stats {
+        instance: s.instance.to_string(),
+        generation: s.snapshot.generation,
+        uptime_s: s.uptime_s,
+        workers,
+        drops,
+        listeners,
+        backends,
+        steering,
+        flows: FlowReport {
+            capacity: s.flows.capacity(),
+            live: s.flows.count_live(s.now),
+            idle_timeout_s: s.flows.idle_timeout(),
+            memory_bytes: s.flows.memory(),
+        },
+    }
+}
+
+/// The human-readable form printed by `l4lb stats`.
+pub fn render(st: &Stats) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "instance {} (snapshot {}), up {} s",
+        st.instance, st.generation, st.uptime_s
+    );
+    let _ = writeln!(o, "workers:");
+    for w in &st.workers {
+        let _ = writeln!(
+            o,
+            "  {} (core {}): rx {} tx {} forwarded {} replied {} drops {} flows created {} evicted {}",
+            w.worker, w.core, w.rx, w.tx, w.forwarded, w.replied, w.drops, w.flows_created, w.flows_evicted
+        );
+    }
+    let _ = writeln!(o, "listeners (client -> backend packets):");
+    for l in &st.listeners {
+        let _ = writeln!(
+            o,
+            "  {:<40} {:>12} pkts {:>14} bytes",
+            l.name, l.packets, l.bytes
+        );
+    }
+    let _ = writeln!(o, "backends (client -> backend packets):");
+    for b in &st.backends {
+        let _ = writeln!(
+            o,
+            "  {:<40} {:>12} pkts {:>14} bytes",
+            b.name, b.packets, b.bytes
+        );
+    }
+    let _ = writeln!(o, "drops:");
+    for (k, v) in &st.drops {
+        let _ = writeln!(o, "  {k:<16} {v}");
+    }
+    for s in &st.steering {
+        let _ = writeln!(
+            o,
+            "xdp {}: redirected {} passed {}",
+            s.interface, s.redirected, s.passed
+        );
+    }
+    let _ = writeln!(
+        o,
+        "flows: {} live of {} ({} MiB), idle timeout {} s",
+        st.flows.live,
+        st.flows.capacity,
+        st.flows.memory_bytes >> 20,
+        st.flows.idle_timeout_s
+    );
+    o
+}

@@ -1,0 +1,186 @@
+//! The per-core poll loop (DPDK l3fwd / xsk_fwd.c style).
+//!
+//! Each iteration: `rx_burst` on both ports → `process_burst` (decide and
+//! rewrite in place) → `tx_burst` (hand frames to the egress TX ring) →
+//! `flush` (kick the kernel while TX frames are in flight: copy mode sends at
+//! most 32 frames per `sendto`, so a half-sent burst is kicked again on the
+//! next iteration rather than left waiting) → completions back to the free
+//! list → refill both fill rings.
+//!
+//! The snapshot is loaded once per iteration (one atomic load); counters are
+//! this worker's own. An idle worker backs off to `poll(2)` with a 1 ms
+//! timeout after a stretch of empty iterations, so an idle l4lb does not
+//! burn a core; under load it never sleeps.
+
+use crate::control::snapshot::Snapshot;
+use crate::dataplane::counters::{DropReason, WorkerStats};
+use crate::dataplane::pipeline::{Port, Processor, Verdict};
+use crate::dataplane::xsk::{self, XskPair, FRAME_COUNT, RING_SIZE};
+use crate::table::FlowTable;
+use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use xsk_rs::FrameDesc;
+
+pub const BURST: usize = 64;
+/// Empty iterations before the worker sleeps in poll(2).
+const IDLE_SPINS: u32 = 20_000;
+
+pub struct Worker {
+    pub id: usize,
+    pub xsk: XskPair,
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub flows: Arc<FlowTable>,
+    pub stats: Arc<WorkerStats>,
+    pub stop: Arc<AtomicBool>,
+    pub clock: fn() -> u32,
+}
+
+/// Frames waiting for one TX ring.
+struct TxBuf {
+    descs: Box<[FrameDesc]>,
+    len: usize,
+}
+
+impl Worker {
+    pub fn run(mut self) {
+        let mut free: Vec<FrameDesc> = std::mem::take(&mut self.xsk.frames);
+        let mut rx = [FrameDesc::default(); BURST];
+        let mut scratch = [FrameDesc::default(); BURST];
+        // Room for two full bursts per egress port: what the TX ring did not
+        // take this iteration is retried on the next.
+        let mut txq = [
+            TxBuf {
+                descs: vec![FrameDesc::default(); 2 * BURST].into_boxed_slice(),
+                len: 0,
+            },
+            TxBuf {
+                descs: vec![FrameDesc::default(); 2 * BURST].into_boxed_slice(),
+                len: 0,
+            },
+        ];
+        debug_assert_eq!(free.len(), FRAME_COUNT as usize);
+
+        // Prime both fill rings.
+        for p in 0..2 {
+            let take = (RING_SIZE as usize).min(free.len());
+            let at = free.len() - take;
+            let n = xsk::fill(&mut self.xsk.ports[p], &free[at..]);
+            free.truncate(free.len() - n);
+        }
+
+        let mut idle: u32 = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            let snap = self.snapshot.load();
+            let proc = Processor {
+                snapshot: &snap,
+                flows: &self.flows,
+                stats: &self.stats,
+                now: (self.clock)(),
+            };
+            let mut work = 0usize;
+
+            for port in [Port::Client, Port::Backend] {
+                // rx_burst
+                let n = xsk::rx_burst(&mut self.xsk.ports[port as usize], &mut rx);
+                if n == 0 {
+                    continue;
+                }
+                work += n;
+                WorkerStats::add(&self.stats.core.rx, n as u64);
+                // process_burst
+                for desc in rx.iter_mut().take(n) {
+                    let verdict = {
+                        let mut data = xsk::frame_mut(&self.xsk.umem, desc);
+                        proc.process(data.contents_mut())
+                    };
+                    match verdict {
+                        Verdict::Tx(out) => {
+                            let q = &mut txq[out as usize];
+                            if q.len < q.descs.len() {
+                                q.descs[q.len] = *desc;
+                                q.len += 1;
+                            } else {
+                                self.stats.count_drop(DropReason::TxRingFull);
+                                free.push(*desc);
+                            }
+                        }
+                        Verdict::Pass => {
+                            // The XDP program passes the kernel's frames;
+                            // one that got here cannot be handed back.
+                            self.stats.count_drop(DropReason::NotOurs);
+                            free.push(*desc);
+                        }
+                        Verdict::Drop(_) => free.push(*desc),
+                    }
+                }
+            }
+
+            // tx_burst + flush
+            for (p, q) in txq.iter_mut().enumerate() {
+                let port = &mut self.xsk.ports[p];
+                if q.len > 0 {
+                    let sent = xsk::tx_produce(port, &q.descs[..q.len]);
+                    WorkerStats::add(&self.stats.core.tx, sent as u64);
+                    q.descs.copy_within(sent..q.len, 0);
+                    q.len -= sent;
+                }
+                if port.in_flight > 0 {
+                    work += 1;
+                    if port.tx.needs_wakeup() {
+                        // EAGAIN/EBUSY/ENOBUFS are absorbed by xsk-rs; other
+                        // errors leave frames in flight, retried next time.
+                        let _ = port.tx.wakeup();
+                    }
+                }
+                // Completions go back to the free list.
+                let done = xsk::complete(port, &mut scratch);
+                free.extend_from_slice(&scratch[..done]);
+            }
+
+            // Refill both fill rings from the free list.
+            for port in self.xsk.ports.iter_mut() {
+                if free.is_empty() {
+                    break;
+                }
+                let want = port.fq.nb_free(free.len() as u32) as usize;
+                if want > 0 {
+                    let at = free.len() - want.min(free.len());
+                    let n = xsk::fill(port, &free[at..]);
+                    free.truncate(free.len() - n);
+                }
+            }
+
+            if work == 0 {
+                idle += 1;
+                if idle >= IDLE_SPINS {
+                    self.sleep_until_rx();
+                }
+            } else {
+                idle = 0;
+            }
+        }
+    }
+
+    /// Blocks up to 1 ms in poll(2) on both RX rings. Also serves as the
+    /// fill-ring wakeup the kernel asks for with `needs_wakeup`.
+    fn sleep_until_rx(&self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.xsk.ports[0].fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.xsk.ports[1].fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of
+        // the call.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 2, 1);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! AF_XDP ring I/O: the one place in the data plane with `unsafe`.
+//!
+//! # Frame ownership
+//! Each worker owns one UMEM shared by its two sockets (client side and
+//! backend side, same queue id), so a frame received on one port can be
+//! transmitted on the other without a copy. A frame is, at any moment, in
+//! exactly one of: the worker's free list, a fill ring, an RX ring (kernel
+//! wrote it, we have not consumed it), the worker's hands (between
+//! `rx_burst` and `tx_burst`), a TX ring, or a completion ring. Every
+//! `unsafe` call below relies on that invariant: a descriptor is only
+//! touched while the worker holds it.
+
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
+
+/// Ring sizes (descriptors). 2048 keeps a 64-frame burst far from the ring
+/// limits while the UMEM stays small (8192 frames of 2 KiB = 16 MiB).
+pub const RING_SIZE: u32 = 2048;
+pub const FRAME_COUNT: u32 = 4 * RING_SIZE;
+pub const FRAME_SIZE: u32 = 2048;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    Auto,
+    Copy,
+    ZeroCopy,
+}
+
+/// One AF_XDP socket with its rings.
+pub struct XskPort {
+    pub tx: TxQueue,
+    pub rx: RxQueue,
+    pub fq: FillQueue,
+    pub cq: CompQueue,
+    /// Frames handed to the TX ring and not yet completed.
+    pub in_flight: u32,
+}
+
+impl XskPort {
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+}
+
+/// A worker's UMEM, its two ports and the descriptors of all its frames.
+pub struct XskPair {
+    pub umem: Umem,
+    pub ports: [XskPort; 2],
+    pub frames: Vec<FrameDesc>,
+}
+
+fn socket_config(bind: Bind) -> anyhow::Result<SocketConfig> {
+    let mut flags = BindFlags::XDP_USE_NEED_WAKEUP;
+    match bind {
+        Bind::Auto => {}
+        Bind::Copy => flags |= BindFlags::XDP_COPY,
+        Bind::ZeroCopy => flags |= BindFlags::XDP_ZEROCOPY,
+    }
+    Ok(SocketConfig::builder()
+        .rx_queue_size(QueueSize::new(RING_SIZE)?)
+        .tx_queue_size(QueueSize::new(RING_SIZE)?)
+        // l4lb loads its own XDP program and puts the socket into its map.
+        .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+        .bind_flags(flags)
+        .build())
+}
+
+impl XskPair {
+    /// Creates the UMEM and binds one socket per interface on `queue`.
+    /// Sockets are created one after the other (concurrent creation on one
+    /// interface races in libxdp and fails with EBUSY).
+    pub fn new(client_if: &str, backend_if: &str, queue: u32, bind: Bind) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let umem_cfg = UmemConfig::builder()
+            .frame_size(FrameSize::new(FRAME_SIZE)?)
+            .fill_queue_size(QueueSize::new(RING_SIZE)?)
+            .comp_queue_size(QueueSize::new(RING_SIZE)?)
+            .build()?;
+        let count = NonZeroU32::new(FRAME_COUNT).expect("non-zero");
+        let (umem, frames) = Umem::new(umem_cfg, count, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("creating the UMEM (is RLIMIT_MEMLOCK too low?)")?;
+        let cfg = socket_config(bind)?;
+        let open = |ifname: &str| -> anyhow::Result<XskPort> {
+            let iface: Interface = ifname
+                .parse()
+                .map_err(|e| anyhow::anyhow!("interface name {ifname:?}: {e}"))?;
+            // SAFETY: each (interface, queue) pair is bound once from this
+            // UMEM, so libxdp hands back fresh fill/completion rings; the
+            // INHIBIT_PROG_LOAD flag is set, as xsk-rs requires for shared
+            // UMEMs.
+            let (tx, rx, rings) = unsafe { xsk_rs::Socket::new(cfg, &umem, &iface, queue) }
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| {
+                    format!("binding an AF_XDP socket to {ifname} queue {queue} ({bind:?} mode)")
+                })?;
+            let (fq, cq) = rings.ok_or_else(|| {
+                anyhow::anyhow!("{ifname} queue {queue}: no fill/completion rings returned")
+            })?;
+            Ok(XskPort {
+                tx,
+                rx,
+                fq,
+                cq,
+                in_flight: 0,
+            })
+        };
+        let client = open(client_if)?;
+        let backend = open(backend_if)?;
+        Ok(XskPair {
+            umem,
+            ports: [client, backend],
+            frames,
+        })
+    }
+}
+
+/// Receives up to `out.len()` descriptors.
+#[inline]
+pub fn rx_burst(port: &mut XskPort, out: &mut [FrameDesc]) -> usize {
+    // SAFETY: descriptors written into `out` are handed over by the kernel;
+    // the worker holds them until it puts them into a TX, fill or free list.
+    unsafe { port.rx.consume(out) }
+}
+
+/// The frame bytes of a descriptor the worker holds.
+#[inline]
+pub fn frame_mut<'a>(umem: &'a Umem, desc: &'a mut FrameDesc) -> xsk_rs::umem::frame::DataMut<'a> {
+    // SAFETY: `desc` came from this UMEM's RX ring and is held by the worker
+    // alone (see the module comment), so nothing else accesses its memory.
+    unsafe { umem.data_mut(desc) }
+}
+
+/// Hands descriptors to the TX ring; returns how many it took.
+#[inline]
+pub fn tx_produce(port: &mut XskPort, descs: &[FrameDesc]) -> usize {
+    // SAFETY: the worker holds these frames and gives them up here; it gets
+    // them back through the completion ring.
+    let n = unsafe { port.tx.produce(descs) };
+    port.in_flight += n as u32;
+    n
+}
+
+/// Collects completed TX descriptors.
+#[inline]
+pub fn complete(port: &mut XskPort, out: &mut [FrameDesc]) -> usize {
+    // SAFETY: completed frames are back in the worker's hands. Their length
+    // is reset to 0 by xsk-rs, which does not matter: they go to a fill ring,
+    // where the kernel sets the length of what it writes.
+    let n = unsafe { port.cq.consume(out) };
+    port.in_flight -= n as u32;
+    n
+}
+
+/// Gives free frames to the fill ring; returns how many it took.
+#[inline]
+pub fn fill(port: &mut XskPort, descs: &[FrameDesc]) -> usize {
+    // SAFETY: free frames are held by no one; the kernel owns them until
+    // they come back through RX.
+    unsafe { port.fq.produce(descs) }
+}
