@@ -34,6 +34,7 @@ pub struct WorkerReport {
     pub replied: u64,
     pub flows_created: u64,
     pub flows_evicted: u64,
+    pub flows_rebound: u64,
     pub drops: u64,
 }
 
@@ -92,6 +93,7 @@ pub fn collect(s: &Sources) -> Stats {
             replied: c.replied.load(Relaxed),
             flows_created: c.flows_created.load(Relaxed),
             flows_evicted: c.flows_evicted.load(Relaxed),
+            flows_rebound: c.flows_rebound.load(Relaxed),
             drops: total,
         });
     }
@@ -175,8 +177,17 @@ pub fn render(st: &Stats) -> String {
     for w in &st.workers {
         let _ = writeln!(
             o,
-            "  {} (core {}): rx {} tx {} forwarded {} replied {} drops {} flows created {} evicted {}",
-            w.worker, w.core, w.rx, w.tx, w.forwarded, w.replied, w.drops, w.flows_created, w.flows_evicted
+            "  {} (core {}): rx {} tx {} forwarded {} replied {} drops {} flows created {} evicted {} rebound {}",
+            w.worker,
+            w.core,
+            w.rx,
+            w.tx,
+            w.forwarded,
+            w.replied,
+            w.drops,
+            w.flows_created,
+            w.flows_evicted,
+            w.flows_rebound
         );
     }
     let _ = writeln!(o, "listeners (client -> backend packets):");

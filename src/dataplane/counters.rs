@@ -34,9 +34,6 @@ pub enum DropReason {
     /// A backend's packet to a client with no flow: the flow aged out, or
     /// the backend talks to clients on its own. Normal: small.
     NoFlow,
-    /// The same client address:port talks to the same backend through two
-    /// listeners at once: the reply could not be told apart. Normal: 0.
-    FlowConflict,
     /// A frame that is the kernel's (ARP, other ports) reached the socket;
     /// user space cannot hand it back. Normal: 0 (the XDP program filters
     /// them), briefly non-zero while a reload updates the XDP maps.
@@ -47,7 +44,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 9;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::Fragment,
@@ -56,7 +53,6 @@ impl DropReason {
         DropReason::NoNeighbour,
         DropReason::TtlExceeded,
         DropReason::NoFlow,
-        DropReason::FlowConflict,
         DropReason::NotOurs,
         DropReason::TxRingFull,
     ];
@@ -70,7 +66,6 @@ impl DropReason {
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::NoFlow => "no_flow",
-            DropReason::FlowConflict => "flow_conflict",
             DropReason::NotOurs => "not_ours",
             DropReason::TxRingFull => "tx_ring_full",
         }
@@ -120,6 +115,8 @@ pub struct Core {
     pub passed: AtomicU64,
     pub flows_created: AtomicU64,
     pub flows_evicted: AtomicU64,
+    /// Flows whose (client, backend) tuple moved to another listener.
+    pub flows_rebound: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
 }
 

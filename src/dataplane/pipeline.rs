@@ -122,10 +122,11 @@ impl Processor<'_> {
         };
         let c = &self.stats.core;
         match self.flows.upsert(&key, value, self.now) {
-            Upsert::Existing(v) if v.listener != listener => {
-                return Verdict::Drop(DropReason::FlowConflict)
-            }
-            Upsert::Existing(_) => {}
+            Upsert::Existing => {}
+            // The client reused its source port towards another listener of
+            // the same service, so the backend sees the same 4-tuple: it can
+            // hold only one such connection, and the newest one wins.
+            Upsert::Replaced(_) => WorkerStats::add(&c.flows_rebound, 1),
             Upsert::Inserted => WorkerStats::add(&c.flows_created, 1),
             Upsert::Evicted => {
                 WorkerStats::add(&c.flows_created, 1);

@@ -44,8 +44,10 @@ pub struct FlowValue {
 /// What an upsert did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upsert {
-    /// The flow existed (and was refreshed); its stored value is returned.
-    Existing(FlowValue),
+    /// The flow existed with this value and was refreshed.
+    Existing,
+    /// The flow existed with another value, which was replaced (returned).
+    Replaced(FlowValue),
     Inserted,
     /// Inserted by evicting a live entry (the window was full).
     Evicted,
@@ -202,7 +204,8 @@ impl FlowTable {
         None
     }
 
-    /// Returns the existing entry for `key` (refreshed) or inserts `value`.
+    /// Makes `key` map to `value`: refreshes an identical entry, replaces a
+    /// different one, or inserts.
     #[inline]
     pub fn upsert(&self, key: &FlowKey, value: FlowValue, now: u32) -> Upsert {
         let words = key.words();
@@ -220,8 +223,15 @@ impl FlowTable {
                 };
                 let live = k[4] != 0 && self.live(slot, now);
                 if live && k == words {
-                    Self::touch(slot, now);
-                    return Upsert::Existing(Self::unpack(v));
+                    let old = Self::unpack(v);
+                    if old == value {
+                        Self::touch(slot, now);
+                        return Upsert::Existing;
+                    }
+                    if self.write(idx, &words, value, now) {
+                        return Upsert::Replaced(old);
+                    }
+                    continue;
                 }
                 if !live {
                     free.get_or_insert(idx);
@@ -317,14 +327,17 @@ mod tests {
     }
 
     #[test]
-    fn upsert_of_existing_flow_returns_stored_value() {
+    fn upsert_refreshes_an_identical_flow_and_replaces_a_different_one() {
         let t = FlowTable::new(1024, 300);
         t.upsert(&key(1, 1000), V, 10);
+        assert_eq!(t.upsert(&key(1, 1000), V, 11), Upsert::Existing);
         let other = FlowValue {
             listener: 9,
             backend: 7,
         };
-        assert_eq!(t.upsert(&key(1, 1000), other, 11), Upsert::Existing(V));
+        assert_eq!(t.upsert(&key(1, 1000), other, 12), Upsert::Replaced(V));
+        assert_eq!(t.lookup(&key(1, 1000), 12), Some(other));
+        assert_eq!(t.count_live(12), 1, "replaced in place, not duplicated");
     }
 
     #[test]
