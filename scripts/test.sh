@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The full test suite, as CI runs it: installs what it needs, then formatting,
+# lints, unit and offline tests, the network-namespace tests (root; they fail,
+# never skip, when they cannot set up), and a build of the benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+if [[ ${EUID} -ne 0 ]]; then
+    echo "test.sh: the netns tests need root (network namespaces, XDP); run as root" >&2
+    exit 1
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test (unit, offline, netns)"
+# Test binaries run one after another; inside tests/netns.rs the tests share
+# one topology and serialise themselves.
+cargo test
+echo "== cargo bench --no-run"
+cargo bench --no-run
+scripts/netns.sh down >/dev/null
+echo "test.sh: all passed"

@@ -1,0 +1,987 @@
+//! Table-driven packet fixtures through the data plane's pipeline, offline.
+//!
+//! Each fixture is a description, an input frame, the expected verdict and,
+//! for forwarded frames, the expected output frame. Fixtures of one table run
+//! in order on one [`Replayer`] (a reply needs its flow), at a fixed clock.
+//!
+//! Expected output frames are built from scratch by etherparse (see
+//! `tests/common`), so byte equality checks the in-place NAT rewrite, the TTL
+//! decrement and the incremental checksum updates against full recomputes.
+//! Frames that are passed or dropped must come out untouched, and every frame
+//! moves exactly one counter: its verdict's.
+
+mod common;
+
+use common::*;
+use etherparse::SlicedPacket;
+use l4lb::config::Config;
+use l4lb::dataplane::packet::{parse, Frame};
+use l4lb::dataplane::{DropReason, Port, Verdict};
+use l4lb::replay::{Replayer, BACKEND_IF_MAC, CLIENT_IF_MAC};
+use std::sync::atomic::Ordering::Relaxed;
+
+const NOW: u32 = 1_000;
+
+const FORWARD: Verdict = Verdict::Tx(Port::Backend);
+const REPLY: Verdict = Verdict::Tx(Port::Client);
+const PASS: Verdict = Verdict::Pass;
+
+struct Fixture {
+    what: &'static str,
+    input: Vec<u8>,
+    verdict: Verdict,
+    /// The frame l4lb should transmit; `None` for a frame it must leave as it
+    /// is (passed or dropped).
+    output: Option<Vec<u8>>,
+}
+
+fn tx(what: &'static str, input: Vec<u8>, verdict: Verdict, output: Vec<u8>) -> Fixture {
+    Fixture {
+        what,
+        input,
+        verdict,
+        output: Some(output),
+    }
+}
+
+fn kept(what: &'static str, input: Vec<u8>, verdict: Verdict) -> Fixture {
+    Fixture {
+        what,
+        input,
+        verdict,
+        output: None,
+    }
+}
+
+/// Every counter a verdict can move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    forwarded: u64,
+    replied: u64,
+    passed: u64,
+    drops: [u64; DropReason::COUNT],
+}
+
+fn counts(r: &Replayer) -> Counts {
+    let c = &r.stats.core;
+    Counts {
+        forwarded: c.forwarded.load(Relaxed),
+        replied: c.replied.load(Relaxed),
+        passed: c.passed.load(Relaxed),
+        drops: DropReason::ALL.map(|d| r.stats.drops(d)),
+    }
+}
+
+/// The counters after one frame with verdict `v`, starting from `c`.
+fn plus_one(mut c: Counts, v: Verdict) -> Counts {
+    match v {
+        Verdict::Tx(Port::Backend) => c.forwarded += 1,
+        Verdict::Tx(Port::Client) => c.replied += 1,
+        Verdict::Pass => c.passed += 1,
+        Verdict::Drop(why) => c.drops[why as usize] += 1,
+    }
+    c
+}
+
+fn run(r: &Replayer, fixtures: &[Fixture]) {
+    for (i, f) in fixtures.iter().enumerate() {
+        let before = counts(r);
+        let mut frame = f.input.clone();
+        let v = r.process(&mut frame, NOW);
+        assert_eq!(v, f.verdict, "fixture {i} ({}): verdict", f.what);
+        let want = f.output.as_ref().unwrap_or(&f.input);
+        assert!(
+            frame == *want,
+            "fixture {i} ({}): output frame: {}",
+            f.what,
+            first_difference(&frame, want)
+        );
+        assert_eq!(
+            counts(r),
+            plus_one(before, v),
+            "fixture {i} ({}): exactly the verdict's counter moves by one",
+            f.what
+        );
+    }
+}
+
+fn replayer() -> Replayer {
+    Replayer::new(&replay_config()).expect("replayer")
+}
+
+/// The server `l4lb simulate` says `client` reaches through `listener`,
+/// checked against the snapshot's scheduler the data plane calls.
+fn simulated(r: &Replayer, listener: &str, client: [u8; 4]) -> ([u8; 4], u16) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    let input = format!("{}.{}.{}.{}\n", client[0], client[1], client[2], client[3]);
+    let bad = l4lb::simulate::simulate(
+        &replay_config(),
+        listener,
+        input.as_bytes(),
+        &mut out,
+        &mut errors,
+    )
+    .expect("simulate");
+    assert_eq!(bad, 0, "{}", String::from_utf8_lossy(&errors));
+    let out = String::from_utf8(out).unwrap();
+    let (_, server) = out.trim_end().split_once(' ').expect("CLIENT SERVER");
+    let server: std::net::SocketAddrV4 = server.parse().expect("server address");
+
+    let li = r
+        .snapshot
+        .listeners
+        .iter()
+        .position(|l| l.name == listener)
+        .unwrap();
+    let id = r
+        .snapshot
+        .pick(r.snapshot.listeners[li].service, &client)
+        .expect("a server");
+    let be = &r.snapshot.backends[id as usize];
+    assert_eq!(
+        std::net::SocketAddr::V4(server),
+        std::net::SocketAddr::new(be.address, be.port),
+        "simulate and the data plane's scheduler agree"
+    );
+    (server.ip().octets(), server.port())
+}
+
+/// A client that `listener` sends to a server other than `other`'s.
+fn client_of_another_server(r: &Replayer, listener: &str, other: [u8; 4]) -> [u8; 4] {
+    (1..=254)
+        .map(|d| [198, 18, 5, d])
+        .find(|c| simulated(r, listener, *c).0 != simulated(r, listener, other).0)
+        .expect("the clients of 198.18.5.0/24 spread over several servers")
+}
+
+#[test]
+fn tcp_connection_is_forwarded_to_the_scheduled_server_and_answered_from_the_vip() {
+    let r = replayer();
+    let (server, port) = simulated(&r, "web", CLIENT);
+    assert_eq!(port, 8080);
+    let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let s = Hop::from_server(server, 8080, CLIENT, 40000);
+    // Odd lengths: the checksum's padding byte must not leak into the update.
+    let request = b"GET / HTTP/1.1\r\nHost: web\r\n\r\n!";
+    let response = b"HTTP/1.1 204 No Content\r\n\r\n";
+
+    let other = client_of_another_server(&r, "web", CLIENT);
+    let (other_server, _) = simulated(&r, "web", other);
+    let o = Hop::from_client(other, 33333, VIP, 80);
+    let os = Hop::from_server(other_server, 8080, other, 33333);
+
+    run(
+        &r,
+        &[
+            tx(
+                "SYN to the VIP: to the scheduled server's port 8080 and MAC, TTL 63",
+                tcp_syn(&c),
+                FORWARD,
+                tcp_syn(&c.to_server(server, 8080)),
+            ),
+            tx(
+                "the server's SYN-ACK: from the VIP:80, to the gateway's MAC",
+                tcp_syn_ack(&s),
+                REPLY,
+                tcp_syn_ack(&s.to_client(VIP, 80)),
+            ),
+            tx(
+                "the client's request on the same flow",
+                tcp_data(&c, request),
+                FORWARD,
+                tcp_data(&c.to_server(server, 8080), request),
+            ),
+            tx(
+                "the server's response",
+                tcp_data(&s, response),
+                REPLY,
+                tcp_data(&s.to_client(VIP, 80), response),
+            ),
+            tx(
+                "another client reaches another server",
+                tcp_syn(&o),
+                FORWARD,
+                tcp_syn(&o.to_server(other_server, 8080)),
+            ),
+            tx(
+                "and is answered from the same VIP",
+                tcp_syn_ack(&os),
+                REPLY,
+                tcp_syn_ack(&os.to_client(VIP, 80)),
+            ),
+            tx(
+                "TTL 2 still goes through, arriving with TTL 1",
+                tcp_data(&c.ttl(2), request),
+                FORWARD,
+                tcp_data(&c.ttl(2).to_server(server, 8080), request),
+            ),
+        ],
+    );
+
+    let core = &r.stats.core;
+    assert_eq!(core.flows_created.load(Relaxed), 2, "one flow per client");
+    assert_eq!(core.flows_rebound.load(Relaxed), 0);
+    assert_eq!(r.flows.count_live(NOW), 2);
+    // Per-listener and per-server counters see the client → server frames.
+    let web = r.snapshot.listeners.iter().position(|l| l.name == "web");
+    let (packets, bytes) = r.stats.listeners[web.unwrap()].read();
+    assert_eq!(packets, 4);
+    let sizes = [
+        tcp_syn(&c).len(),
+        tcp_data(&c, request).len(),
+        tcp_syn(&o).len(),
+        tcp_data(&c, request).len(),
+    ];
+    assert_eq!(bytes, sizes.iter().sum::<usize>() as u64);
+    let server_id = r.snapshot.backend(&l4lb::util::map_v4(server), 8080, 6);
+    assert_eq!(r.stats.backends[server_id.unwrap() as usize].read().0, 3);
+}
+
+#[test]
+fn two_listeners_of_one_service_each_answer_from_their_own_vip() {
+    let r = replayer();
+    let (server, _) = simulated(&r, "web", CLIENT);
+    assert_eq!(
+        simulated(&r, "web-alt", CLIENT).0,
+        server,
+        "one service: the same server for the same client"
+    );
+    let web = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let alt = Hop::from_client(CLIENT, 40001, VIP_ALT, 80);
+    let web_reply = Hop::from_server(server, 8080, CLIENT, 40000);
+    let alt_reply = Hop::from_server(server, 8080, CLIENT, 40001);
+    let alt_same_port = Hop::from_client(CLIENT, 40000, VIP_ALT, 80);
+
+    run(
+        &r,
+        &[
+            tx(
+                "SYN to web",
+                tcp_syn(&web),
+                FORWARD,
+                tcp_syn(&web.to_server(server, 8080)),
+            ),
+            tx(
+                "SYN to web-alt from another source port",
+                tcp_syn(&alt),
+                FORWARD,
+                tcp_syn(&alt.to_server(server, 8080)),
+            ),
+            tx(
+                "web's reply comes from 198.18.100.1",
+                tcp_syn_ack(&web_reply),
+                REPLY,
+                tcp_syn_ack(&web_reply.to_client(VIP, 80)),
+            ),
+            tx(
+                "web-alt's reply comes from 198.18.100.2",
+                tcp_syn_ack(&alt_reply),
+                REPLY,
+                tcp_syn_ack(&alt_reply.to_client(VIP_ALT, 80)),
+            ),
+            // The server sees the same 4-tuple for both: newest wins.
+            tx(
+                "the client reuses port 40000 towards web-alt",
+                tcp_syn(&alt_same_port),
+                FORWARD,
+                tcp_syn(&alt_same_port.to_server(server, 8080)),
+            ),
+            tx(
+                "replies to port 40000 now come from web-alt's VIP",
+                tcp_syn_ack(&web_reply),
+                REPLY,
+                tcp_syn_ack(&web_reply.to_client(VIP_ALT, 80)),
+            ),
+        ],
+    );
+    assert_eq!(r.stats.core.flows_created.load(Relaxed), 2);
+    assert_eq!(r.stats.core.flows_rebound.load(Relaxed), 1);
+}
+
+#[test]
+fn udp_datagrams_are_forwarded_and_answered_keeping_a_zero_checksum_zero() {
+    let r = replayer();
+    let (server, port) = simulated(&r, "echo", CLIENT);
+    assert_eq!(port, 9053);
+    let c = Hop::from_client(CLIENT, 50000, VIP, 53);
+    let s = Hop::from_server(server, 9053, CLIENT, 50000);
+    let c2 = Hop::from_client(CLIENT, 50001, VIP, 53);
+    let s2 = Hop::from_server(server, 9053, CLIENT, 50001);
+    let query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01";
+    let answer = b"odd-length answer";
+
+    let fixtures = [
+        tx(
+            "UDP to 198.18.100.1:53: to the scheduled server's port 9053",
+            udp(&c, query),
+            FORWARD,
+            udp(&c.to_server(server, 9053), query),
+        ),
+        tx(
+            "the server's answer comes from 198.18.100.1:53",
+            udp(&s, answer),
+            REPLY,
+            udp(&s.to_client(VIP, 53), answer),
+        ),
+        tx(
+            "no checksum (0) to the VIP: still 0 after the rewrite",
+            udp_without_checksum(&c2, query),
+            FORWARD,
+            udp_without_checksum(&c2.to_server(server, 9053), query),
+        ),
+        tx(
+            "no checksum (0) in the answer: still 0",
+            udp_without_checksum(&s2, answer),
+            REPLY,
+            udp_without_checksum(&s2.to_client(VIP, 53), answer),
+        ),
+    ];
+    // The builders do compute a checksum; only the zeroed ones are zero.
+    for f in &fixtures {
+        let out = f.output.as_ref().unwrap();
+        let sum = &out[UDP_CHECKSUM_AT..UDP_CHECKSUM_AT + 2];
+        assert_eq!(
+            sum == [0, 0],
+            f.what.contains("(0)"),
+            "{}: UDP checksum {sum:?}",
+            f.what
+        );
+    }
+    run(&r, &fixtures);
+}
+
+#[test]
+fn traffic_that_is_not_for_a_listener_is_passed_to_the_kernel_untouched() {
+    let r = replayer();
+    run(
+        &r,
+        &[
+            kept("ARP request for the VIP", arp_request(VIP), PASS),
+            kept(
+                "ICMP echo to the VIP",
+                icmp_echo(&Hop::from_client(CLIENT, 0, VIP, 0)),
+                PASS,
+            ),
+            kept(
+                "TCP to the VIP on a port with no listener (ssh)",
+                tcp_syn(&Hop::from_client(CLIENT, 40000, VIP, 22)),
+                PASS,
+            ),
+            kept(
+                "UDP to the VIP on the TCP listener's port",
+                udp(&Hop::from_client(CLIENT, 40000, VIP, 80), b"x"),
+                PASS,
+            ),
+            kept(
+                "TCP to the web-alt VIP on the echo listener's port",
+                tcp_syn(&Hop::from_client(CLIENT, 40000, VIP_ALT, 53)),
+                PASS,
+            ),
+            kept(
+                "TCP to an unrelated address",
+                tcp_syn(&Hop::from_client(CLIENT, 40000, [198, 18, 7, 7], 80)),
+                PASS,
+            ),
+            kept(
+                "TCP from a client to a client",
+                tcp_data(&Hop::from_client(CLIENT, 1, [198, 18, 4, 8], 2), b"hi"),
+                PASS,
+            ),
+            kept(
+                "IPv6 TCP to an unrelated address",
+                ipv6_tcp_syn(
+                    [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+                    [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                ),
+                PASS,
+            ),
+        ],
+    );
+    assert_eq!(r.flows.count_live(NOW), 0, "no flow recorded");
+}
+
+#[test]
+fn truncated_and_malformed_frames_are_passed_or_dropped_by_reason() {
+    let r = replayer();
+    let syn = tcp_syn(&Hop::from_client(CLIENT, 40000, VIP, 80));
+    let ip_len = syn.len() - 14;
+
+    let eth_only = syn[..14].to_vec();
+    let ip_cut_at_10 = syn[..14 + 10].to_vec();
+    // A complete IP header whose total length covers only 10 bytes of TCP.
+    let mut tcp_cut = syn[..14 + 20 + 10].to_vec();
+    set_ipv4_total_len(&mut tcp_cut, 30);
+    let mut ihl_4 = syn.clone();
+    ihl_4[14] = 0x44;
+    fix_ipv4_checksum(&mut ihl_4);
+    let mut too_long = syn.clone();
+    set_ipv4_total_len(&mut too_long, ip_len as u16 + 1);
+    let mut total_below_header = syn.clone();
+    set_ipv4_total_len(&mut total_below_header, 19);
+    let mut first_fragment = syn.clone();
+    first_fragment[20] = 0x20; // MF, offset 0 (and DF cleared)
+    fix_ipv4_checksum(&mut first_fragment);
+    let mut later_fragment = syn.clone();
+    later_fragment[20] = 0x00;
+    later_fragment[21] = 0xb9; // offset 185 * 8 bytes, last fragment
+    fix_ipv4_checksum(&mut later_fragment);
+    let mut bad_data_offset = syn.clone();
+    bad_data_offset[14 + 20 + 12] = 0x40; // TCP data offset 4 words
+    let mut udp_cut = udp(&Hop::from_client(CLIENT, 50000, VIP, 53), b"");
+    udp_cut.truncate(14 + 20 + 6);
+    set_ipv4_total_len(&mut udp_cut, 26);
+    let mut ethernet_padding = syn.clone();
+    ethernet_padding.extend_from_slice(&[0; 6]);
+
+    let (server, _) = simulated(&r, "web", CLIENT);
+    let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let mut padded_out = tcp_syn(&c.to_server(server, 8080));
+    padded_out.extend_from_slice(&[0; 6]);
+
+    run(
+        &r,
+        &[
+            kept("Ethernet header only", eth_only, PASS),
+            kept(
+                "IPv4 header cut at 10 bytes: addresses unreadable",
+                ip_cut_at_10,
+                PASS,
+            ),
+            kept(
+                "to the VIP with the TCP header cut",
+                tcp_cut,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "to the VIP with IHL 4",
+                ihl_4,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "to the VIP with total length beyond the frame",
+                too_long,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "to the VIP with total length below the header's",
+                total_below_header,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "to the VIP with TCP data offset 4",
+                bad_data_offset,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "UDP to the VIP with the UDP header cut",
+                udp_cut,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "first fragment to the VIP",
+                first_fragment,
+                Verdict::Drop(DropReason::Fragment),
+            ),
+            kept(
+                "last fragment to the VIP",
+                later_fragment,
+                Verdict::Drop(DropReason::Fragment),
+            ),
+            tx(
+                "Ethernet padding after the IP packet is carried along",
+                ethernet_padding,
+                FORWARD,
+                padded_out,
+            ),
+        ],
+    );
+    // `run` checked each frame; the totals say the same.
+    let drops = |d| r.stats.drops(d);
+    assert_eq!(drops(DropReason::Malformed), 6);
+    assert_eq!(drops(DropReason::Fragment), 2);
+    assert_eq!(r.stats.core.passed.load(Relaxed), 2);
+    assert_eq!(r.stats.core.forwarded.load(Relaxed), 1);
+}
+
+#[test]
+fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
+    let r = replayer();
+    let (server, _) = simulated(&r, "web", CLIENT);
+    let stranger = Hop::from_server(server, 8080, [198, 18, 4, 99], 41000);
+    let from_other_port = Hop::from_server(server, 2222, CLIENT, 40000);
+    let mut icmp_from_server = icmp_echo(&Hop::from_server(server, 0, CLIENT, 0));
+    icmp_from_server[14 + 20] = 3; // destination unreachable
+    icmp_from_server[14 + 20 + 1] = 3; // port unreachable
+    let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let s = Hop::from_server(server, 8080, CLIENT, 40000);
+
+    run(
+        &r,
+        &[
+            kept(
+                "a server's reply to a client with no flow",
+                tcp_syn_ack(&stranger),
+                Verdict::Drop(DropReason::NoFlow),
+            ),
+            kept(
+                "a server host talking to a client from a non-backend port",
+                tcp_data(&from_other_port, b"x"),
+                Verdict::Drop(DropReason::NoFlow),
+            ),
+            kept(
+                "ICMP from a server to a client (not translated)",
+                icmp_from_server,
+                Verdict::Drop(DropReason::Unsupported),
+            ),
+            kept(
+                "TTL 1 to the VIP",
+                tcp_syn(&c.ttl(1)),
+                Verdict::Drop(DropReason::TtlExceeded),
+            ),
+            kept(
+                "TTL 0 to the VIP",
+                tcp_syn(&c.ttl(0)),
+                Verdict::Drop(DropReason::TtlExceeded),
+            ),
+            tx(
+                "the flow starts",
+                tcp_syn(&c),
+                FORWARD,
+                tcp_syn(&c.to_server(server, 8080)),
+            ),
+            kept(
+                "the server's reply with TTL 1",
+                tcp_syn_ack(&s.ttl(1)),
+                Verdict::Drop(DropReason::TtlExceeded),
+            ),
+        ],
+    );
+    assert_eq!(
+        r.flows.count_live(NOW),
+        1,
+        "a frame dropped for its TTL records no flow"
+    );
+}
+
+/// Known gap, reported rather than fixed: `packet::ports` checks that the 8
+/// bytes of a UDP header are there, not that its length field agrees with the
+/// IP payload, so such a datagram to a VIP is forwarded (and counted as
+/// forwarded) instead of being dropped as `malformed` like the TCP and IPv4
+/// length errors above. The server's kernel drops it. Un-ignore once fixed.
+#[test]
+#[ignore = "known gap: the UDP length field is not validated"]
+fn udp_with_a_length_field_disagreeing_with_the_ip_payload_is_dropped_as_malformed() {
+    let r = replayer();
+    let c = Hop::from_client(CLIENT, 50000, VIP, 53);
+    let at = UDP_CHECKSUM_AT - 2;
+    let mut beyond = udp(&c, b"query");
+    beyond[at..at + 2].copy_from_slice(&(8 + 5 + 100u16).to_be_bytes());
+    let mut below_header = udp(&c, b"query");
+    below_header[at..at + 2].copy_from_slice(&4u16.to_be_bytes());
+    run(
+        &r,
+        &[
+            kept(
+                "UDP length 113 in a 33-byte IP payload",
+                beyond,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+            kept(
+                "UDP length 4, shorter than the UDP header",
+                below_header,
+                Verdict::Drop(DropReason::Malformed),
+            ),
+        ],
+    );
+}
+
+/// The demo's web service with every server drained.
+const DRAINED: &str = r#"
+[instance]
+name = "drained"
+client_interface = "lb-c"
+backend_interface = "lb-b"
+client_gateway = "198.18.0.2"
+flow_table_capacity = 1024
+
+[[instance.neighbour]]
+address = "198.18.0.2"
+mac = "02:00:00:00:0c:01"
+
+[[instance.neighbour]]
+address = "198.18.2.11"
+mac = "02:00:00:00:0b:01"
+
+[[listener]]
+name = "web"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "web"
+
+[[backend_service]]
+name = "web"
+protocol = "tcp"
+
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  weight = 0
+
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+  weight = 0
+"#;
+
+#[test]
+fn a_service_whose_servers_all_have_weight_0_drops_new_clients_as_no_backend() {
+    let cfg = Config::from_str(DRAINED, "drained.toml").expect("valid config");
+    let r = Replayer::new(&cfg).expect("replayer");
+    run(
+        &r,
+        &[
+            kept(
+                "SYN to the VIP",
+                tcp_syn(&Hop::from_client(CLIENT, 40000, VIP, 80)),
+                Verdict::Drop(DropReason::NoBackend),
+            ),
+            kept(
+                "another client",
+                tcp_syn(&Hop::from_client([198, 18, 4, 8], 40000, VIP, 80)),
+                Verdict::Drop(DropReason::NoBackend),
+            ),
+        ],
+    );
+    assert_eq!(r.flows.count_live(NOW), 0);
+}
+
+#[test]
+fn a_server_without_a_known_mac_drops_as_no_neighbour() {
+    // DRAINED without weights 0 and with only 198.18.2.11's MAC known.
+    let cfg = Config::from_str(
+        &DRAINED.replace("weight = 0", "weight = 100"),
+        "undrained.toml",
+    )
+    .expect("valid config");
+    let r = Replayer::new(&cfg).expect("replayer");
+    let mut known = None;
+    let mut unknown = None;
+    for d in 1..=254 {
+        let client = [198, 18, 5, d];
+        let id = r.snapshot.pick(0, &client).unwrap();
+        match r.snapshot.backends[id as usize]
+            .address
+            .to_string()
+            .as_str()
+        {
+            "198.18.2.11" => known = known.or(Some(client)),
+            _ => unknown = unknown.or(Some(client)),
+        }
+    }
+    let (known, unknown) = (known.unwrap(), unknown.unwrap());
+    let k = Hop::from_client(known, 1234, VIP, 80);
+    run(
+        &r,
+        &[
+            tx(
+                "a client of the server whose MAC is known",
+                tcp_syn(&k),
+                FORWARD,
+                tcp_syn(&k.to_server([198, 18, 2, 11], 8080)),
+            ),
+            kept(
+                "a client of the server whose MAC is not",
+                tcp_syn(&Hop::from_client(unknown, 1234, VIP, 80)),
+                Verdict::Drop(DropReason::NoNeighbour),
+            ),
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Robustness: garbage in, a verdict out, never a panic.
+// ---------------------------------------------------------------------------
+
+/// xorshift64: deterministic, so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One's complement sum (RFC 1071), written independently of l4lb's.
+fn ones_sum(chunks: &[&[u8]]) -> u16 {
+    let mut sum = 0u64;
+    for c in chunks {
+        for w in c.chunks(2) {
+            sum += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Whether an IPv4 frame's header checksum and TCP/UDP checksum verify
+/// (`None` when the frame is not a complete IPv4 TCP/UDP packet).
+fn ipv4_checksums_ok(f: &[u8]) -> Option<(bool, bool)> {
+    if f.len() < 34 || f[12..14] != [8, 0] {
+        return None;
+    }
+    let ihl = (f[14] & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+    let proto = f[23];
+    if ihl < 20 || total < ihl || 14 + total > f.len() || (proto != 6 && proto != 17) {
+        return None;
+    }
+    let ip_ok = ones_sum(&[&f[14..14 + ihl]]) == 0xffff;
+    let seg = &f[14 + ihl..14 + total];
+    let len = (seg.len() as u16).to_be_bytes();
+    let pseudo = [0, proto, len[0], len[1]];
+    let l4_ok = if proto == 17 && seg.len() >= 8 && seg[6..8] == [0, 0] {
+        true // no checksum
+    } else {
+        ones_sum(&[&f[26..34], &pseudo, seg]) == 0xffff
+    };
+    Some((ip_ok, l4_ok))
+}
+
+/// Whether an IPv4 UDP frame's UDP length field disagrees with the IP
+/// payload (below 8, or beyond the payload).
+fn udp_length_inconsistent(f: &[u8]) -> bool {
+    let ihl = (f[14] & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+    let at = 14 + ihl + 4;
+    let ulen = u16::from_be_bytes([f[at], f[at + 1]]) as usize;
+    ulen < 8 || ulen > total - ihl
+}
+
+/// Checks what a forwarded frame must be, whatever the input was.
+fn check_tx(r: &Replayer, v: Verdict, input: &[u8], out: &[u8], what: &str) {
+    assert_eq!(out.len(), input.len(), "{what}: length changed");
+    let Frame::L4(p) = parse(out) else {
+        panic!(
+            "{what}: {v:?} output does not parse as TCP/UDP: {}",
+            hex(out)
+        );
+    };
+    if let Err(e) = SlicedPacket::from_ethernet(out) {
+        // The one known way to be forwarded yet fail a strict parse: see
+        // `udp_with_a_length_field_beyond_the_ip_payload_is_dropped_as_malformed`.
+        assert!(
+            p.proto == 17 && udp_length_inconsistent(out),
+            "{what}: etherparse rejects the output: {e}"
+        );
+    }
+    let Frame::L4(q) = parse(input) else {
+        panic!("{what}: forwarded a frame that is not TCP/UDP");
+    };
+    assert_eq!(p.ttl, q.ttl - 1, "{what}: TTL");
+    // Only the NAT'ed fields change: MACs, TTL, IP checksum, one address,
+    // one port, the L4 checksum.
+    let (addr, port) = match v {
+        Verdict::Tx(Port::Backend) => (p.l3 + 16, p.l4 + 2),
+        _ => (p.l3 + 12, p.l4),
+    };
+    let l4sum = p.l4 + if p.proto == 17 { 6 } else { 16 };
+    let may_change = |i: usize| {
+        i < 12
+            || i == p.l3 + 8
+            || (p.l3 + 10..p.l3 + 12).contains(&i)
+            || (addr..addr + 4).contains(&i)
+            || (port..port + 2).contains(&i)
+            || (l4sum..l4sum + 2).contains(&i)
+    };
+    if let Some(i) = (0..out.len()).find(|&i| out[i] != input[i] && !may_change(i)) {
+        panic!("{what}: byte {i} changed: {}", first_difference(out, input));
+    }
+    match v {
+        Verdict::Tx(Port::Backend) => {
+            assert_eq!(out[6..12], BACKEND_IF_MAC, "{what}");
+            assert!(r.snapshot.backend(&p.dst, p.dport, p.proto).is_some());
+            assert_eq!((p.src, p.sport), (q.src, q.sport), "{what}: client kept");
+        }
+        Verdict::Tx(Port::Client) => {
+            assert_eq!(out[6..12], CLIENT_IF_MAC, "{what}");
+            assert_eq!(out[0..6], GATEWAY_MAC, "{what}");
+            assert!(r.snapshot.listener(&p.src, p.sport, p.proto).is_some());
+            assert_eq!((p.dst, p.dport), (q.dst, q.dport), "{what}: client kept");
+        }
+        _ => unreachable!(),
+    }
+    // The incremental update keeps a right checksum right (and cannot make
+    // a wrong one right).
+    if let (Some(before), Some(after)) = (ipv4_checksums_ok(input), ipv4_checksums_ok(out)) {
+        assert_eq!(after, before, "{what}: checksum validity changed");
+    }
+}
+
+/// A frame of random bytes, often shaped enough (IPv4, a VIP or a server,
+/// TCP/UDP, listener or backend ports) to get past the first checks.
+fn random_frame(rng: &mut Rng) -> Vec<u8> {
+    let len = rng.below(200);
+    let mut f: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    let set = |f: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        if f.len() >= at + bytes.len() {
+            f[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+    };
+    match rng.below(8) {
+        0 => return f,
+        1 => {
+            set(&mut f, 12, &[0x86, 0xdd]);
+            set(&mut f, 14, &[0x60]);
+            return f;
+        }
+        _ => set(&mut f, 12, &[0x08, 0x00]),
+    }
+    if rng.below(4) != 0 {
+        set(&mut f, 14, &[0x45]);
+    }
+    if rng.below(4) != 0 {
+        let total = (len.saturating_sub(14) as u16).to_be_bytes();
+        set(&mut f, 16, &total);
+    }
+    if rng.below(4) != 0 {
+        set(&mut f, 20, &[0, 0]); // not a fragment
+    }
+    if rng.below(2) == 0 {
+        set(&mut f, 22, &[64]);
+    }
+    let proto = [6, 17, 1, rng.next() as u8][rng.below(4)];
+    set(&mut f, 23, &[proto]);
+    let server = SERVERS[rng.below(3)].0;
+    // The listeners and the servers' ports, by protocol.
+    let (listeners, server_port): (&[([u8; 4], u16)], u16) = match proto {
+        17 => (&[(VIP, 53)], 9053),
+        _ => (&[(VIP, 80), (VIP_ALT, 80)], 8080),
+    };
+    match rng.below(3) {
+        0 => {
+            let (vip, port) = listeners[rng.below(listeners.len())];
+            set(&mut f, 30, &vip);
+            set(&mut f, 36, &port.to_be_bytes());
+        }
+        1 => {
+            set(&mut f, 26, &server);
+            set(&mut f, 30, &CLIENT);
+            set(&mut f, 34, &server_port.to_be_bytes());
+        }
+        _ => {}
+    }
+    if rng.below(2) == 0 {
+        set(&mut f, 46, &[0x50]); // TCP data offset 5
+    }
+    f
+}
+
+fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+    let mut f = base.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(6) {
+            0 if !f.is_empty() => f.truncate(rng.below(f.len())),
+            1 => f.extend((0..rng.below(16)).map(|_| rng.next() as u8)),
+            // Mostly hit the headers, where the decisions are.
+            2..=4 if !f.is_empty() => {
+                let i = rng.below(f.len().min(60));
+                f[i] = rng.next() as u8;
+            }
+            _ if !f.is_empty() => {
+                let i = rng.below(f.len());
+                f[i] ^= 1 << rng.below(8);
+            }
+            _ => {}
+        }
+    }
+    f
+}
+
+#[test]
+fn garbage_and_mutated_frames_never_panic_and_forwarded_ones_are_well_formed() {
+    let r = replayer();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    // Processes one frame, checks it, says whether it was forwarded.
+    let process = |input: Vec<u8>, what: &str| -> u64 {
+        let mut out = input.clone();
+        let v = r.process(&mut out, NOW);
+        match v {
+            Verdict::Tx(_) => {
+                check_tx(&r, v, &input, &out, what);
+                1
+            }
+            Verdict::Pass | Verdict::Drop(_) => {
+                assert_eq!(out, input, "{what}: {v:?} frame modified");
+                0
+            }
+        }
+    };
+    let mut frames = 0u64;
+    let mut tx = 0u64;
+
+    for i in 0..10_000 {
+        let f = random_frame(&mut rng);
+        tx += process(f, &format!("random frame {i}"));
+        frames += 1;
+    }
+    let random_tx = tx;
+
+    let (server, _) = simulated(&r, "web", CLIENT);
+    let (echo_server, _) = simulated(&r, "echo", CLIENT);
+    let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let s = Hop::from_server(server, 8080, CLIENT, 40000);
+    let uc = Hop::from_client(CLIENT, 50000, VIP, 53);
+    let us = Hop::from_server(echo_server, 9053, CLIENT, 50000);
+    let bases = [
+        tcp_syn(&c),
+        tcp_syn_with_ip_options(&c, &[0x94, 0x04, 0x00, 0x00]),
+        tcp_syn_ack(&s),
+        tcp_data(&c, b"GET / HTTP/1.1\r\n\r\n"),
+        tcp_data(&s, b"HTTP/1.1 200 OK\r\n\r\n"),
+        udp(&uc, b"query"),
+        udp(&us, b"answer"),
+        udp_without_checksum(&uc, b"query"),
+        udp_without_checksum(&us, b"answer!"),
+        icmp_echo(&Hop::from_client(CLIENT, 0, VIP, 0)),
+        arp_request(VIP),
+        ipv6_tcp_syn(
+            [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+            [0; 16],
+        ),
+    ];
+    // The flows the replies belong to.
+    for b in [&bases[0], &bases[5]] {
+        tx += process(b.clone(), "flow set-up");
+        frames += 1;
+    }
+    for i in 0..10_000 {
+        let base = &bases[rng.below(bases.len())];
+        let f = mutate(&mut rng, base);
+        tx += process(f, &format!("mutation {i}"));
+        frames += 1;
+    }
+
+    // Every frame was counted exactly once.
+    let n = counts(&r);
+    let total = n.forwarded + n.replied + n.passed + n.drops.iter().sum::<u64>();
+    assert_eq!(total, frames);
+    assert_eq!(n.forwarded + n.replied, tx);
+    // Both generators reached the rewrite often enough to mean something.
+    assert!(random_tx > 200, "random frames forwarded: {random_tx}");
+    assert!(
+        tx - random_tx > 1000,
+        "mutations forwarded: {}",
+        tx - random_tx
+    );
+    assert!(n.replied > 100, "replies: {}", n.replied);
+}
