@@ -43,4 +43,26 @@ fn main() {
     if !status.success() {
         panic!("`{clang}` failed to compile {src} (see the errors above)");
     }
+
+    // The end-to-end benchmark's traffic generator and backend sink
+    // (bench/e2e.rs embeds them), compiled the same way.
+    for name in ["bench_gen", "bench_sink"] {
+        let src = format!("bpf/{name}.c");
+        println!("cargo:rerun-if-changed={src}");
+        let obj = out.join(format!("{name}.o"));
+        let mut cmd = Command::new(&clang);
+        cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+            .arg(format!("-I/usr/include/{arch}-linux-gnu"));
+        if let Some(inc) = env::var_os("DEP_BPF_INCLUDE") {
+            cmd.arg("-I").arg(inc);
+        }
+        cmd.args(["-c", &src, "-o"]).arg(&obj);
+        let status = match cmd.status() {
+            Ok(s) => s,
+            Err(e) => panic!("cannot run `{clang}` to build {src} ({e})"),
+        };
+        if !status.success() {
+            panic!("`{clang}` failed to compile {src} (see the errors above)");
+        }
+    }
 }

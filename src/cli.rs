@@ -24,7 +24,12 @@ pub enum Command {
         config: PathBuf,
     },
     /// Print the backend each client (read from stdin, one ADDR or ADDR:PORT
-    /// per line) would reach through a listener, all servers up.
+    /// per line) would reach through a listener, all servers up, using the
+    /// data plane's scheduler code. For weighted_round_robin it assumes one
+    /// worker starting its sequence and one new connection per line; for
+    /// weighted_least_connections, no open connection at the start and one
+    /// more per line, never closed. A client listed twice under persistence
+    /// gets its persisted backend.
     Simulate {
         #[arg(short, long)]
         config: PathBuf,
@@ -43,6 +48,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a running instance re-read its config file (like SIGHUP). An
+    /// invalid file changes nothing; its errors are printed and the exit
+    /// status is 2.
+    Reload {
+        /// Config of the instance (to find its control socket).
+        #[arg(short, long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// Control socket path (default /run/l4lb/l4lb.sock).
+        #[arg(short, long)]
+        socket: Option<PathBuf>,
+    },
+    /// Export or import forwarding rules in the batch text format.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
     /// Replay a pcap through the data-plane pipeline offline (no root).
     Replay {
         #[arg(short, long)]
@@ -51,5 +72,22 @@ pub enum Command {
         input: PathBuf,
         #[arg(long = "out")]
         output: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Print the config's forwarding rules, one per line.
+    Export {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate every line of RULES, then apply them to the config file
+    /// (and to the running instance, by reload, if one runs). On any error
+    /// nothing is changed.
+    Import {
+        #[arg(short, long)]
+        config: PathBuf,
+        rules: PathBuf,
     },
 }

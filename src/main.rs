@@ -5,7 +5,7 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command};
+use cli::{Cli, Command, RulesCommand};
 use l4lb::config::{Config, ConfigError, DEFAULT_CONFIG};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,7 +62,7 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
                     "<built-in config/l4lb.toml>".to_string(),
                 ),
             };
-            l4lb::control::run(cfg, &name)?;
+            l4lb::control::run(cfg, config.clone(), &name)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
@@ -92,11 +92,7 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             socket,
             json,
         } => {
-            let path = match (socket, config) {
-                (Some(s), _) => s,
-                (None, Some(c)) => load(&c)?.instance.control_socket,
-                (None, None) => PathBuf::from(DEFAULT_SOCKET),
-            };
+            let path = socket_path(socket, config)?;
             let reply = l4lb::control::ctl::request(&path, "stats")?;
             if json {
                 println!("{reply}");
@@ -107,6 +103,32 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Reload { config, socket } => {
+            let path = socket_path(socket, config)?;
+            let reply = l4lb::control::ctl::request(&path, "reload")?;
+            if let Some(ok) = reply.strip_prefix("ok: ") {
+                print!("{ok}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(Failure::Invalid(
+                    reply
+                        .strip_prefix("error: ")
+                        .unwrap_or(&reply)
+                        .trim_end()
+                        .to_string(),
+                ))
+            }
+        }
+        Command::Rules {
+            command: RulesCommand::Export { config },
+        } => {
+            let cfg = load(&config)?;
+            print!("{}", l4lb::config::rules::export(&cfg));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rules {
+            command: RulesCommand::Import { config, rules },
+        } => rules_import(&config, &rules),
         Command::Replay {
             config,
             input,
@@ -118,4 +140,56 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    Ok(match (socket, config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => load(&c)?.instance.control_socket,
+        (None, None) => PathBuf::from(DEFAULT_SOCKET),
+    })
+}
+
+/// `l4lb rules import`: validate every rule, apply all or nothing, then
+/// reload a running instance.
+fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
+    use l4lb::config::rules;
+    let config_text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let rules_text =
+        std::fs::read_to_string(rules).with_context(|| format!("reading {}", rules.display()))?;
+    let rules_name = rules.display().to_string();
+    let config_name = config.display().to_string();
+    let join = |errs: Vec<rules::RuleError>| {
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let parsed = rules::parse(&rules_text, &rules_name).map_err(|e| Failure::Invalid(join(e)))?;
+    let new_text = rules::apply(&config_text, &config_name, &parsed, &rules_name)
+        .map_err(|e| Failure::Invalid(join(e)))?;
+    if new_text == config_text {
+        println!(
+            "{config_name}: unchanged ({} rule(s) already in effect)",
+            parsed.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Write beside the file and rename: a crash never leaves half a config.
+    let tmp = config.with_extension("toml.l4lb-tmp");
+    std::fs::write(&tmp, &new_text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, config).with_context(|| format!("replacing {}", config.display()))?;
+    println!("{config_name}: applied {} rule(s)", parsed.len());
+    let cfg = load(config)?;
+    let sock = cfg.instance.control_socket;
+    if sock.exists() {
+        match l4lb::control::ctl::request(&sock, "reload") {
+            Ok(reply) => print!("running instance: {reply}"),
+            Err(e) => println!("no running instance answered on {} ({e:#})", sock.display()),
+        }
+    } else {
+        println!("no running instance ({} does not exist)", sock.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -6,9 +6,10 @@
 //! flow expiry replays as it happened.
 
 use crate::config::Config;
+use crate::config::WhenFull;
 use crate::control::snapshot::{Links, Snapshot};
-use crate::dataplane::counters::{DropReason, WorkerStats};
-use crate::dataplane::pipeline::{Port, Processor, Verdict};
+use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
+use crate::dataplane::pipeline::{Port, Processor, Tables, Verdict};
 use crate::table::FlowTable;
 use crate::util::Mac;
 use anyhow::{Context, Result};
@@ -16,6 +17,7 @@ use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 /// MACs the replay assumes for l4lb's own interfaces (locally administered).
 pub const CLIENT_IF_MAC: Mac = [0x02, 0, 0, 0, 0, 0x01];
@@ -24,8 +26,9 @@ pub const BACKEND_IF_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
 /// The pipeline with its state, for replays and table-driven tests.
 pub struct Replayer {
     pub snapshot: Snapshot,
-    pub flows: FlowTable,
-    pub stats: WorkerStats,
+    pub tables: Tables,
+    pub stats: Arc<WorkerStats>,
+    pub shared: Shared,
 }
 
 impl Replayer {
@@ -46,15 +49,19 @@ impl Replayer {
             backend_if_mac: BACKEND_IF_MAC,
             gateway_mac: mac_of(&config.instance.client_gateway),
         };
-        let snapshot =
-            Snapshot::build(config, 1, links, &[], &mac_of).map_err(anyhow::Error::msg)?;
+        let snapshot = Snapshot::offline(config, links, &mac_of).map_err(anyhow::Error::msg)?;
+        let inst = &config.instance;
+        let stats = Arc::new(WorkerStats::new());
         Ok(Replayer {
             snapshot,
-            flows: FlowTable::new(
-                config.instance.flow_table_capacity.min(1 << 20),
-                config.instance.flow_idle_timeout,
-            ),
-            stats: WorkerStats::new(crate::config::MAX_LISTENERS, crate::config::MAX_SERVERS),
+            tables: Tables {
+                flows: FlowTable::new(inst.flow_table_capacity.min(1 << 20)),
+                persist: FlowTable::new(inst.persistence_capacity.min(1 << 20)),
+                flow_timeout: inst.flow_idle_timeout,
+                persist_evict: inst.persistence_when_full == WhenFull::EvictOldest,
+            },
+            shared: Shared::new(vec![Arc::clone(&stats)]),
+            stats,
         })
     }
 
@@ -62,8 +69,9 @@ impl Replayer {
     pub fn process(&self, frame: &mut [u8], now: u32) -> Verdict {
         Processor {
             snapshot: &self.snapshot,
-            flows: &self.flows,
+            tables: &self.tables,
             stats: &self.stats,
+            shared: &self.shared,
             now,
         }
         .process(frame)

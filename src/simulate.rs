@@ -1,9 +1,42 @@
 //! `l4lb simulate`: which backend each client would reach, computed by the
-//! data plane's own scheduler code ([`Snapshot::pick`]) with every server up.
+//! data plane's own scheduler code ([`Snapshot::schedule`]) with every
+//! server up.
+//!
+//! The stateful schedulers need assumptions, stated in `--help` and here:
+//! * weighted round robin: one worker, starting at the beginning of its
+//!   sequence, each input line one new connection, in input order;
+//! * weighted least connections: no connection is open at the start, and
+//!   every input line opens one connection that stays open.
+//!
+//! Persistence does not change the first answer for a client; a client
+//! listed twice gets its persisted backend the second time, as live.
+
+/// Scheduler state of a simulation: one cursor, connections never close.
+#[derive(Default)]
+struct SimState {
+    cursor: RefCell<HashMap<u16, u32>>,
+    active: RefCell<HashMap<u16, i64>>,
+}
+
+impl SchedState for SimState {
+    fn wrr_next(&self, service_id: u16) -> u32 {
+        let mut c = self.cursor.borrow_mut();
+        let n = c.entry(service_id).or_default();
+        let out = *n;
+        *n = n.wrapping_add(1);
+        out
+    }
+    fn active(&self, backend_id: u16) -> i64 {
+        self.active.borrow().get(&backend_id).copied().unwrap_or(0)
+    }
+}
 
 use crate::config::Config;
-use crate::control::snapshot::{Links, Snapshot};
+use crate::config::Scheduler;
+use crate::control::snapshot::{Links, SchedState, Snapshot};
 use anyhow::{anyhow, Result};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
 
@@ -40,8 +73,11 @@ pub fn simulate(
             anyhow!("no listener {listener:?} (defined: {})", names.join(", "))
         })?;
     let snap =
-        Snapshot::build(config, 0, Links::default(), &[], &|_| None).map_err(anyhow::Error::msg)?;
+        Snapshot::offline(config, Links::default(), &|_| None).map_err(anyhow::Error::msg)?;
     let l = &snap.listeners[li];
+    let svc = &snap.services[l.service as usize];
+    let state = SimState::default();
+    let mut persisted: HashMap<IpAddr, u32> = HashMap::new();
     let mut bad = 0;
     for (n, line) in input.lines().enumerate() {
         let line = line?;
@@ -68,7 +104,23 @@ pub fn simulate(
             )?;
             continue;
         }
-        match snap.pick(l.service, &wire(&ip)) {
+        let choice = match persisted.get(&ip) {
+            Some(b) => Some(*b),
+            None => snap.schedule(l.service, &wire(&ip), &state),
+        };
+        if let Some(b) = choice {
+            if svc.persistence_timeout > 0 {
+                persisted.insert(ip, b);
+            }
+            if svc.scheduler == Scheduler::WeightedLeastConnections {
+                *state
+                    .active
+                    .borrow_mut()
+                    .entry(snap.backends[b as usize].id)
+                    .or_default() += 1;
+            }
+        }
+        match choice {
             Some(b) => {
                 let be = &snap.backends[b as usize];
                 writeln!(out, "{t} {}", SocketAddr::new(be.address, be.port))?;

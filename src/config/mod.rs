@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 mod raw;
+pub mod rules;
 mod validate;
 
 #[cfg(test)]
@@ -65,6 +66,12 @@ pub struct Instance {
     pub flow_table_capacity: usize,
     /// Seconds; default 300, range 10..=86400.
     pub flow_idle_timeout: u32,
+    /// Entries of the session-persistence table shared by all services;
+    /// default 262_144, range 1024..=67_108_864.
+    pub persistence_capacity: usize,
+    /// `persistence_when_full = "evict_oldest" | "no_record"`, default
+    /// evict_oldest.
+    pub persistence_when_full: WhenFull,
     /// Default `/run/l4lb/l4lb.sock`.
     pub control_socket: PathBuf,
     /// Static MACs (`[[instance.neighbour]]`) that override the kernel table.
@@ -87,6 +94,17 @@ pub enum BindMode {
     Auto,
     Copy,
     ZeroCopy,
+}
+
+/// What to do with a new session when the persistence table is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Replace the least recently refreshed session (the default): new
+    /// clients keep getting persistence, the idlest old ones lose it early.
+    EvictOldest,
+    /// Keep the existing sessions and forward the new client without
+    /// recording it (it is scheduled afresh on its next flow).
+    NoRecord,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -123,9 +141,23 @@ pub struct BackendService {
     /// Seconds; `None` = off (`persistence_timeout = 0` or absent),
     /// otherwise 30..=3600.
     pub persistence_timeout: Option<u32>,
+    /// `on_all_down = "drop" | "fail_open"`, default drop.
+    pub on_all_down: AllDown,
     /// The service's own servers followed by the servers of each availability
     /// group it uses, in order. Never empty.
     pub servers: Vec<Server>,
+}
+
+/// What a backend service does with new flows while every one of its
+/// servers is marked down by its health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDown {
+    /// Drop new flows (the default).
+    Drop,
+    /// Schedule new flows over all servers as if every one were healthy, as
+    /// the big cloud balancers do: if the checks are wrong (a firewall, a
+    /// broken check port), traffic still flows.
+    FailOpen,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +195,14 @@ pub struct HealthCheck {
     pub path: Option<String>,
     /// HTTP only: Host header.
     pub domain: Option<String>,
+    /// HTTP only: status codes that count as healthy, as inclusive ranges in
+    /// the order written (`http_codes = "200,204,300-302"` gives
+    /// `[(200, 200), (204, 204), (300, 302)]`); default `[(200, 399)]`.
+    /// Empty for other check types.
+    pub http_codes: Vec<(u16, u16)>,
+    /// UDP only: the probe's payload, 1..=512 bytes; default `"l4lb-health"`.
+    /// `None` for other check types.
+    pub udp_payload: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,3 +335,5 @@ display_as_toml!(Scheduler {
     WeightedLeastConnections => "weighted_least_connections",
 });
 display_as_toml!(HealthCheckKind { Tcp => "tcp", Http => "http", Udp => "udp" });
+display_as_toml!(AllDown { Drop => "drop", FailOpen => "fail_open" });
+display_as_toml!(WhenFull { EvictOldest => "evict_oldest", NoRecord => "no_record" });

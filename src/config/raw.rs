@@ -117,6 +117,8 @@ pub(crate) struct RawInstance {
     pub workers: Option<Spanned<Array<Num>>>,
     pub flow_table_capacity: Option<Num>,
     pub flow_idle_timeout: Option<Num>,
+    pub persistence_capacity: Option<Num>,
+    pub persistence_when_full: Option<Str>,
     pub control_socket: Option<Str>,
     #[serde(default)]
     pub neighbour: Tables<RawNeighbour>,
@@ -146,6 +148,7 @@ pub(crate) struct RawService {
     pub protocol: Str,
     pub scheduler: Option<Str>,
     pub persistence_timeout: Option<Num>,
+    pub on_all_down: Option<Str>,
     pub availability_groups: Option<Spanned<Array<Str>>>,
     pub health_check: Option<Spanned<RawHealthCheck>>,
     #[serde(default)]
@@ -164,6 +167,8 @@ pub(crate) struct RawHealthCheck {
     pub healthy_threshold: Option<Num>,
     pub path: Option<Str>,
     pub domain: Option<Str>,
+    pub http_codes: Option<Str>,
+    pub udp_payload: Option<Str>,
 }
 
 #[derive(Debug, serde::Deserialize)]

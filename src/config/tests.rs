@@ -87,6 +87,8 @@ fn default_config_is_the_demo() {
     assert_eq!(i.workers, vec![0]);
     assert_eq!(i.flow_table_capacity, 1_048_576);
     assert_eq!(i.flow_idle_timeout, 300);
+    assert_eq!(i.persistence_capacity, 262_144);
+    assert_eq!(i.persistence_when_full, WhenFull::EvictOldest);
     assert_eq!(i.control_socket, PathBuf::from("/run/l4lb/l4lb.sock"));
     assert!(i.neighbours.is_empty());
 
@@ -129,8 +131,11 @@ fn default_config_is_the_demo() {
             healthy_threshold: 2,
             path: Some("/".to_string()),
             domain: None,
+            http_codes: vec![(200, 399)],
+            udp_payload: None,
         }
     );
+    assert_eq!(web.on_all_down, AllDown::Drop);
     assert_eq!(
         web.servers,
         vec![
@@ -155,8 +160,11 @@ fn default_config_is_the_demo() {
             healthy_threshold: 2,
             path: None,
             domain: None,
+            http_codes: Vec::new(),
+            udp_payload: Some("l4lb-health".to_string()),
         }
     );
+    assert_eq!(echo.on_all_down, AllDown::Drop);
     assert_eq!(
         echo.servers,
         vec![
@@ -203,6 +211,11 @@ fn default_config_commented_examples_are_valid() {
         c.services[0].health_check.domain.as_deref(),
         Some("web.example")
     );
+    // The documented defaults, written out, change nothing else.
+    let mut expected = ok(DEFAULT_CONFIG);
+    expected.instance.neighbours = c.instance.neighbours.clone();
+    expected.services[0].health_check.domain = Some("web.example".to_string());
+    assert_eq!(c, expected);
 }
 
 // ----- valid configurations and defaults -----
@@ -218,6 +231,8 @@ fn minimal_config_gets_defaults() {
     assert_eq!(i.workers, vec![0]);
     assert_eq!(i.flow_table_capacity, 1_048_576);
     assert_eq!(i.flow_idle_timeout, 300);
+    assert_eq!(i.persistence_capacity, 262_144);
+    assert_eq!(i.persistence_when_full, WhenFull::EvictOldest);
     assert_eq!(i.control_socket, PathBuf::from("/run/l4lb/l4lb.sock"));
     assert!(i.neighbours.is_empty());
     let s = &c.services[0];
@@ -234,8 +249,11 @@ fn minimal_config_gets_defaults() {
             healthy_threshold: 2,
             path: None,
             domain: None,
+            http_codes: Vec::new(),
+            udp_payload: None,
         }
     );
+    assert_eq!(s.on_all_down, AllDown::Drop);
     assert_eq!(
         s.servers,
         vec![Server {
@@ -261,6 +279,8 @@ fn full_config_reads_every_key() {
     assert_eq!(i.workers, vec![2, 3, 5]);
     assert_eq!(i.flow_table_capacity, 4096);
     assert_eq!(i.flow_idle_timeout, 60);
+    assert_eq!(i.persistence_capacity, 1024);
+    assert_eq!(i.persistence_when_full, WhenFull::NoRecord);
     assert_eq!(i.control_socket, PathBuf::from("/tmp/l4lb-test.sock"));
     assert_eq!(
         i.neighbours,
@@ -294,8 +314,11 @@ fn full_config_reads_every_key() {
             healthy_threshold: 4,
             path: Some("/health?full=1".to_string()),
             domain: Some("www.example.com".to_string()),
+            http_codes: vec![(200, 200), (204, 204), (300, 302)],
+            udp_payload: None,
         }
     );
+    assert_eq!(web6.on_all_down, AllDown::FailOpen);
     let servers: Vec<(IpAddr, u8, Option<&str>)> = web6
         .servers
         .iter()
@@ -312,6 +335,10 @@ fn full_config_reads_every_key() {
     let dns = &c.services[1];
     assert_eq!(dns.scheduler, Scheduler::WeightedRoundRobin);
     assert_eq!(dns.persistence_timeout, Some(30));
+    assert_eq!(dns.on_all_down, AllDown::Drop);
+    assert_eq!(dns.health_check.kind, HealthCheckKind::Udp);
+    assert_eq!(dns.health_check.udp_payload.as_deref(), Some("ping?"));
+    assert!(dns.health_check.http_codes.is_empty());
     assert_eq!(
         c.summary(),
         "full: 2 listeners, 2 backend services, 4 servers, 3 workers, nat mode on ens1f0/ens1f1"
@@ -438,7 +465,8 @@ fn inline_tables_and_crlf_work() {
         error(text),
         "t.toml:6:1: unknown key `listener`, expected one of `name`, `mode`, `client_interface`, \
          `backend_interface`, `client_gateway`, `attach`, `bind`, `workers`, \
-         `flow_table_capacity`, `flow_idle_timeout`, `control_socket`, `neighbour`"
+         `flow_table_capacity`, `flow_idle_timeout`, `persistence_capacity`, \
+         `persistence_when_full`, `control_socket`, `neighbour`"
     );
     let text = "listener = [{ name = \"l\", vip = \"192.0.2.1\", protocol = \"udp\", port = 1, backend_service = \"s\" }]\r\n\
         backend_service = [{ name = \"s\", protocol = \"udp\", server = [{ address = \"192.0.2.2\", port = 7 }] }]\r\n\
@@ -508,7 +536,7 @@ fn unknown_keys_are_located() {
             "{INSTANCE}{WEB}[backend_service.health_check]\nkind = \"tcp\"\n"
         )),
         "t.toml:21:1: unknown key `kind`, expected one of `type`, `port`, `timeout`, `interval`, \
-         `unhealthy_threshold`, `healthy_threshold`, `path`, `domain`"
+         `unhealthy_threshold`, `healthy_threshold`, `path`, `domain`, `http_codes`, `udp_payload`"
     );
     assert_eq!(
         error(&format!("{INSTANCE}[listeners]\n")),
@@ -1366,6 +1394,202 @@ fn http_path_and_domain_rules() {
         c.services[0].health_check.domain.as_deref(),
         Some("Web-1.example.COM")
     );
+}
+
+#[test]
+fn http_codes_default_and_forms() {
+    let codes = |lines: &str| {
+        ok(&with_health_check(lines)).services[0]
+            .health_check
+            .http_codes
+            .clone()
+    };
+    assert_eq!(codes("type = \"http\"\n"), vec![(200, 399)]);
+    assert_eq!(
+        codes("type = \"http\"\nhttp_codes = \"200,204,300-302\"\n"),
+        vec![(200, 200), (204, 204), (300, 302)]
+    );
+    assert_eq!(
+        codes("type = \"http\"\nhttp_codes = \" 200 , 301 - 302 \"\n"),
+        vec![(200, 200), (301, 302)]
+    );
+    assert_eq!(
+        codes("type = \"http\"\nhttp_codes = \"100-599,200\"\n"),
+        vec![(100, 599), (200, 200)]
+    );
+    // Other check types have none.
+    assert_eq!(codes("type = \"tcp\"\n"), Vec::<(u16, u16)>::new());
+    assert_eq!(codes("type = \"udp\"\n"), Vec::<(u16, u16)>::new());
+}
+
+#[test]
+fn http_codes_errors() {
+    const FORM: &str =
+        "expected codes or ranges separated by commas, like \"200-399\" or \"200,204,300-302\"";
+    for (bad, why) in [
+        ("", FORM.to_string()),
+        ("2xx", FORM.to_string()),
+        ("200,", FORM.to_string()),
+        ("200;204", FORM.to_string()),
+        ("200-", FORM.to_string()),
+        ("-200", FORM.to_string()),
+        ("200-300-400", FORM.to_string()),
+        ("+200", FORM.to_string()),
+        (
+            "99-200",
+            "status code 99 is out of range (100-599)".to_string(),
+        ),
+        (
+            "200,600",
+            "status code 600 is out of range (100-599)".to_string(),
+        ),
+        (
+            "200,99999",
+            "status code 99999 is out of range (100-599)".to_string(),
+        ),
+        (
+            "399-200",
+            "range 399-200 is backwards (write the lower code first)".to_string(),
+        ),
+    ] {
+        assert_eq!(
+            error(&with_health_check(&format!(
+                "type = \"http\"\nhttp_codes = {bad:?}\n"
+            ))),
+            format!("t.toml:22:14: http_codes {bad:?} is invalid: {why}"),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn http_codes_only_for_http_checks() {
+    assert_eq!(
+        error(&with_health_check("http_codes = \"200\"\n")),
+        "t.toml:21:14: http_codes is only valid for http health checks (this check is type \"tcp\")"
+    );
+    assert_eq!(
+        error(&with_health_check("type = \"udp\"\nhttp_codes = \"200\"\n")),
+        "t.toml:22:14: http_codes is only valid for http health checks (this check is type \"udp\")"
+    );
+    // An unknown type reports the type only.
+    assert_eq!(
+        error(&with_health_check("type = \"icmp\"\nhttp_codes = \"x\"\n")),
+        "t.toml:21:8: unknown health check type \"icmp\" (allowed: tcp, http, udp)"
+    );
+}
+
+#[test]
+fn udp_payload_default_and_limits() {
+    let payload = |lines: &str| {
+        ok(&with_health_check(lines)).services[0]
+            .health_check
+            .udp_payload
+            .clone()
+    };
+    assert_eq!(payload("type = \"udp\"\n").as_deref(), Some("l4lb-health"));
+    assert_eq!(
+        payload("type = \"udp\"\nudp_payload = \"PING\\n\"\n").as_deref(),
+        Some("PING\n")
+    );
+    let max = "x".repeat(512);
+    assert_eq!(
+        payload(&format!("type = \"udp\"\nudp_payload = \"{max}\"\n")),
+        Some(max)
+    );
+    assert_eq!(payload("type = \"tcp\"\n"), None);
+    assert_eq!(payload("type = \"http\"\n"), None);
+
+    assert_eq!(
+        error(&with_health_check("type = \"udp\"\nudp_payload = \"\"\n")),
+        "t.toml:22:15: udp_payload is 0 bytes long (must be 1-512 bytes)"
+    );
+    let long = "x".repeat(513);
+    assert_eq!(
+        error(&with_health_check(&format!(
+            "type = \"udp\"\nudp_payload = \"{long}\"\n"
+        ))),
+        "t.toml:22:15: udp_payload is 513 bytes long (must be 1-512 bytes)"
+    );
+    // Bytes, not characters: 257 two-byte characters.
+    let wide = "\u{e9}".repeat(257);
+    assert_eq!(
+        error(&with_health_check(&format!(
+            "type = \"udp\"\nudp_payload = \"{wide}\"\n"
+        ))),
+        "t.toml:22:15: udp_payload is 514 bytes long (must be 1-512 bytes)"
+    );
+}
+
+#[test]
+fn udp_payload_only_for_udp_checks() {
+    assert_eq!(
+        error(&with_health_check("udp_payload = \"x\"\n")),
+        "t.toml:21:15: udp_payload is only valid for udp health checks (this check is type \"tcp\")"
+    );
+    assert_eq!(
+        errors(&with_health_check(
+            "type = \"http\"\nudp_payload = \"x\"\nhttp_codes = \"200\"\n"
+        )),
+        vec!["t.toml:22:15: udp_payload is only valid for udp health checks (this check is type \"http\")"]
+    );
+}
+
+#[test]
+fn on_all_down_values() {
+    let with = |value: &str| {
+        format!("{INSTANCE}{WEB}").replace(
+            "protocol = \"tcp\"\n[[",
+            &format!("protocol = \"tcp\"\non_all_down = {value:?}\n[["),
+        )
+    };
+    assert_eq!(ok(&with("drop")).services[0].on_all_down, AllDown::Drop);
+    assert_eq!(
+        ok(&with("fail_open")).services[0].on_all_down,
+        AllDown::FailOpen
+    );
+    for bad in ["fail-open", "Drop", ""] {
+        assert_eq!(
+            error(&with(bad)),
+            format!("t.toml:17:15: unknown on_all_down action {bad:?} (allowed: drop, fail_open)")
+        );
+    }
+    assert_eq!(AllDown::Drop.to_string(), "drop");
+    assert_eq!(AllDown::FailOpen.to_string(), "fail_open");
+}
+
+#[test]
+fn persistence_table_settings() {
+    let with = |lines: &str| INSTANCE.replace("name = \"t\"", &format!("name = \"t\"\n{lines}"));
+    let c = ok(&with(
+        "persistence_capacity = 1024\npersistence_when_full = \"no_record\"",
+    ));
+    assert_eq!(c.instance.persistence_capacity, 1024);
+    assert_eq!(c.instance.persistence_when_full, WhenFull::NoRecord);
+    let c = ok(&with(
+        "persistence_capacity = 67108864\npersistence_when_full = \"evict_oldest\"",
+    ));
+    assert_eq!(c.instance.persistence_capacity, 67_108_864);
+    assert_eq!(c.instance.persistence_when_full, WhenFull::EvictOldest);
+    assert_eq!(
+        errors(&with(
+            "persistence_capacity = 1023\npersistence_when_full = \"lru\""
+        )),
+        vec![
+            "t.toml:3:24: persistence_capacity 1023 is out of range (1024-67108864)",
+            "t.toml:4:25: unknown persistence_when_full policy \"lru\" (allowed: evict_oldest, no_record)",
+        ]
+    );
+    assert_eq!(
+        error(&with("persistence_capacity = 67108865")),
+        "t.toml:3:24: persistence_capacity 67108865 is out of range (1024-67108864)"
+    );
+    assert_eq!(
+        error(&with("persistence_capacity = \"big\"")),
+        "t.toml:3:24: invalid type: string \"big\", expected an integer"
+    );
+    assert_eq!(WhenFull::EvictOldest.to_string(), "evict_oldest");
+    assert_eq!(WhenFull::NoRecord.to_string(), "no_record");
 }
 
 // ----- availability groups -----

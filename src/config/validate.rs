@@ -15,9 +15,9 @@ use super::raw::{
     Num, RawConfig, RawGroup, RawHealthCheck, RawInstance, RawListener, RawServer, RawService, Str,
 };
 use super::{
-    AttachMode, BackendService, BindMode, Config, ForwardingMode, HealthCheck, HealthCheckKind,
-    Instance, Listener, Located, Protocol, Scheduler, Server, StaticNeighbour, MAX_LISTENERS,
-    MAX_SERVERS,
+    AllDown, AttachMode, BackendService, BindMode, Config, ForwardingMode, HealthCheck,
+    HealthCheckKind, Instance, Listener, Located, Protocol, Scheduler, Server, StaticNeighbour,
+    WhenFull, MAX_LISTENERS, MAX_SERVERS,
 };
 
 const DEFAULT_WORKERS: [usize; 1] = [0];
@@ -25,6 +25,8 @@ const DEFAULT_FLOW_TABLE_CAPACITY: i64 = 1_048_576;
 const FLOW_TABLE_CAPACITY_RANGE: (i64, i64) = (1024, 67_108_864);
 const DEFAULT_FLOW_IDLE_TIMEOUT: i64 = 300;
 const FLOW_IDLE_TIMEOUT_RANGE: (i64, i64) = (10, 86_400);
+const DEFAULT_PERSISTENCE_CAPACITY: i64 = 262_144;
+const PERSISTENCE_CAPACITY_RANGE: (i64, i64) = (1024, 67_108_864);
 const DEFAULT_CONTROL_SOCKET: &str = "/run/l4lb/l4lb.sock";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -38,6 +40,12 @@ const MAX_PATH: usize = 1024;
 const DEFAULT_WEIGHT: u8 = 100;
 const MAX_WEIGHT: i64 = 100;
 const PERSISTENCE_RANGE: (i64, i64) = (30, 3600);
+/// Status codes `http_codes` may name.
+const HTTP_CODE_RANGE: (u16, u16) = (100, 599);
+pub(crate) const DEFAULT_HTTP_CODES: [(u16, u16); 1] = [(200, 399)];
+pub(crate) const DEFAULT_UDP_PAYLOAD: &str = "l4lb-health";
+/// Keeps the probe inside one unfragmented datagram on any path.
+const MAX_UDP_PAYLOAD: usize = 512;
 
 /// Maps byte offsets to 1-based line and column (columns count characters).
 pub(crate) struct LineIndex<'a> {
@@ -187,6 +195,43 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
+/// Parses `http_codes` ("200-399", "200,204,300-302"; spaces around items
+/// are allowed). The error says what is wrong, for the caller to locate.
+pub(crate) fn parse_http_codes(text: &str) -> Result<Vec<(u16, u16)>, String> {
+    const FORM: &str =
+        "expected codes or ranges separated by commas, like \"200-399\" or \"200,204,300-302\"";
+    let (lo_ok, hi_ok) = HTTP_CODE_RANGE;
+    let code = |item: &str| -> Result<u16, String> {
+        if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(FORM.to_string());
+        }
+        match item.parse::<u16>() {
+            Ok(c) if (lo_ok..=hi_ok).contains(&c) => Ok(c),
+            _ => Err(format!(
+                "status code {item} is out of range ({lo_ok}-{hi_ok})"
+            )),
+        }
+    };
+    let mut codes = Vec::new();
+    for item in text.split(',') {
+        let item = item.trim_matches(|c| c == ' ' || c == '\t');
+        let (lo, hi) = match item.split_once('-') {
+            Some((lo, hi)) => (code(lo.trim_end())?, code(hi.trim_start())?),
+            None => {
+                let c = code(item)?;
+                (c, c)
+            }
+        };
+        if lo > hi {
+            return Err(format!(
+                "range {lo}-{hi} is backwards (write the lower code first)"
+            ));
+        }
+        codes.push((lo, hi));
+    }
+    Ok(codes)
+}
+
 /// A server as parsed from a `server` table; fields are `None` when invalid.
 #[derive(Clone)]
 struct ParsedServer {
@@ -220,6 +265,7 @@ struct ServiceInfo<'r> {
     scheduler: Option<Scheduler>,
     health_check: Option<HealthCheck>,
     persistence_timeout: Option<Option<u32>>,
+    on_all_down: Option<AllDown>,
     members: Vec<Member>,
 }
 
@@ -422,6 +468,7 @@ impl Validator<'_> {
                     scheduler: s.scheduler?,
                     health_check: s.health_check.clone()?,
                     persistence_timeout: s.persistence_timeout?,
+                    on_all_down: s.on_all_down?,
                     servers: s
                         .members
                         .iter()
@@ -509,6 +556,21 @@ impl Validator<'_> {
             FLOW_IDLE_TIMEOUT_RANGE,
             DEFAULT_FLOW_IDLE_TIMEOUT,
         );
+        let persistence_capacity = self.opt_int(
+            r.persistence_capacity.as_ref(),
+            "persistence_capacity",
+            PERSISTENCE_CAPACITY_RANGE,
+            DEFAULT_PERSISTENCE_CAPACITY,
+        );
+        let persistence_when_full = self.opt_choice(
+            r.persistence_when_full.as_ref(),
+            "persistence_when_full policy",
+            &[
+                ("evict_oldest", WhenFull::EvictOldest),
+                ("no_record", WhenFull::NoRecord),
+            ],
+            WhenFull::EvictOldest,
+        );
         let control_socket = self.control_socket(r.control_socket.as_ref());
         let neighbours = self.neighbours(r);
         Some(Instance {
@@ -522,6 +584,8 @@ impl Validator<'_> {
             workers: workers?,
             flow_table_capacity: flow_table_capacity?,
             flow_idle_timeout: flow_idle_timeout?,
+            persistence_capacity: persistence_capacity?,
+            persistence_when_full: persistence_when_full?,
             control_socket: control_socket?,
             neighbours: neighbours?,
         })
@@ -738,6 +802,12 @@ impl Validator<'_> {
                     }
                 }
             };
+            let on_all_down = self.opt_choice(
+                s.on_all_down.as_ref(),
+                "on_all_down action",
+                &[("drop", AllDown::Drop), ("fail_open", AllDown::FailOpen)],
+                AllDown::Drop,
+            );
             let health_check = self.health_check(s.health_check.as_ref());
 
             // Own servers, then each group's, in order.
@@ -838,6 +908,7 @@ impl Validator<'_> {
                 scheduler,
                 health_check,
                 persistence_timeout,
+                on_all_down,
                 members,
             });
         }
@@ -855,6 +926,8 @@ impl Validator<'_> {
                 healthy_threshold: 2,
                 path: None,
                 domain: None,
+                http_codes: Vec::new(),
+                udp_payload: None,
             });
         };
         let r = raw.get_ref();
@@ -908,17 +981,21 @@ impl Validator<'_> {
 
         let mut http_only_ok = true;
         if let Some(kind) = kind {
-            if kind != HealthCheckKind::Http {
-                for (key, value) in [("path", &r.path), ("domain", &r.domain)] {
-                    if let Some(v) = value {
-                        self.report(
-                            v.span(),
-                            format!(
-                                "{key} is only valid for http health checks (this check is type \"{kind}\")"
-                            ),
-                        );
-                        http_only_ok = false;
-                    }
+            let keys = [
+                ("path", &r.path, HealthCheckKind::Http),
+                ("domain", &r.domain, HealthCheckKind::Http),
+                ("http_codes", &r.http_codes, HealthCheckKind::Http),
+                ("udp_payload", &r.udp_payload, HealthCheckKind::Udp),
+            ];
+            for (key, value, only) in keys {
+                if let (Some(v), true) = (value, kind != only) {
+                    self.report(
+                        v.span(),
+                        format!(
+                            "{key} is only valid for {only} health checks (this check is type \"{kind}\")"
+                        ),
+                    );
+                    http_only_ok = false;
                 }
             }
         }
@@ -964,6 +1041,30 @@ impl Validator<'_> {
             }
             _ => Some(None),
         };
+        let http_codes = match &r.http_codes {
+            Some(v) if is_http => self.http_codes(v),
+            None if is_http => Some(DEFAULT_HTTP_CODES.to_vec()),
+            _ => Some(Vec::new()),
+        };
+        let is_udp = kind == Some(HealthCheckKind::Udp);
+        let udp_payload = match &r.udp_payload {
+            Some(v) if is_udp => {
+                let len = v.get_ref().len();
+                if (1..=MAX_UDP_PAYLOAD).contains(&len) {
+                    Some(Some(v.get_ref().clone()))
+                } else {
+                    self.report(
+                        v.span(),
+                        format!(
+                            "udp_payload is {len} bytes long (must be 1-{MAX_UDP_PAYLOAD} bytes)"
+                        ),
+                    );
+                    None
+                }
+            }
+            None if is_udp => Some(Some(DEFAULT_UDP_PAYLOAD.to_string())),
+            _ => Some(None),
+        };
         if !http_only_ok {
             return None;
         }
@@ -976,8 +1077,24 @@ impl Validator<'_> {
             healthy_threshold: healthy_threshold?,
             path: path?,
             domain: domain?,
+            http_codes: http_codes?,
+            udp_payload: udp_payload?,
         })
         .filter(|hc| hc.timeout <= hc.interval)
+    }
+
+    /// `http_codes`: comma-separated codes and inclusive ranges.
+    fn http_codes(&mut self, value: &Str) -> Option<Vec<(u16, u16)>> {
+        match parse_http_codes(value.get_ref()) {
+            Ok(codes) => Some(codes),
+            Err(why) => {
+                self.report(
+                    value.span(),
+                    format!("http_codes {:?} is invalid: {why}", value.get_ref()),
+                );
+                None
+            }
+        }
     }
 
     fn listeners<'r>(

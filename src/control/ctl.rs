@@ -1,7 +1,8 @@
 //! The local control socket: a Unix stream socket, mode 0600 (root only).
 //! One request line per connection, one reply until EOF.
 //!
-//! Requests: `stats` → the JSON [`Stats`](crate::control::stats::Stats).
+//! Requests: `stats` → the JSON [`Stats`](crate::control::stats::Stats);
+//! `reload` → `ok: ...` or `error: ...` (the running config is unchanged).
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -40,22 +41,36 @@ impl ControlSocket {
         })
     }
 
-    /// Serves the requests waiting now; `handle` maps a request line to the
-    /// reply. Never blocks on a slow client for more than a second.
-    pub fn serve_pending(&self, handle: &mut dyn FnMut(&str) -> String) {
+    /// The requests waiting now, each with its connection. Never blocks on
+    /// a slow client for more than a second.
+    pub fn pending(&self) -> Vec<Request> {
+        let mut out = Vec::new();
         while let Ok((stream, _)) = self.listener.accept() {
             let _ = stream.set_nonblocking(false);
             let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
             let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
             let mut line = String::new();
-            let mut r = BufReader::new(&stream);
-            if r.read_line(&mut line).is_err() {
-                continue;
+            if BufReader::new(&stream).read_line(&mut line).is_ok() {
+                out.push(Request {
+                    line: line.trim().to_string(),
+                    stream,
+                });
             }
-            let reply = handle(line.trim());
-            let mut w = &stream;
-            let _ = w.write_all(reply.as_bytes());
         }
+        out
+    }
+}
+
+/// One request on the control socket.
+pub struct Request {
+    pub line: String,
+    stream: UnixStream,
+}
+
+impl Request {
+    pub fn reply(self, text: &str) {
+        let mut w = &self.stream;
+        let _ = w.write_all(text.as_bytes());
     }
 }
 

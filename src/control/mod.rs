@@ -3,27 +3,40 @@
 //!
 //! `run` loads and validates the config, resolves interfaces and next-hop
 //! MACs, builds the first [`Snapshot`], attaches the XDP steering program,
-//! binds one AF_XDP socket pair per worker, starts the pinned workers, then
-//! serves the control socket and refreshes neighbours until SIGINT/SIGTERM,
-//! when it stops the workers and detaches XDP.
+//! binds one AF_XDP socket pair per worker and starts the pinned workers.
+//! Then, on this thread, until SIGINT/SIGTERM:
+//! * serves the control socket (`stats`, `reload`);
+//! * reloads the config on SIGHUP or `l4lb reload`: a config that fails
+//!   validation changes nothing; a valid one is applied by publishing a new
+//!   snapshot (workers keep running; health state and flows are kept);
+//! * polls the health checker and publishes a snapshot on every state change;
+//! * refreshes next-hop MACs from the kernel's neighbour table;
+//! * sweeps the flow table in slices so that flows which ended without a
+//!   FIN/RST stop counting as active connections.
 
 pub mod ctl;
+pub mod health;
+pub mod ids;
 pub mod netdev;
 pub mod snapshot;
 pub mod stats;
 pub mod xdp;
 
-use crate::config::{AttachMode, BindMode, Config};
-use crate::dataplane::counters::WorkerStats;
+use crate::config::{AttachMode, BindMode, Config, Protocol, WhenFull};
+use crate::dataplane::counters::{Shared, WorkerStats};
+use crate::dataplane::pipeline::Tables;
 use crate::dataplane::worker::Worker;
 use crate::dataplane::xsk::{Bind, XskPair};
 use crate::table::FlowTable;
 use crate::util::Mac;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
-use snapshot::{Links, Snapshot};
+use health::{CheckSpec, HealthMonitor, TargetKey};
+use ids::Ids;
+use snapshot::{proto_number, Inputs, Links, Snapshot};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,22 +55,20 @@ pub fn coarse_now() -> u32 {
 
 /// Next-hop MACs: static entries from the config first, then the kernel's
 /// neighbour table.
+#[derive(Default)]
 struct Neighbours {
     statics: HashMap<IpAddr, Mac>,
     kernel: HashMap<(u32, IpAddr), Mac>,
 }
 
 impl Neighbours {
-    fn new(config: &Config) -> Self {
-        Neighbours {
-            statics: config
-                .instance
-                .neighbours
-                .iter()
-                .map(|n| (n.address, n.mac))
-                .collect(),
-            kernel: HashMap::new(),
-        }
+    fn set_statics(&mut self, config: &Config) {
+        self.statics = config
+            .instance
+            .neighbours
+            .iter()
+            .map(|n| (n.address, n.mac))
+            .collect();
     }
     fn refresh(&mut self) {
         match netdev::neighbours() {
@@ -78,37 +89,134 @@ impl Neighbours {
     }
 }
 
+/// Instance keys a reload cannot change: they shape sockets, threads and
+/// tables that exist for the life of the process.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.instance, &new.instance);
+    let mut out = Vec::new();
+    if a.mode != b.mode {
+        out.push("mode");
+    }
+    if a.client_interface != b.client_interface {
+        out.push("client_interface");
+    }
+    if a.backend_interface != b.backend_interface {
+        out.push("backend_interface");
+    }
+    if a.attach != b.attach {
+        out.push("attach");
+    }
+    if a.bind != b.bind {
+        out.push("bind");
+    }
+    if a.workers != b.workers {
+        out.push("workers");
+    }
+    if a.flow_table_capacity != b.flow_table_capacity {
+        out.push("flow_table_capacity");
+    }
+    if a.flow_idle_timeout != b.flow_idle_timeout {
+        out.push("flow_idle_timeout");
+    }
+    if a.persistence_capacity != b.persistence_capacity {
+        out.push("persistence_capacity");
+    }
+    if a.persistence_when_full != b.persistence_when_full {
+        out.push("persistence_when_full");
+    }
+    if a.control_socket != b.control_socket {
+        out.push("control_socket");
+    }
+    out
+}
+
+/// The control plane's state.
 struct Plane {
     config: Config,
+    config_path: Option<PathBuf>,
+    config_name: String,
+    ids: Ids,
     client_idx: u32,
     backend_idx: u32,
     base_links: Links,
     local: Vec<IpAddr>,
+    nb: Neighbours,
+    health: HealthMonitor,
+    generation: u64,
 }
 
 impl Plane {
-    fn build(&self, nb: &Neighbours, generation: u64) -> Result<Snapshot> {
+    /// Health check targets: one per backend endpoint. A server used by two
+    /// services is checked once, with the first service's check.
+    fn targets(&self) -> Vec<(TargetKey, CheckSpec)> {
+        let mut out: Vec<(TargetKey, CheckSpec)> = Vec::new();
+        for svc in &self.config.services {
+            for s in &svc.servers {
+                let key = TargetKey {
+                    addr: s.address,
+                    port: s.port,
+                    proto: proto_number(svc.protocol),
+                };
+                if !out.iter().any(|(k, _)| *k == key) {
+                    out.push((key, CheckSpec::from_config(&svc.health_check, s.port)));
+                }
+            }
+        }
+        out
+    }
+
+    fn build(&mut self, generation: u64) -> Result<Snapshot> {
         let mut links = self.base_links;
-        links.gateway_mac = nb.get(self.client_idx, &self.config.instance.client_gateway);
-        let b = self.backend_idx;
-        Snapshot::build(&self.config, generation, links, &self.local, &|ip| {
-            nb.get(b, ip)
-        })
+        links.gateway_mac = self
+            .nb
+            .get(self.client_idx, &self.config.instance.client_gateway);
+        let (b, nb, health) = (self.backend_idx, &self.nb, &self.health);
+        let is_up = |addr: &IpAddr, port: u16, p: Protocol| {
+            health.is_up(&TargetKey {
+                addr: *addr,
+                port,
+                proto: proto_number(p),
+            })
+        };
+        Snapshot::build(
+            &mut self.ids,
+            &Inputs {
+                config: &self.config,
+                generation,
+                links,
+                local: &self.local,
+                mac_of: &|ip| nb.get(b, ip),
+                is_up: &is_up,
+            },
+        )
         .map_err(anyhow::Error::msg)
     }
 
-    /// Addresses whose MAC is missing: asks the kernel to resolve them.
-    fn solicit_missing(&self, nb: &Neighbours) -> usize {
-        let mut missing = 0;
-        let gw = self.config.instance.client_gateway;
-        let mut wanted = vec![(self.client_idx, gw)];
+    /// Builds the next snapshot and publishes it: XDP maps first (new keys
+    /// before stale ones go), then the snapshot.
+    fn publish(&mut self, shared: &ArcSwap<Snapshot>, steering: &[&Steering]) -> Result<()> {
+        let snap = self.build(self.generation + 1)?;
+        let (v, l, b, lo) = snap.steering_sets();
+        for s in steering {
+            s.sync(&v, &l, &b, &lo)?;
+        }
+        self.generation += 1;
+        shared.store(Arc::new(snap));
+        Ok(())
+    }
+
+    /// Asks the kernel to resolve next hops whose MAC is missing; returns
+    /// how many are missing.
+    fn solicit_missing(&self) -> usize {
+        let mut wanted = vec![(self.client_idx, self.config.instance.client_gateway)];
         for s in self.config.services.iter().flat_map(|s| &s.servers) {
             wanted.push((self.backend_idx, s.address));
         }
         wanted.sort();
         wanted.dedup();
+        let mut missing = 0;
         for (idx, ip) in wanted {
-            if nb.get(idx, &ip).is_none() {
+            if self.nb.get(idx, &ip).is_none() {
                 missing += 1;
                 if let Err(e) = netdev::solicit(idx, &ip) {
                     tracing::debug!("{e:#}");
@@ -116,6 +224,70 @@ impl Plane {
             }
         }
         missing
+    }
+
+    /// Re-reads the config file and applies it. On any error the running
+    /// configuration is left exactly as it was.
+    fn reload(
+        &mut self,
+        shared: &ArcSwap<Snapshot>,
+        steering: &[&Steering],
+    ) -> Result<String, String> {
+        let Some(path) = self.config_path.clone() else {
+            return Err(
+                "l4lb was started with the built-in config: there is no file to reload".into(),
+            );
+        };
+        let new = Config::from_file(&path).map_err(|e| e.to_string())?;
+        let fixed = restart_only_changes(&self.config, &new);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{}: instance.{} cannot change while running (restart l4lb); the running configuration is unchanged",
+                path.display(),
+                fixed.join(", instance.")
+            ));
+        }
+        let old = std::mem::replace(&mut self.config, new);
+        let old_ids = self.ids.clone();
+        self.nb.set_statics(&self.config);
+        self.health.set_targets(self.targets());
+        self.solicit_missing();
+        if let Err(e) = self.publish(shared, steering) {
+            // Put everything back as it was.
+            self.config = old;
+            self.ids = old_ids;
+            self.nb.set_statics(&self.config);
+            self.health.set_targets(self.targets());
+            return Err(format!(
+                "{}: {e:#}; the running configuration is unchanged",
+                path.display()
+            ));
+        }
+        Ok(format!(
+            "reloaded {}: snapshot {}: {}",
+            path.display(),
+            self.generation,
+            self.config.summary()
+        ))
+    }
+}
+
+/// Reloads and logs; returns the control socket's reply.
+fn reload(
+    plane: &mut Plane,
+    shared: &ArcSwap<Snapshot>,
+    steering: &[&Steering],
+    via: &str,
+) -> String {
+    match plane.reload(shared, steering) {
+        Ok(msg) => {
+            tracing::info!("{msg} (via {via})");
+            format!("ok: {msg}\n")
+        }
+        Err(e) => {
+            tracing::error!("reload rejected (via {via}): {e}");
+            format!("error: {e}\n")
+        }
     }
 }
 
@@ -128,8 +300,9 @@ fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
 }
 
-/// Runs an instance until SIGINT or SIGTERM.
-pub fn run(config: Config, config_name: &str) -> Result<()> {
+/// Runs an instance until SIGINT or SIGTERM. `path` is the config file (None
+/// for the built-in config), re-read on reload.
+pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<()> {
     let started = Instant::now();
     raise_memlock();
     let inst = config.instance.clone();
@@ -152,21 +325,28 @@ pub fn run(config: Config, config_name: &str) -> Result<()> {
     };
     let mut local = netdev::addresses(&inst.backend_interface)?;
     local.extend(netdev::addresses(&inst.client_interface)?);
-    let plane = Plane {
+    let mut plane = Plane {
         config,
+        config_path: path,
+        config_name: config_name.to_string(),
+        ids: Ids::default(),
         client_idx,
         backend_idx,
         base_links,
         local,
+        nb: Neighbours::default(),
+        health: HealthMonitor::new(64),
+        generation: 0,
     };
+    plane.nb.set_statics(&plane.config);
+    plane.health.set_targets(plane.targets());
 
     // Resolve next hops before traffic flows (bounded wait: what is still
     // missing is counted as no_neighbour drops until it resolves).
-    let mut nb = Neighbours::new(&plane.config);
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        nb.refresh();
-        let missing = plane.solicit_missing(&nb);
+        plane.nb.refresh();
+        let missing = plane.solicit_missing();
         if missing == 0 {
             break;
         }
@@ -179,13 +359,14 @@ pub fn run(config: Config, config_name: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let mut generation = 1;
-    let first = plane.build(&nb, generation)?;
-    let shared = Arc::new(ArcSwap::from_pointee(first));
-    let flows = Arc::new(FlowTable::new(
-        inst.flow_table_capacity,
-        inst.flow_idle_timeout,
-    ));
+    plane.generation = 1;
+    let shared = Arc::new(ArcSwap::from_pointee(plane.build(1)?));
+    let tables = Arc::new(Tables {
+        flows: FlowTable::new(inst.flow_table_capacity),
+        persist: FlowTable::new(inst.persistence_capacity),
+        flow_timeout: inst.flow_idle_timeout,
+        persist_evict: inst.persistence_when_full == WhenFull::EvictOldest,
+    });
 
     let mode = match inst.attach {
         AttachMode::Native => Attach::Native,
@@ -193,12 +374,12 @@ pub fn run(config: Config, config_name: &str) -> Result<()> {
     };
     let steer_c = Steering::attach(&inst.client_interface, client_idx, mode)?;
     let steer_b = Steering::attach(&inst.backend_interface, backend_idx, mode)?;
-    let sync = |snap: &Snapshot| -> Result<()> {
+    {
+        let snap = shared.load();
         let (v, l, b, lo) = snap.steering_sets();
         steer_c.sync(&v, &l, &b, &lo)?;
-        steer_b.sync(&v, &l, &b, &lo)
-    };
-    sync(&shared.load())?;
+        steer_b.sync(&v, &l, &b, &lo)?;
+    }
 
     let bind = match inst.bind {
         BindMode::Auto => Bind::Auto,
@@ -206,26 +387,30 @@ pub fn run(config: Config, config_name: &str) -> Result<()> {
         BindMode::ZeroCopy => Bind::ZeroCopy,
     };
     let stop = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
-    let max_listeners = crate::config::MAX_LISTENERS;
-    let max_backends = crate::config::MAX_SERVERS;
-    let mut worker_stats = Vec::new();
+    let worker_stats: Vec<Arc<WorkerStats>> = inst
+        .workers
+        .iter()
+        .map(|_| Arc::new(WorkerStats::new()))
+        .collect();
+    let counters = Arc::new(Shared::new(worker_stats.clone()));
     let mut handles = Vec::new();
     for (i, &core) in inst.workers.iter().enumerate() {
         let queue = i as u32;
         let pair = XskPair::new(&inst.client_interface, &inst.backend_interface, queue, bind)?;
         steer_c.add_socket(queue, pair.ports[0].fd())?;
         steer_b.add_socket(queue, pair.ports[1].fd())?;
-        let stats = Arc::new(WorkerStats::new(max_listeners, max_backends));
-        worker_stats.push((core, Arc::clone(&stats)));
         let w = Worker {
             id: i,
             xsk: pair,
             snapshot: Arc::clone(&shared),
-            flows: Arc::clone(&flows),
-            stats,
+            tables: Arc::clone(&tables),
+            stats: Arc::clone(&worker_stats[i]),
+            shared: Arc::clone(&counters),
             stop: Arc::clone(&stop),
             clock: coarse_now,
         };
@@ -247,45 +432,94 @@ pub fn run(config: Config, config_name: &str) -> Result<()> {
         inst.control_socket.display()
     );
 
+    let steering = [&steer_c, &steer_b];
     let mut last_refresh = Instant::now();
+    let mut sweep_at = 0usize;
+    // The whole flow table is swept once per SWEEP_PERIOD, in 10 slices a second.
+    const SWEEP_PERIOD_S: usize = 64;
+    let slice = (tables.flows.capacity() / (SWEEP_PERIOD_S * 10)).max(1);
+    let mut last_sweep = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        ctl.serve_pending(&mut |req| match req {
-            "stats" => {
-                let snap = shared.load();
-                let s = stats::collect(&stats::Sources {
-                    instance: &inst.name,
-                    snapshot: &snap,
-                    workers: &worker_stats,
-                    steering: &[&steer_c, &steer_b],
-                    flows: &flows,
-                    now: coarse_now(),
-                    uptime_s: started.elapsed().as_secs(),
-                });
-                serde_json::to_string(&s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        for req in ctl.pending() {
+            let reply = match req.line.as_str() {
+                "stats" => {
+                    let snap = shared.load();
+                    let workers: Vec<(usize, Arc<WorkerStats>)> = inst
+                        .workers
+                        .iter()
+                        .copied()
+                        .zip(worker_stats.iter().cloned())
+                        .collect();
+                    let st = stats::collect(&stats::Sources {
+                        instance: &plane.config.instance.name,
+                        snapshot: &snap,
+                        workers: &workers,
+                        shared: &counters,
+                        health: &plane.health.states(),
+                        steering: &steering,
+                        tables: &tables,
+                        now: coarse_now(),
+                        uptime_s: started.elapsed().as_secs(),
+                    });
+                    serde_json::to_string(&st).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+                }
+                "reload" => reload(&mut plane, &shared, &steering, "control socket"),
+                other => format!("error: unknown request {other:?}\n"),
+            };
+            req.reply(&reply);
+        }
+        if hup.swap(false, Ordering::Relaxed) {
+            reload(&mut plane, &shared, &steering, "SIGHUP");
+        }
+
+        let changes = plane.health.poll(Instant::now());
+        if !changes.is_empty() {
+            for c in &changes {
+                let state = if c.up { "up" } else { "down" };
+                tracing::warn!(
+                    "server {}:{} is {state} ({})",
+                    c.key.addr,
+                    c.key.port,
+                    c.reason
+                );
             }
-            other => format!("{{\"error\":\"unknown request {other:?}\"}}"),
-        });
+            if let Err(e) = plane.publish(&shared, &steering) {
+                tracing::error!("publishing the health change failed: {e:#}");
+            }
+        }
+
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();
-            nb.refresh();
-            plane.solicit_missing(&nb);
+            plane.nb.refresh();
+            plane.solicit_missing();
             let cur = shared.load();
-            let gw = nb.get(client_idx, &plane.config.instance.client_gateway);
+            let gw = plane
+                .nb
+                .get(client_idx, &plane.config.instance.client_gateway);
             let changed = gw != cur.links.gateway_mac
                 || cur
                     .backends
                     .iter()
-                    .any(|b| nb.get(backend_idx, &b.address) != b.mac);
+                    .any(|b| plane.nb.get(backend_idx, &b.address) != b.mac);
             if changed {
-                generation += 1;
-                tracing::info!(
-                    generation,
-                    "next-hop MACs changed: publishing a new snapshot"
-                );
-                shared.store(Arc::new(plane.build(&nb, generation)?));
+                tracing::info!("next-hop MACs changed: publishing a new snapshot");
+                if let Err(e) = plane.publish(&shared, &steering) {
+                    tracing::error!("publishing the neighbour change failed: {e:#}");
+                }
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+
+        if last_sweep.elapsed() >= Duration::from_millis(100) {
+            last_sweep = Instant::now();
+            let now = coarse_now();
+            tables
+                .flows
+                .sweep_dead_forward(sweep_at, slice, now, &mut |v| {
+                    counters.swept[v.backend as usize].fetch_add(1, Ordering::Relaxed);
+                });
+            sweep_at = (sweep_at + slice) % tables.flows.capacity();
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 
     tracing::info!("stopping");
@@ -295,5 +529,6 @@ pub fn run(config: Config, config_name: &str) -> Result<()> {
     drop(steer_c);
     drop(steer_b);
     drop(ctl);
+    let _ = plane.config_name;
     Ok(())
 }

@@ -2,9 +2,13 @@
 //! by the control plane off the hot path and published whole (arc-swap).
 //!
 //! Workers load the current snapshot once per burst. Nothing in it changes
-//! after publication; a config reload or a neighbour change builds a new one.
+//! after publication; a reload, a health change or a neighbour change builds
+//! a new one. Vectors are dense (indexed 0..n); each entry also carries its
+//! stable id (see [`crate::control::ids`]), which is what flow entries and
+//! counters hold.
 
-use crate::config::{Config, Protocol};
+use crate::config::{AllDown, Config, Protocol, Scheduler};
+use crate::control::ids::{Ids, MAX_ID};
 use crate::sched::{client_hash_bytes, Maglev, MaglevBackend, DEFAULT_TABLE_SIZE};
 use crate::util::{addr16, Addr16, FxMap, FxSet, Mac};
 use std::net::IpAddr;
@@ -26,6 +30,7 @@ pub fn proto_number(p: Protocol) -> u8 {
 
 #[derive(Debug, Clone)]
 pub struct ListenerEntry {
+    pub id: u16,
     pub name: String,
     pub vip: IpAddr,
     pub vip16: Addr16,
@@ -37,21 +42,38 @@ pub struct ListenerEntry {
 
 #[derive(Debug, Clone)]
 pub struct ServiceEntry {
+    pub id: u16,
     pub name: String,
+    pub scheduler: Scheduler,
+    /// Seconds; 0 = persistence off.
+    pub persistence_timeout: u32,
+    /// Servers that may take new clients: (backend index, weight > 0), up
+    /// (or all of them when every server is down and the service fails
+    /// open). Sorted by backend index.
+    pub eligible: Vec<(u32, u8)>,
+    /// Backend indices whose established flows continue: members that are
+    /// up, whatever their weight (weight 0 drains). Sorted.
+    pub keep: Vec<u32>,
+    /// Whether every member is down (and the service failed open or drops).
+    pub all_down: bool,
     pub maglev: Maglev,
-    /// Maglev index → backend id (index into [`Snapshot::backends`]).
-    pub backends: Vec<u32>,
+    /// Maglev index → backend index.
+    pub maglev_backends: Vec<u32>,
+    /// Smooth weighted round robin sequence of backend indices.
+    pub wrr: Box<[u32]>,
 }
 
 /// One backend endpoint. Endpoints are de-duplicated across services: the
 /// same address:port/protocol is one backend with one id.
 #[derive(Debug, Clone)]
 pub struct BackendEntry {
+    pub id: u16,
     pub address: IpAddr,
     pub addr16: Addr16,
     pub port: u16,
     pub protocol: Protocol,
     pub mac: Option<Mac>,
+    pub up: bool,
 }
 
 /// Link-layer facts the rewrite needs.
@@ -63,6 +85,29 @@ pub struct Links {
     pub gateway_mac: Option<Mac>,
 }
 
+/// What the scheduler needs to know about the world beyond the snapshot:
+/// the stateful schedulers' state. The data plane answers from its
+/// counters; `l4lb simulate` from its own bookkeeping.
+pub trait SchedState {
+    /// The next position of this worker's round-robin cursor for a service
+    /// (post-increment).
+    fn wrr_next(&self, service_id: u16) -> u32;
+    /// Active connections to a backend (opened − closed, all workers).
+    fn active(&self, backend_id: u16) -> i64;
+}
+
+/// Everything needed to build a snapshot.
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub generation: u64,
+    pub links: Links,
+    /// This host's own addresses: replies to them are the kernel's.
+    pub local: &'a [IpAddr],
+    pub mac_of: &'a dyn Fn(&IpAddr) -> Option<Mac>,
+    /// Health: whether (address, port, protocol) is up.
+    pub is_up: &'a dyn Fn(&IpAddr, u16, Protocol) -> bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub generation: u64,
@@ -72,55 +117,123 @@ pub struct Snapshot {
     pub links: Links,
     listener_index: FxMap<L4Key, u32>,
     backend_index: FxMap<L4Key, u32>,
+    /// Stable id → dense index + 1 (0: not in this snapshot).
+    listener_by_id: Box<[u32]>,
+    backend_by_id: Box<[u32]>,
     vips: FxSet<Addr16>,
     backend_hosts: FxSet<Addr16>,
     local: FxSet<Addr16>,
 }
 
+/// Smooth weighted round robin (the nginx algorithm): each step every
+/// server gains its weight, the largest current value is chosen and loses
+/// the total. The sequence spreads a heavy server's turns instead of
+/// bunching them. Weights are divided by their gcd first, so the sequence
+/// is as short as the ratios allow (at most 100 × servers).
+fn smooth_wrr(eligible: &[(u32, u8)]) -> Box<[u32]> {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let g = eligible
+        .iter()
+        .fold(0, |g, (_, w)| gcd(g, *w as u32))
+        .max(1);
+    let weights: Vec<i64> = eligible
+        .iter()
+        .map(|(_, w)| (*w as u32 / g) as i64)
+        .collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; eligible.len()];
+    let mut seq = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..current.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        seq.push(eligible[best].0);
+    }
+    seq.into_boxed_slice()
+}
+
 impl Snapshot {
-    /// Builds a snapshot from a validated config. `mac_of` resolves a
-    /// backend's next-hop MAC (None: not known yet); `local` lists this
-    /// host's own addresses on the backend side (replies to them are the
-    /// kernel's).
-    pub fn build(
-        config: &Config,
-        generation: u64,
-        links: Links,
-        local: &[IpAddr],
-        mac_of: &dyn Fn(&IpAddr) -> Option<Mac>,
-    ) -> Result<Snapshot, String> {
+    /// Builds a snapshot from a validated config, assigning stable ids.
+    pub fn build(ids: &mut Ids, inp: &Inputs) -> Result<Snapshot, String> {
+        let config = inp.config;
         let mut backends: Vec<BackendEntry> = Vec::new();
         let mut backend_index: FxMap<L4Key, u32> = FxMap::default();
         let mut services = Vec::with_capacity(config.services.len());
         for svc in &config.services {
             let proto = proto_number(svc.protocol);
-            let mut ids = Vec::with_capacity(svc.servers.len());
-            let mut mag = Vec::with_capacity(svc.servers.len());
+            let mut members: Vec<(u32, u8)> = Vec::with_capacity(svc.servers.len());
             for s in &svc.servers {
                 let key = L4Key {
                     addr: addr16(&s.address),
                     port: s.port,
                     proto,
                 };
-                let id = *backend_index.entry(key).or_insert_with(|| {
-                    backends.push(BackendEntry {
-                        address: s.address,
-                        addr16: key.addr,
-                        port: s.port,
-                        protocol: svc.protocol,
-                        mac: mac_of(&s.address),
-                    });
-                    (backends.len() - 1) as u32
-                });
-                ids.push(id);
-                mag.push(MaglevBackend::new(s.address, s.port, s.weight));
+                let idx = match backend_index.get(&key) {
+                    Some(i) => *i,
+                    None => {
+                        backends.push(BackendEntry {
+                            id: ids.backend(s.address, s.port, svc.protocol)?,
+                            address: s.address,
+                            addr16: key.addr,
+                            port: s.port,
+                            protocol: svc.protocol,
+                            mac: (inp.mac_of)(&s.address),
+                            up: (inp.is_up)(&s.address, s.port, svc.protocol),
+                        });
+                        let i = (backends.len() - 1) as u32;
+                        backend_index.insert(key, i);
+                        i
+                    }
+                };
+                members.push((idx, s.weight));
             }
+            let any_up = members.iter().any(|(i, _)| backends[*i as usize].up);
+            let fail_open = !any_up && svc.on_all_down == AllDown::FailOpen;
+            let usable = |i: u32| fail_open || backends[i as usize].up;
+            let mut eligible: Vec<(u32, u8)> = members
+                .iter()
+                .copied()
+                .filter(|(i, w)| *w > 0 && usable(*i))
+                .collect();
+            eligible.sort_unstable();
+            let mut keep: Vec<u32> = members
+                .iter()
+                .map(|(i, _)| *i)
+                .filter(|i| usable(*i))
+                .collect();
+            keep.sort_unstable();
+            keep.dedup();
+            let mag: Vec<MaglevBackend> = eligible
+                .iter()
+                .map(|(i, w)| {
+                    let b = &backends[*i as usize];
+                    MaglevBackend::new(b.address, b.port, *w)
+                })
+                .collect();
             let maglev = Maglev::build(&mag, DEFAULT_TABLE_SIZE)
                 .map_err(|e| format!("backend service {}: {e}", svc.name))?;
             services.push(ServiceEntry {
+                id: ids.service(&svc.name)?,
                 name: svc.name.clone(),
+                scheduler: svc.scheduler,
+                persistence_timeout: svc.persistence_timeout.unwrap_or(0),
+                wrr: smooth_wrr(&eligible),
+                maglev_backends: eligible.iter().map(|(i, _)| *i).collect(),
+                eligible,
+                keep,
+                all_down: !any_up,
                 maglev,
-                backends: ids,
             });
         }
 
@@ -139,6 +252,7 @@ impl Snapshot {
             );
             vips.insert(vip16);
             listeners.push(ListenerEntry {
+                id: ids.listener(&l.name)?,
                 name: l.name.clone(),
                 vip: l.vip,
                 vip16,
@@ -147,19 +261,49 @@ impl Snapshot {
                 service: l.service as u32,
             });
         }
+        let mut listener_by_id = vec![0u32; MAX_ID + 1].into_boxed_slice();
+        for (i, l) in listeners.iter().enumerate() {
+            listener_by_id[l.id as usize] = i as u32 + 1;
+        }
+        let mut backend_by_id = vec![0u32; MAX_ID + 1].into_boxed_slice();
+        for (i, b) in backends.iter().enumerate() {
+            backend_by_id[b.id as usize] = i as u32 + 1;
+        }
         let backend_hosts = backends.iter().map(|b| b.addr16).collect();
         Ok(Snapshot {
-            generation,
+            generation: inp.generation,
             listeners,
             services,
             backends,
-            links,
+            links: inp.links,
             listener_index,
             backend_index,
+            listener_by_id,
+            backend_by_id,
             vips,
             backend_hosts,
-            local: local.iter().map(addr16).collect(),
+            local: inp.local.iter().map(addr16).collect(),
         })
+    }
+
+    /// A snapshot for offline use (simulate, replay, tests): fresh ids, all
+    /// servers up, MACs from `mac_of`.
+    pub fn offline(
+        config: &Config,
+        links: Links,
+        mac_of: &dyn Fn(&IpAddr) -> Option<Mac>,
+    ) -> Result<Snapshot, String> {
+        Snapshot::build(
+            &mut Ids::default(),
+            &Inputs {
+                config,
+                generation: 1,
+                links,
+                local: &[],
+                mac_of,
+                is_up: &|_, _, _| true,
+            },
+        )
     }
 
     #[inline]
@@ -184,6 +328,18 @@ impl Snapshot {
             .copied()
     }
 
+    /// Dense index of the listener with stable id `id`.
+    #[inline]
+    pub fn listener_of_id(&self, id: u16) -> Option<u32> {
+        self.listener_by_id[id as usize].checked_sub(1)
+    }
+
+    /// Dense index of the backend with stable id `id`.
+    #[inline]
+    pub fn backend_of_id(&self, id: u16) -> Option<u32> {
+        self.backend_by_id[id as usize].checked_sub(1)
+    }
+
     #[inline]
     pub fn is_vip(&self, addr: &Addr16) -> bool {
         self.vips.contains(addr)
@@ -199,15 +355,64 @@ impl Snapshot {
         self.local.contains(addr)
     }
 
-    /// The scheduler: the backend id for a new flow from `client` (address
-    /// bytes as on the wire: 4 for IPv4, 16 for IPv6) to `service`. This is
-    /// the one function both the data plane and `l4lb simulate` call.
+    /// The weighted source-IP scheduler: the backend index for a new flow
+    /// from `client` (address bytes as on the wire: 4 for IPv4, 16 for IPv6)
+    /// to `service`.
     #[inline]
     pub fn pick(&self, service: u32, client: &[u8]) -> Option<u32> {
         let svc = &self.services[service as usize];
         svc.maglev
             .lookup(client_hash_bytes(client))
-            .map(|i| svc.backends[i as usize])
+            .map(|i| svc.maglev_backends[i as usize])
+    }
+
+    /// The service's scheduler: the backend index for a new flow. This is
+    /// the one function both the data plane and `l4lb simulate` call.
+    #[inline]
+    pub fn schedule(&self, service: u32, client: &[u8], st: &dyn SchedState) -> Option<u32> {
+        let svc = &self.services[service as usize];
+        match svc.scheduler {
+            Scheduler::WeightedSourceIp => self.pick(service, client),
+            Scheduler::WeightedRoundRobin => {
+                if svc.wrr.is_empty() {
+                    return None;
+                }
+                let n = st.wrr_next(svc.id) as usize;
+                Some(svc.wrr[n % svc.wrr.len()])
+            }
+            Scheduler::WeightedLeastConnections => {
+                // Least active/weight, compared as active_a × w_b < active_b × w_a
+                // to stay in integers; ties go to the lower backend index.
+                let mut best: Option<(u32, i64, i64)> = None;
+                for &(b, w) in &svc.eligible {
+                    let a = st.active(self.backends[b as usize].id).max(0);
+                    let w = w as i64;
+                    match best {
+                        Some((_, ba, bw)) if a * bw >= ba * w => {}
+                        _ => best = Some((b, a, w)),
+                    }
+                }
+                best.map(|(b, _, _)| b)
+            }
+        }
+    }
+
+    /// Whether an established flow of `service` to backend `b` continues.
+    #[inline]
+    pub fn keeps(&self, service: u32, b: u32) -> bool {
+        self.services[service as usize]
+            .keep
+            .binary_search(&b)
+            .is_ok()
+    }
+
+    /// Whether backend `b` may take new clients of `service` (persistence).
+    #[inline]
+    pub fn eligible(&self, service: u32, b: u32) -> bool {
+        self.services[service as usize]
+            .eligible
+            .binary_search_by_key(&b, |(i, _)| *i)
+            .is_ok()
     }
 
     /// Addresses the XDP program must know: (VIPs, listeners, backend hosts,
@@ -219,5 +424,24 @@ impl Snapshot {
             self.backend_hosts.iter().copied().collect(),
             self.local.iter().copied().collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_wrr_interleaves_in_weight_proportion() {
+        // Weights 50/30/20 reduce to 5/3/2: worked by hand, step by step,
+        // the current values pick 0,1,2,0,0,1,0,2,1,0.
+        let seq = smooth_wrr(&[(0, 50), (1, 30), (2, 20)]);
+        assert_eq!(&*seq, &[0, 1, 2, 0, 0, 1, 0, 2, 1, 0]);
+        for (b, n) in [(0, 5), (1, 3), (2, 2)] {
+            assert_eq!(seq.iter().filter(|x| **x == b).count(), n);
+        }
+        let seq = smooth_wrr(&[(4, 100), (7, 100)]);
+        assert_eq!(&*seq, &[4, 7]);
+        assert!(smooth_wrr(&[]).is_empty());
     }
 }

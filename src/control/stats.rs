@@ -1,10 +1,11 @@
 //! The stats report served on the control socket and printed by
 //! `l4lb stats`.
 
-use crate::control::snapshot::Snapshot;
+use crate::control::health::TargetKey;
+use crate::control::snapshot::{proto_number, Snapshot};
 use crate::control::xdp::Steering;
-use crate::dataplane::counters::{DropReason, WorkerStats};
-use crate::table::FlowTable;
+use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
+use crate::dataplane::pipeline::Tables;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,9 +20,33 @@ pub struct Stats {
     /// Drops summed over workers, by reason (every reason listed).
     pub drops: BTreeMap<String, u64>,
     pub listeners: Vec<CounterReport>,
-    pub backends: Vec<CounterReport>,
+    pub backends: Vec<BackendReport>,
     pub steering: Vec<SteerReport>,
     pub flows: FlowReport,
+    pub persistence: PersistReport,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendReport {
+    /// `ADDR:PORT/PROTO`
+    pub name: String,
+    pub up: bool,
+    /// The last health check result.
+    pub health: String,
+    /// Active connections (opened − closed) for least-connections.
+    pub active: i64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PersistReport {
+    pub capacity: usize,
+    pub live: usize,
+    pub hits: u64,
+    pub recorded: u64,
+    pub evicted: u64,
+    pub not_recorded_full: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,8 +79,9 @@ pub struct SteerReport {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FlowReport {
+    /// Slots; each flow uses two (forward and reply entries).
     pub capacity: usize,
-    pub live: usize,
+    pub live_entries: usize,
     pub idle_timeout_s: u32,
     pub memory_bytes: usize,
 }
@@ -64,8 +90,11 @@ pub struct Sources<'a> {
     pub instance: &'a str,
     pub snapshot: &'a Snapshot,
     pub workers: &'a [(usize, std::sync::Arc<WorkerStats>)],
+    pub shared: &'a Shared,
+    /// Health check states: (target, up, last result).
+    pub health: &'a [(TargetKey, bool, String)],
     pub steering: &'a [&'a Steering],
-    pub flows: &'a FlowTable,
+    pub tables: &'a Tables,
     pub now: u32,
     pub uptime_s: u64,
 }
@@ -108,8 +137,8 @@ pub fn collect(s: &Sources) -> Stats {
         .listeners
         .iter()
         .enumerate()
-        .map(|(i, l)| {
-            let (packets, bytes) = sum(&|w| w.listeners.get(i).map_or((0, 0), |p| p.read()));
+        .map(|(_, l)| {
+            let (packets, bytes) = sum(&|w| w.listeners[l.id as usize].read());
             CounterReport {
                 name: format!("{} {}:{}/{}", l.name, l.vip, l.port, l.protocol),
                 packets,
@@ -121,15 +150,27 @@ pub fn collect(s: &Sources) -> Stats {
         .snapshot
         .backends
         .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let (packets, bytes) = sum(&|w| w.backends.get(i).map_or((0, 0), |p| p.read()));
+        .map(|b| {
+            let (packets, bytes) = sum(&|w| w.backends[b.id as usize].read());
             let addr = match b.address {
                 std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
                 std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
             };
-            CounterReport {
+            let key = TargetKey {
+                addr: b.address,
+                port: b.port,
+                proto: proto_number(b.protocol),
+            };
+            let health = s
+                .health
+                .iter()
+                .find(|(k, _, _)| *k == key)
+                .map_or_else(|| "not checked".to_string(), |(_, _, r)| r.clone());
+            BackendReport {
                 name: format!("{addr}/{}", b.protocol),
+                up: b.up,
+                health,
+                active: s.shared.active(b.id),
                 packets,
                 bytes,
             }
@@ -157,10 +198,23 @@ pub fn collect(s: &Sources) -> Stats {
         backends,
         steering,
         flows: FlowReport {
-            capacity: s.flows.capacity(),
-            live: s.flows.count_live(s.now),
-            idle_timeout_s: s.flows.idle_timeout(),
-            memory_bytes: s.flows.memory(),
+            capacity: s.tables.flows.capacity(),
+            live_entries: s.tables.flows.count_live(s.now),
+            idle_timeout_s: s.tables.flow_timeout,
+            memory_bytes: s.tables.flows.memory(),
+        },
+        persistence: {
+            let total = |f: &dyn Fn(&crate::dataplane::counters::Core) -> u64| {
+                s.workers.iter().map(|(_, w)| f(&w.core)).sum::<u64>()
+            };
+            PersistReport {
+                capacity: s.tables.persist.capacity(),
+                live: s.tables.persist.count_live(s.now),
+                hits: total(&|c| c.persist_hits.load(Relaxed)),
+                recorded: total(&|c| c.persist_recorded.load(Relaxed)),
+                evicted: total(&|c| c.persist_evicted.load(Relaxed)),
+                not_recorded_full: total(&|c| c.persist_full.load(Relaxed)),
+            }
         },
     }
 }
@@ -219,11 +273,17 @@ pub fn render(st: &Stats) -> String {
     }
     let _ = writeln!(
         o,
-        "flows: {} live of {} ({} MiB), idle timeout {} s",
-        st.flows.live,
+        "flows: {} live entries of {} ({} MiB), idle timeout {} s",
+        st.flows.live_entries,
         st.flows.capacity,
         st.flows.memory_bytes >> 20,
         st.flows.idle_timeout_s
+    );
+    let p = &st.persistence;
+    let _ = writeln!(
+        o,
+        "persistence: {} live of {}, hits {}, recorded {}, evicted {}, not recorded (full) {}",
+        p.live, p.capacity, p.hits, p.recorded, p.evicted, p.not_recorded_full
     );
     o
 }

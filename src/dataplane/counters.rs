@@ -7,7 +7,7 @@
 //! cache-line aligned so workers never share a line.
 
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Why a frame that reached the data plane was not forwarded. The comment of
 /// each says what value is normal in production.
@@ -97,13 +97,19 @@ impl Pair {
     }
 }
 
-/// One worker's counters.
+/// One worker's counters and scheduler cursors, indexed by stable id (see
+/// `control::ids`), so they survive reloads.
 pub struct WorkerStats {
     pub core: CachePadded<Core>,
     /// Client → backend packets per listener id.
     pub listeners: Box<[Pair]>,
     /// Client → backend packets per backend id.
     pub backends: Box<[Pair]>,
+    /// Least-connections: flows opened / seen closing, per backend id.
+    pub opened: Box<[AtomicU64]>,
+    pub closed: Box<[AtomicU64]>,
+    /// Weighted round robin: this worker's cursor per service id.
+    pub wrr: Box<[AtomicU32]>,
 }
 
 #[derive(Default)]
@@ -117,15 +123,39 @@ pub struct Core {
     pub flows_evicted: AtomicU64,
     /// Flows whose (client, backend) tuple moved to another listener.
     pub flows_rebound: AtomicU64,
+    /// New flows sent to a client's persisted backend.
+    pub persist_hits: AtomicU64,
+    /// Persistence entries written for newly scheduled clients.
+    pub persist_recorded: AtomicU64,
+    /// ... of which by evicting the oldest entry of a full window.
+    pub persist_evicted: AtomicU64,
+    /// Clients scheduled but not recorded: the table was full and the
+    /// policy is `no_record`.
+    pub persist_full: AtomicU64,
     pub drops: [AtomicU64; DropReason::COUNT],
 }
 
+const IDS: usize = crate::control::ids::MAX_ID + 1;
+
+fn zeroed<T: Default>(n: usize) -> Box<[T]> {
+    (0..n).map(|_| T::default()).collect()
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl WorkerStats {
-    pub fn new(max_listeners: usize, max_backends: usize) -> Self {
+    pub fn new() -> Self {
         WorkerStats {
             core: CachePadded::new(Core::default()),
-            listeners: (0..max_listeners).map(|_| Pair::default()).collect(),
-            backends: (0..max_backends).map(|_| Pair::default()).collect(),
+            listeners: zeroed(IDS),
+            backends: zeroed(IDS),
+            opened: zeroed(IDS),
+            closed: zeroed(IDS),
+            wrr: zeroed(IDS),
         }
     }
 
@@ -142,15 +172,55 @@ impl WorkerStats {
         bump(c, n);
     }
     #[inline]
-    pub fn listener(&self, id: u32, bytes: usize) {
-        if let Some(p) = self.listeners.get(id as usize) {
-            p.add(bytes);
-        }
+    pub fn listener(&self, id: u16, bytes: usize) {
+        self.listeners[id as usize].add(bytes);
     }
     #[inline]
-    pub fn backend(&self, id: u32, bytes: usize) {
-        if let Some(p) = self.backends.get(id as usize) {
-            p.add(bytes);
+    pub fn backend(&self, id: u16, bytes: usize) {
+        self.backends[id as usize].add(bytes);
+    }
+    #[inline]
+    pub fn conn_opened(&self, backend: u16) {
+        bump(&self.opened[backend as usize], 1);
+    }
+    #[inline]
+    pub fn conn_closed(&self, backend: u16) {
+        bump(&self.closed[backend as usize], 1);
+    }
+    /// Post-increments this worker's round-robin cursor of a service.
+    #[inline]
+    pub fn wrr_next(&self, service: u16) -> u32 {
+        let c = &self.wrr[service as usize];
+        let n = c.load(Relaxed);
+        c.store(n.wrapping_add(1), Relaxed);
+        n
+    }
+}
+
+/// Counters every worker reads: all workers' stats (least-connections sums
+/// them) and the flows the control plane's sweep found ended silently.
+pub struct Shared {
+    pub workers: Vec<std::sync::Arc<WorkerStats>>,
+    /// Per backend id: flows closed by expiry, found by the sweep.
+    pub swept: Box<[AtomicU64]>,
+}
+
+impl Shared {
+    pub fn new(workers: Vec<std::sync::Arc<WorkerStats>>) -> Self {
+        Shared {
+            workers,
+            swept: zeroed(IDS),
         }
+    }
+
+    /// Active connections to a backend: opened − closed over all workers,
+    /// minus those that expired silently.
+    pub fn active(&self, backend: u16) -> i64 {
+        let b = backend as usize;
+        let mut a: i64 = 0;
+        for w in &self.workers {
+            a += w.opened[b].load(Relaxed) as i64 - w.closed[b].load(Relaxed) as i64;
+        }
+        a - self.swept[b].load(Relaxed) as i64
     }
 }

@@ -223,3 +223,302 @@ fn ports(seg: &[u8], proto: u8) -> Option<(u16, u16)> {
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! Static byte fixtures: each frame is written out field by field, so a
+    //! reader can check an offset against the RFC without running anything.
+
+    use super::*;
+
+    /// Ethernet II to l4lb's client port from the gateway, IPv4.
+    const ETH_V4: [u8; 14] = [
+        0x02, 0, 0, 0, 0, 0x01, // dst
+        0x02, 0, 0, 0, 0x0c, 0x01, // src
+        0x08, 0x00, // IPv4
+    ];
+    const ETH_V6: [u8; 14] = [
+        0x02, 0, 0, 0, 0, 0x01, // dst
+        0x02, 0, 0, 0, 0x0c, 0x01, // src
+        0x86, 0xdd, // IPv6
+    ];
+    /// IPv4, IHL 5, total length 40, DF, TTL 64, TCP, 198.18.4.7 → 198.18.100.1
+    /// (header checksum not filled in: the parser does not verify it).
+    const IPV4_TCP: [u8; 20] = [
+        0x45, 0x00, 0x00, 0x28, // version/IHL, DSCP, total length
+        0x1c, 0x46, 0x40, 0x00, // id, DF, fragment offset 0
+        0x40, 0x06, 0x00, 0x00, // TTL 64, TCP, checksum
+        198, 18, 4, 7, // src
+        198, 18, 100, 1, // dst
+    ];
+    /// TCP SYN 40000 → 80, data offset 5.
+    const TCP_SYN: [u8; 20] = [
+        0x9c, 0x40, 0x00, 0x50, // ports
+        0, 0, 0, 1, // seq
+        0, 0, 0, 0, // ack
+        0x50, 0x02, 0xfa, 0xf0, // data offset 5, SYN, window
+        0, 0, 0, 0, // checksum, urgent pointer
+    ];
+    /// UDP 50000 → 53, length 8.
+    const UDP_EMPTY: [u8; 8] = [0xc3, 0x50, 0x00, 0x35, 0x00, 0x08, 0x00, 0x00];
+    /// IPv6, payload length 8, UDP, hop limit 33, 2001:2::7 → 2001:2::100.
+    const IPV6_UDP: [u8; 40] = [
+        0x60, 0, 0, 0, // version, traffic class, flow label
+        0x00, 0x08, 17, 33, // payload length, next header, hop limit
+        0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x07, // src
+        0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0x00, // dst
+    ];
+
+    fn frame(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    fn tcp4() -> Vec<u8> {
+        frame(&[&ETH_V4, &IPV4_TCP, &TCP_SYN])
+    }
+
+    /// `tcp4()` with byte `at` set to `value`.
+    fn tcp4_with(edits: &[(usize, u8)]) -> Vec<u8> {
+        let mut f = tcp4();
+        for &(at, value) in edits {
+            f[at] = value;
+        }
+        f
+    }
+
+    const CLIENT: Addr16 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 4, 7];
+    const VIP: Addr16 = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 100, 1];
+
+    #[test]
+    fn ipv4_tcp_frame_yields_offsets_addresses_ports_and_ttl() {
+        let p = Parsed {
+            v6: false,
+            l3: 14,
+            l4: 34,
+            proto: PROTO_TCP,
+            src: CLIENT,
+            dst: VIP,
+            sport: 40000,
+            dport: 80,
+            ttl: 64,
+        };
+        assert_eq!(parse(&tcp4()), Frame::L4(p));
+        assert_eq!(p.src_wire(), &[198, 18, 4, 7]);
+    }
+
+    #[test]
+    fn ipv4_options_move_the_l4_header() {
+        // IHL 6: one 4-byte option (router alert), total length 44.
+        let mut ip = IPV4_TCP;
+        ip[0] = 0x46;
+        ip[3] = 44;
+        let f = frame(&[&ETH_V4, &ip, &[0x94, 0x04, 0, 0], &TCP_SYN]);
+        let Frame::L4(p) = parse(&f) else {
+            panic!("{:?}", parse(&f))
+        };
+        assert_eq!((p.l3, p.l4, p.sport, p.dport), (14, 38, 40000, 80));
+    }
+
+    #[test]
+    fn ethernet_padding_after_the_ip_packet_is_ignored() {
+        // An empty UDP datagram is 28 bytes of IP: a minimum-size (60-byte)
+        // Ethernet frame carries it with 18 bytes of padding.
+        let mut ip = IPV4_TCP;
+        ip[3] = 28;
+        ip[9] = PROTO_UDP;
+        let f = frame(&[&ETH_V4, &ip, &UDP_EMPTY, &[0xee; 18]]);
+        assert_eq!(f.len(), 60);
+        let Frame::L4(p) = parse(&f) else {
+            panic!("{:?}", parse(&f))
+        };
+        assert_eq!(
+            (p.proto, p.sport, p.dport, p.l4),
+            (PROTO_UDP, 50000, 53, 34)
+        );
+    }
+
+    #[test]
+    fn ipv6_udp_frame_yields_offsets_addresses_ports_and_hop_limit() {
+        let f = frame(&[&ETH_V6, &IPV6_UDP, &UDP_EMPTY]);
+        let Frame::L4(p) = parse(&f) else {
+            panic!("{:?}", parse(&f))
+        };
+        assert!(p.v6);
+        assert_eq!((p.l3, p.l4, p.proto), (14, 54, PROTO_UDP));
+        assert_eq!(p.src, <[u8; 16]>::try_from(&IPV6_UDP[8..24]).unwrap());
+        assert_eq!(p.dst, <[u8; 16]>::try_from(&IPV6_UDP[24..40]).unwrap());
+        assert_eq!((p.sport, p.dport, p.ttl), (50000, 53, 33));
+        assert_eq!(p.src_wire(), &IPV6_UDP[8..24], "all 16 bytes are hashed");
+    }
+
+    #[test]
+    fn frames_without_a_readable_ip_header_are_not_attributed() {
+        let tcp = tcp4();
+        let v6 = frame(&[&ETH_V6, &IPV6_UDP, &UDP_EMPTY]);
+        let mut vlan = tcp4();
+        vlan[12..14].copy_from_slice(&[0x81, 0x00]);
+        let mut arp = tcp4();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let table: [(&str, Vec<u8>, Frame); 9] = [
+            ("empty", vec![], Frame::NotIp),
+            ("13 bytes", tcp[..13].to_vec(), Frame::NotIp),
+            ("ARP ethertype", arp, Frame::NotIp),
+            ("VLAN tag (not followed)", vlan, Frame::NotIp),
+            (
+                "IPv4 ethertype, no IP",
+                tcp[..14].to_vec(),
+                Frame::Truncated,
+            ),
+            ("19 bytes of IPv4", tcp[..33].to_vec(), Frame::Truncated),
+            (
+                "version 6 under the IPv4 ethertype",
+                tcp4_with(&[(14, 0x65)]),
+                Frame::Truncated,
+            ),
+            ("39 bytes of IPv6", v6[..53].to_vec(), Frame::Truncated),
+            (
+                "version 4 under the IPv6 ethertype",
+                frame(&[&ETH_V6, &[0x45], &IPV6_UDP[1..], &UDP_EMPTY]),
+                Frame::Truncated,
+            ),
+        ];
+        for (what, f, want) in table {
+            assert_eq!(parse(&f), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn broken_ipv4_packets_are_unusable_with_their_reason() {
+        use DropReason::*;
+        let mut udp_cut = frame(&[&ETH_V4, &IPV4_TCP, &UDP_EMPTY[..6]]);
+        udp_cut[14 + 3] = 26;
+        udp_cut[14 + 9] = PROTO_UDP;
+        let table: [(&str, Vec<u8>, DropReason); 9] = [
+            ("IHL 4", tcp4_with(&[(14, 0x44)]), Malformed),
+            (
+                "IHL 15, beyond the frame",
+                tcp4_with(&[(14, 0x4f)]),
+                Malformed,
+            ),
+            (
+                "total length beyond the frame",
+                tcp4_with(&[(17, 41)]),
+                Malformed,
+            ),
+            (
+                "total length below the header",
+                tcp4_with(&[(17, 19)]),
+                Malformed,
+            ),
+            (
+                "TCP header cut by total length",
+                tcp4_with(&[(17, 39)]),
+                Malformed,
+            ),
+            ("TCP data offset 4", tcp4_with(&[(46, 0x40)]), Malformed),
+            ("UDP header cut", udp_cut, Malformed),
+            ("more fragments", tcp4_with(&[(20, 0x20)]), Fragment),
+            (
+                "fragment offset 1",
+                tcp4_with(&[(20, 0), (21, 1)]),
+                Fragment,
+            ),
+        ];
+        for (what, f, why) in table {
+            assert_eq!(
+                parse(&f),
+                Frame::Unusable {
+                    src: CLIENT,
+                    dst: VIP,
+                    why
+                },
+                "{what}"
+            );
+        }
+        // A fragment is reported as one before its lengths are looked at.
+        assert_eq!(
+            parse(&tcp4_with(&[(20, 0x20), (17, 99)])),
+            Frame::Unusable {
+                src: CLIENT,
+                dst: VIP,
+                why: Fragment
+            }
+        );
+    }
+
+    #[test]
+    fn non_tcp_udp_ipv4_is_other_proto_even_when_fragmented() {
+        let want = Frame::OtherProto {
+            src: CLIENT,
+            dst: VIP,
+        };
+        assert_eq!(parse(&tcp4_with(&[(23, 1)])), want, "ICMP");
+        assert_eq!(parse(&tcp4_with(&[(23, 1), (20, 0x20)])), want);
+        assert_eq!(parse(&tcp4_with(&[(23, 47)])), want, "GRE");
+    }
+
+    #[test]
+    fn ipv6_extension_headers_icmpv6_and_bad_lengths() {
+        let src: Addr16 = IPV6_UDP[8..24].try_into().unwrap();
+        let dst: Addr16 = IPV6_UDP[24..40].try_into().unwrap();
+        let with = |next: u8, payload_len: u8, rest: &[u8]| {
+            let mut ip = IPV6_UDP;
+            ip[6] = next;
+            ip[5] = payload_len;
+            frame(&[&ETH_V6, &ip, rest])
+        };
+        let unusable = |why| Frame::Unusable { src, dst, why };
+        let table: [(&str, Vec<u8>, Frame); 6] = [
+            (
+                "hop-by-hop options",
+                with(0, 8, &[17, 0, 0, 0, 0, 0, 0, 0]),
+                unusable(DropReason::Unsupported),
+            ),
+            (
+                "fragment header",
+                with(44, 8, &[17, 0, 0, 1, 0, 0, 0, 1]),
+                unusable(DropReason::Unsupported),
+            ),
+            (
+                "ICMPv6",
+                with(58, 8, &[128, 0, 0, 0, 0, 1, 0, 1]),
+                Frame::OtherProto { src, dst },
+            ),
+            (
+                "payload length beyond the frame",
+                with(17, 9, &UDP_EMPTY),
+                unusable(DropReason::Malformed),
+            ),
+            (
+                "UDP header cut",
+                with(17, 6, &UDP_EMPTY[..6]),
+                unusable(DropReason::Malformed),
+            ),
+            (
+                "TCP header cut",
+                with(6, 8, &TCP_SYN[..8]),
+                unusable(DropReason::Malformed),
+            ),
+        ];
+        for (what, f, want) in table {
+            assert_eq!(parse(&f), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn no_prefix_of_a_frame_panics_or_reads_past_its_end() {
+        let frames = [
+            tcp4(),
+            frame(&[&ETH_V6, &IPV6_UDP, &UDP_EMPTY]),
+            tcp4_with(&[(14, 0x4f)]),
+        ];
+        for f in &frames {
+            for n in 0..=f.len() {
+                if let Frame::L4(p) = parse(&f[..n]) {
+                    assert_eq!(n, f.len(), "only the whole frame is usable");
+                    assert!(p.l4 + 8 <= n);
+                }
+            }
+        }
+    }
+}

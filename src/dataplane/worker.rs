@@ -13,10 +13,9 @@
 //! burn a core; under load it never sleeps.
 
 use crate::control::snapshot::Snapshot;
-use crate::dataplane::counters::{DropReason, WorkerStats};
-use crate::dataplane::pipeline::{Port, Processor, Verdict};
+use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
+use crate::dataplane::pipeline::{Port, Processor, Tables, Verdict};
 use crate::dataplane::xsk::{self, XskPair, FRAME_COUNT, RING_SIZE};
-use crate::table::FlowTable;
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,8 +29,9 @@ pub struct Worker {
     pub id: usize,
     pub xsk: XskPair,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
-    pub flows: Arc<FlowTable>,
+    pub tables: Arc<Tables>,
     pub stats: Arc<WorkerStats>,
+    pub shared: Arc<Shared>,
     pub stop: Arc<AtomicBool>,
     pub clock: fn() -> u32,
 }
@@ -74,8 +74,9 @@ impl Worker {
             let snap = self.snapshot.load();
             let proc = Processor {
                 snapshot: &snap,
-                flows: &self.flows,
+                tables: &self.tables,
                 stats: &self.stats,
+                shared: &self.shared,
                 now: (self.clock)(),
             };
             let mut work = 0usize;

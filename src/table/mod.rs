@@ -3,4 +3,4 @@
 
 pub mod flow;
 
-pub use flow::{FlowKey, FlowTable, FlowValue, Upsert};
+pub use flow::{FlowKey, FlowTable, FlowValue, ForwardKey, PersistKey, TableKey, Upsert};

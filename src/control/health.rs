@@ -1,0 +1,1256 @@
+//! Health checks: decides which servers receive new clients.
+//!
+//! The control plane owns one [`HealthMonitor`], hands it the set of targets
+//! (one per server and service protocol) with [`HealthMonitor::set_targets`]
+//! on start and on every reload, and calls [`HealthMonitor::poll`] from its
+//! loop. `poll` never blocks: it starts the probes that are due, collects the
+//! ones that finished and returns the state changes, which the control plane
+//! turns into a new snapshot. Nothing here runs on the data path.
+//!
+//! ## Probes
+//! A small fixed pool of probe threads ([`PROBE_THREADS`]) runs the probes.
+//! Each thread multiplexes its probes over non-blocking sockets with poll(2),
+//! so a dead server costs a file descriptor for `timeout`, not a thread; at
+//! most `max_in_flight` probes are outstanding at once. Each probe has one
+//! deadline, `timeout` after it starts, covering connect, request and reply.
+//! * `tcp`: the connect completes → success.
+//! * `http`: connect, send one `GET` with `Connection: close`, read the status
+//!   line (RFC 9112 §4); success iff its code is in one of the ranges.
+//! * `udp`: a connected UDP socket sends the payload; any reply → success. A
+//!   connected UDP socket receives the kernel's report of an ICMP port
+//!   unreachable as `ECONNREFUSED` on `recv` (udp(7)), hence the failure
+//!   "ICMP port unreachable"; no reply → "timeout".
+//!
+//! ## State
+//! A server goes down after `unhealthy_threshold` consecutive failures and
+//! comes back after `healthy_threshold` consecutive successes, so one lost
+//! probe never flips it ([`TargetState::record`], pure and clock-free). A
+//! target seen for the first time starts **up**: servers are assumed healthy
+//! until proven otherwise, so that a start or reload does not black-hole a
+//! service while its first probes run. The price is that a dead new server
+//! gets clients for up to `offset + (unhealthy_threshold - 1) * interval +
+//! timeout`.
+//!
+//! ## Schedule
+//! `interval` is the time between the starts of two probes of one target. The
+//! first probe of a target comes at [`first_probe_offset`] into its interval,
+//! a fixed hash of its key, so a thousand servers are spread over the interval
+//! instead of probed in one burst, the same way on every node and restart. A
+//! probe still running when the next one is due delays it instead of running
+//! beside it.
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Probe threads. Each multiplexes many probes, so two are plenty; a second
+/// keeps probing if one is stalled by a slow `socket`/`connect` call.
+pub const PROBE_THREADS: usize = 2;
+
+/// Longest HTTP status line accepted (RFC 9112 §4 sets no limit; a real one
+/// is ~20 bytes, so 1 KiB only guards against a server streaming garbage).
+const MAX_STATUS_LINE: usize = 1024;
+
+/// Seed of the XXH3 hash that spreads first probes ("l4lb-hc0").
+const OFFSET_SEED: u64 = 0x6c34_6c62_2d68_6330;
+
+/// `last result` of a target that has not completed a probe yet.
+pub const NOT_PROBED: &str = "not probed yet";
+
+/// How one target is probed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Tcp,
+    /// `codes`: inclusive ranges of status codes that count as healthy.
+    Http {
+        path: String,
+        host: Option<String>,
+        codes: Vec<(u16, u16)>,
+    },
+    Udp {
+        payload: Vec<u8>,
+    },
+}
+
+/// A resolved health check for one server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSpec {
+    pub probe: Probe,
+    /// Port probed (the check port, or the server's port).
+    pub port: u16,
+    /// Deadline of one probe, connect to reply.
+    pub timeout: Duration,
+    /// Time between the starts of two probes of one target.
+    pub interval: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+}
+
+// Validation fills in the config's defaults; these only cover a
+// `HealthCheck` built by hand with the fields left empty.
+const FALLBACK_HTTP_CODES: (u16, u16) = (200, 399);
+const FALLBACK_UDP_PAYLOAD: &str = "l4lb-health";
+
+impl CheckSpec {
+    /// The check of `hc` for a server listening on `server_port`.
+    pub fn from_config(hc: &crate::config::HealthCheck, server_port: u16) -> CheckSpec {
+        use crate::config::HealthCheckKind;
+        let probe = match hc.kind {
+            HealthCheckKind::Tcp => Probe::Tcp,
+            HealthCheckKind::Http => Probe::Http {
+                path: hc.path.clone().unwrap_or_else(|| "/".to_string()),
+                host: hc.domain.clone(),
+                codes: if hc.http_codes.is_empty() {
+                    vec![FALLBACK_HTTP_CODES]
+                } else {
+                    hc.http_codes.clone()
+                },
+            },
+            HealthCheckKind::Udp => Probe::Udp {
+                payload: hc
+                    .udp_payload
+                    .as_deref()
+                    .unwrap_or(FALLBACK_UDP_PAYLOAD)
+                    .as_bytes()
+                    .to_vec(),
+            },
+        };
+        CheckSpec {
+            probe,
+            port: hc.port.unwrap_or(server_port),
+            timeout: Duration::from_secs(hc.timeout.into()),
+            interval: Duration::from_secs(hc.interval.into()),
+            unhealthy_threshold: hc.unhealthy_threshold,
+            healthy_threshold: hc.healthy_threshold,
+        }
+    }
+}
+
+/// One checked server: its address, its own port and the service protocol
+/// (6 = TCP, 17 = UDP). The same server in a TCP and a UDP service is two
+/// targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TargetKey {
+    pub addr: IpAddr,
+    /// The server's port (not the check port).
+    pub port: u16,
+    /// IP protocol number of the service: 6 or 17.
+    pub proto: u8,
+}
+
+impl fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            p => format!("proto {p}"),
+        };
+        write!(f, "{}/{proto}", SocketAddr::new(self.addr, self.port))
+    }
+}
+
+/// A server changed state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub key: TargetKey,
+    pub up: bool,
+    /// The result of the probe that flipped it: "ok", "timeout",
+    /// "connection refused", "status 503", "ICMP port unreachable", ...
+    pub reason: String,
+}
+
+/// Where the first probe of `key` falls within its interval: a fixed hash
+/// (XXH3-64 over the 16-byte IPv6 or IPv4-mapped address, the port in
+/// network order and the protocol) modulo the interval. Deterministic, and
+/// below `interval` (zero if `interval` is zero).
+pub fn first_probe_offset(key: &TargetKey, interval: Duration) -> Duration {
+    let span = interval.as_nanos();
+    if span == 0 {
+        return Duration::ZERO;
+    }
+    let mut bytes = [0u8; 19];
+    let v6 = match key.addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+        IpAddr::V6(a) => a,
+    };
+    bytes[..16].copy_from_slice(&v6.octets());
+    bytes[16..18].copy_from_slice(&key.port.to_be_bytes());
+    bytes[18] = key.proto;
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, OFFSET_SEED);
+    // span < 2^64 ns (584 years) for any sane interval; the u128 keeps the
+    // modulo exact anyway.
+    Duration::from_nanos((u128::from(h) % span) as u64)
+}
+
+/// The up/down state machine of one target. Pure: no clock, no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetState {
+    up: bool,
+    successes: u32,
+    failures: u32,
+    last: String,
+    unhealthy_threshold: u32,
+    healthy_threshold: u32,
+}
+
+impl TargetState {
+    /// A target starts up (see the module docs); thresholds below 1 count
+    /// as 1.
+    pub fn new(unhealthy_threshold: u32, healthy_threshold: u32) -> Self {
+        TargetState {
+            up: true,
+            successes: 0,
+            failures: 0,
+            last: NOT_PROBED.to_string(),
+            unhealthy_threshold: unhealthy_threshold.max(1),
+            healthy_threshold: healthy_threshold.max(1),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
+    /// The reason of the last recorded probe.
+    pub fn last_result(&self) -> &str {
+        &self.last
+    }
+
+    /// Consecutive successes and failures so far (one of them is zero).
+    pub fn counters(&self) -> (u32, u32) {
+        (self.successes, self.failures)
+    }
+
+    /// Records one probe result; returns the new state if it flipped.
+    pub fn record(&mut self, success: bool, reason: &str) -> Option<bool> {
+        if self.last != reason {
+            self.last = reason.to_string();
+        }
+        if success {
+            self.failures = 0;
+            self.successes = self.successes.saturating_add(1);
+            if !self.up && self.successes >= self.healthy_threshold {
+                self.up = true;
+                return Some(true);
+            }
+        } else {
+            self.successes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.up && self.failures >= self.unhealthy_threshold {
+                self.up = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+
+    /// A changed check: keeps up/down, forgets the runs counted under the
+    /// old one.
+    fn reset_counters(&mut self, unhealthy_threshold: u32, healthy_threshold: u32) {
+        self.successes = 0;
+        self.failures = 0;
+        self.unhealthy_threshold = unhealthy_threshold.max(1);
+        self.healthy_threshold = healthy_threshold.max(1);
+    }
+}
+
+struct Target {
+    spec: Arc<CheckSpec>,
+    state: TargetState,
+    /// Start of the next probe; `None` until the next `poll` places it at
+    /// [`first_probe_offset`].
+    next_due: Option<Instant>,
+    /// Id of the probe in flight. A result whose id does not match (the
+    /// target was replaced or its check changed meanwhile) is dropped.
+    running: Option<u64>,
+}
+
+impl Target {
+    fn new(spec: CheckSpec) -> Self {
+        Target {
+            state: TargetState::new(spec.unhealthy_threshold, spec.healthy_threshold),
+            spec: Arc::new(spec),
+            next_due: None,
+            running: None,
+        }
+    }
+}
+
+/// Handle on one probe thread.
+struct ProbeThread {
+    jobs: Option<Sender<Job>>,
+    /// Write end of a socket pair in the thread's poll set: a byte after new
+    /// jobs wakes it; closing it tells the thread to exit.
+    wake: Option<UnixStream>,
+    outstanding: usize,
+    handle: Option<JoinHandle<()>>,
+}
+
+struct Job {
+    id: u64,
+    key: TargetKey,
+    thread: usize,
+    addr: SocketAddr,
+    spec: Arc<CheckSpec>,
+}
+
+struct Done {
+    id: u64,
+    key: TargetKey,
+    thread: usize,
+    success: bool,
+    reason: String,
+}
+
+/// Health checks of a set of targets. See the module docs.
+pub struct HealthMonitor {
+    targets: BTreeMap<TargetKey, Target>,
+    threads: Vec<ProbeThread>,
+    done: Receiver<Done>,
+    max_in_flight: usize,
+    in_flight: usize,
+    next_id: u64,
+    /// Probes started, ever (for tests and stats).
+    started: u64,
+}
+
+impl HealthMonitor {
+    /// Starts [`PROBE_THREADS`] probe threads. `max_in_flight` bounds
+    /// concurrent probes (e.g. 64; 0 counts as 1).
+    ///
+    /// # Panics
+    /// If the OS refuses a thread or a socket pair (out of processes or
+    /// file descriptors at start-up).
+    pub fn new(max_in_flight: usize) -> Self {
+        let (done_tx, done) = mpsc::channel();
+        let threads = (0..PROBE_THREADS)
+            .map(|i| {
+                let (jobs_tx, jobs_rx) = mpsc::channel();
+                let (wake_tx, wake_rx) =
+                    UnixStream::pair().expect("creating a health probe wake-up socket pair");
+                wake_tx
+                    .set_nonblocking(true)
+                    .expect("setting the wake-up socket non-blocking");
+                wake_rx
+                    .set_nonblocking(true)
+                    .expect("setting the wake-up socket non-blocking");
+                let done_tx = done_tx.clone();
+                let handle = std::thread::Builder::new()
+                    .name(format!("l4lb-health{i}"))
+                    .spawn(move || probe_thread(jobs_rx, wake_rx, done_tx))
+                    .expect("starting a health probe thread");
+                ProbeThread {
+                    jobs: Some(jobs_tx),
+                    wake: Some(wake_tx),
+                    outstanding: 0,
+                    handle: Some(handle),
+                }
+            })
+            .collect();
+        HealthMonitor {
+            targets: BTreeMap::new(),
+            threads,
+            done,
+            max_in_flight: max_in_flight.max(1),
+            in_flight: 0,
+            next_id: 1,
+            started: 0,
+        }
+    }
+
+    /// Replaces the set of targets (a duplicate key: the last one counts).
+    /// * A target whose key and spec are unchanged keeps its state, counters
+    ///   and schedule: a reload does not re-probe from zero.
+    /// * A new target starts **up** (optimistic: it is taken out after
+    ///   `unhealthy_threshold` failures) and is first probed at
+    ///   [`first_probe_offset`] after the next `poll`.
+    /// * A target whose spec changed keeps its up/down state, resets its
+    ///   consecutive counters and is rescheduled like a new one; the result
+    ///   of a probe of the old spec still in flight is dropped.
+    /// * Targets not in the new set are forgotten.
+    pub fn set_targets(&mut self, targets: Vec<(TargetKey, CheckSpec)>) {
+        let wanted: BTreeMap<TargetKey, CheckSpec> = targets.into_iter().collect();
+        let mut old = std::mem::take(&mut self.targets);
+        for (key, spec) in wanted {
+            let target = match old.remove(&key) {
+                Some(t) if *t.spec == spec => t,
+                Some(mut t) => {
+                    t.state
+                        .reset_counters(spec.unhealthy_threshold, spec.healthy_threshold);
+                    t.spec = Arc::new(spec);
+                    t.next_due = None;
+                    t.running = None;
+                    t
+                }
+                None => Target::new(spec),
+            };
+            self.targets.insert(key, target);
+        }
+    }
+
+    /// Collects finished probes, starts the ones that are due (oldest due
+    /// first, at most `max_in_flight` outstanding) and returns the state
+    /// changes since the last call, each also logged once. Never blocks: it
+    /// only polls a channel and hands jobs to the probe threads.
+    pub fn poll(&mut self, now: Instant) -> Vec<Transition> {
+        let mut changes = Vec::new();
+        while let Ok(done) = self.done.try_recv() {
+            self.in_flight -= 1;
+            self.threads[done.thread].outstanding -= 1;
+            if let Some(t) = self.apply(&done.key, done.id, done.success, &done.reason) {
+                changes.push(t);
+            }
+        }
+
+        let mut due: Vec<(Instant, TargetKey)> = Vec::new();
+        for (key, t) in self.targets.iter_mut() {
+            let at = *t
+                .next_due
+                .get_or_insert_with(|| now + first_probe_offset(key, t.spec.interval));
+            if t.running.is_none() && at <= now {
+                due.push((at, *key));
+            }
+        }
+        due.sort_unstable();
+        let room = self.max_in_flight.saturating_sub(self.in_flight);
+        let mut woken = [false; PROBE_THREADS];
+        for (at, key) in due.into_iter().take(room) {
+            let Some(thread) = self.pick_thread() else {
+                break;
+            };
+            let t = self.targets.get_mut(&key).expect("due target exists");
+            let id = self.next_id;
+            let job = Job {
+                id,
+                key,
+                thread,
+                addr: SocketAddr::new(key.addr, t.spec.port),
+                spec: Arc::clone(&t.spec),
+            };
+            let sent = self.threads[thread]
+                .jobs
+                .as_ref()
+                .is_some_and(|tx| tx.send(job).is_ok());
+            if !sent {
+                tracing::error!("health probe thread {thread} has exited; not using it");
+                self.threads[thread].jobs = None;
+                continue;
+            }
+            self.next_id += 1;
+            self.started += 1;
+            self.in_flight += 1;
+            self.threads[thread].outstanding += 1;
+            woken[thread] = true;
+            t.running = Some(id);
+            // Keep the phase; re-phase only if we fell a whole interval
+            // behind (the previous probe ran long or all slots were busy).
+            let mut next = at + t.spec.interval;
+            if next <= now {
+                next = now + t.spec.interval;
+            }
+            t.next_due = Some(next);
+        }
+        for (i, th) in self.threads.iter().enumerate() {
+            if woken[i] {
+                if let Some(w) = &th.wake {
+                    // Full buffer (WouldBlock): the thread has wake-ups
+                    // pending anyway.
+                    let _ = io::Write::write(&mut &*w, &[1]);
+                }
+            }
+        }
+        changes
+    }
+
+    /// Whether `key` should receive new clients; unknown keys are up.
+    pub fn is_up(&self, key: &TargetKey) -> bool {
+        self.targets.get(key).is_none_or(|t| t.state.is_up())
+    }
+
+    /// Every target, in key order, with its state and its last probe result
+    /// ([`NOT_PROBED`] before the first).
+    pub fn states(&self) -> Vec<(TargetKey, bool, String)> {
+        self.targets
+            .iter()
+            .map(|(k, t)| (*k, t.state.is_up(), t.state.last_result().to_string()))
+            .collect()
+    }
+
+    /// The live probe thread with the fewest probes outstanding.
+    fn pick_thread(&self) -> Option<usize> {
+        self.threads
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.jobs.is_some())
+            .min_by_key(|(_, t)| t.outstanding)
+            .map(|(i, _)| i)
+    }
+
+    /// Records the result of probe `id` of `key`, if the target is still
+    /// waiting for it.
+    fn apply(
+        &mut self,
+        key: &TargetKey,
+        id: u64,
+        success: bool,
+        reason: &str,
+    ) -> Option<Transition> {
+        let t = self.targets.get_mut(key)?;
+        if t.running != Some(id) {
+            return None;
+        }
+        t.running = None;
+        let up = t.state.record(success, reason)?;
+        let (ok_run, fail_run) = t.state.counters();
+        if up {
+            tracing::info!("server {key} is up: {reason} ({ok_run} consecutive successes)");
+        } else {
+            tracing::warn!("server {key} is down: {reason} ({fail_run} consecutive failures)");
+        }
+        Some(Transition {
+            key: *key,
+            up,
+            reason: reason.to_string(),
+        })
+    }
+}
+
+impl Drop for HealthMonitor {
+    /// Stops the probe threads: closing the job channel and the wake-up
+    /// socket ends their poll(2) at once; probes in flight are abandoned.
+    fn drop(&mut self) {
+        for th in &mut self.threads {
+            th.jobs = None;
+            th.wake = None;
+        }
+        for th in &mut self.threads {
+            if let Some(h) = th.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+// ----- probe threads -----
+
+enum Step {
+    /// TCP connect in progress.
+    Connect,
+    /// HTTP request partly written.
+    Send { request: Vec<u8>, sent: usize },
+    /// Waiting for the HTTP status line.
+    Read { buf: Vec<u8> },
+    /// UDP payload sent, waiting for any reply.
+    Reply,
+}
+
+struct Active {
+    id: u64,
+    key: TargetKey,
+    thread: usize,
+    sock: Socket,
+    addr: SocketAddr,
+    spec: Arc<CheckSpec>,
+    deadline: Instant,
+    step: Step,
+}
+
+type Outcome = (bool, String);
+
+fn failure(e: &io::Error) -> Outcome {
+    (false, describe(e))
+}
+
+/// Short, stable reasons for the errors a probe meets.
+fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::TimedOut => "timeout".into(),
+        io::ErrorKind::ConnectionReset => "connection reset".into(),
+        io::ErrorKind::HostUnreachable => "host unreachable".into(),
+        io::ErrorKind::NetworkUnreachable => "network unreachable".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// `GET {path}` with the Host header named by the check, or the server's
+/// address (RFC 9110 §7.2; an IPv6 literal in brackets, RFC 3986 §3.2.2).
+fn http_request(path: &str, host: Option<&str>, addr: IpAddr) -> Vec<u8> {
+    let host = match (host, addr) {
+        (Some(h), _) => h.to_string(),
+        (None, IpAddr::V4(a)) => a.to_string(),
+        (None, IpAddr::V6(a)) => format!("[{a}]"),
+    };
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: l4lb-health\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The status code of an HTTP/1.x status line (RFC 9112 §4:
+/// `HTTP-version SP status-code SP [ reason-phrase ]`).
+fn status_code(line: &[u8]) -> Option<u16> {
+    let rest = line.strip_prefix(b"HTTP/")?;
+    let sp = rest.iter().position(|&b| b == b' ')?;
+    let code = rest.get(sp + 1..sp + 4)?;
+    if !code.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    match rest.get(sp + 4) {
+        None | Some(b' ') | Some(b'\r') => {}
+        Some(_) => return None,
+    }
+    code.iter()
+        .try_fold(0u16, |n, d| Some(n * 10 + u16::from(d - b'0')))
+}
+
+fn judge_status(line: &[u8], codes: &[(u16, u16)]) -> Outcome {
+    match status_code(line) {
+        Some(c) if codes.iter().any(|&(lo, hi)| lo <= c && c <= hi) => (true, "ok".into()),
+        Some(c) => (false, format!("status {c}")),
+        None => (false, "bad response".into()),
+    }
+}
+
+impl Active {
+    /// Opens the socket and starts the exchange; `Err` if it is over already.
+    fn start(job: Job) -> Result<Active, Outcome> {
+        let udp = matches!(job.spec.probe, Probe::Udp { .. });
+        let (ty, proto) = if udp {
+            (Type::DGRAM, Protocol::UDP)
+        } else {
+            (Type::STREAM, Protocol::TCP)
+        };
+        let sock =
+            Socket::new(Domain::for_address(job.addr), ty, Some(proto)).map_err(|e| failure(&e))?;
+        sock.set_nonblocking(true).map_err(|e| failure(&e))?;
+        match sock.connect(&SockAddr::from(job.addr)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(failure(&e)),
+        }
+        let step = match &job.spec.probe {
+            Probe::Udp { payload } => {
+                match sock.send_with_flags(payload, libc::MSG_NOSIGNAL) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        return Err((false, "ICMP port unreachable".into()))
+                    }
+                    Err(e) => return Err(failure(&e)),
+                }
+                Step::Reply
+            }
+            _ => Step::Connect,
+        };
+        Ok(Active {
+            id: job.id,
+            key: job.key,
+            thread: job.thread,
+            sock,
+            addr: job.addr,
+            deadline: Instant::now() + job.spec.timeout,
+            spec: job.spec,
+            step,
+        })
+    }
+
+    fn events(&self) -> libc::c_short {
+        match self.step {
+            Step::Connect | Step::Send { .. } => libc::POLLOUT,
+            Step::Read { .. } | Step::Reply => libc::POLLIN,
+        }
+    }
+
+    /// Goes as far as the socket allows without blocking; `Some` when the
+    /// probe is over.
+    fn advance(&mut self) -> Option<Outcome> {
+        let mut chunk = [0u8; 512];
+        loop {
+            match &mut self.step {
+                Step::Connect => {
+                    match self.sock.take_error() {
+                        Ok(Some(e)) | Err(e) => return Some(failure(&e)),
+                        Ok(None) => {}
+                    }
+                    // SO_ERROR is clear and getpeername works only once
+                    // the handshake is done (connect(2), EINPROGRESS).
+                    match self.sock.peer_addr() {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return None,
+                        Err(e) => return Some(failure(&e)),
+                    }
+                    match &self.spec.probe {
+                        Probe::Http { path, host, .. } => {
+                            self.step = Step::Send {
+                                request: http_request(path, host.as_deref(), self.addr.ip()),
+                                sent: 0,
+                            }
+                        }
+                        _ => return Some((true, "ok".into())),
+                    }
+                }
+                Step::Send { request, sent } => {
+                    match self
+                        .sock
+                        .send_with_flags(&request[*sent..], libc::MSG_NOSIGNAL)
+                    {
+                        Ok(n) => {
+                            *sent += n;
+                            if *sent == request.len() {
+                                self.step = Step::Read { buf: Vec::new() };
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Some(failure(&e)),
+                    }
+                }
+                Step::Read { buf } => match (&self.sock).read(&mut chunk) {
+                    Ok(0) if buf.is_empty() => return Some((false, "connection closed".into())),
+                    Ok(0) => return Some((false, "bad response".into())),
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                            let codes = match &self.spec.probe {
+                                Probe::Http { codes, .. } => codes.as_slice(),
+                                _ => &[],
+                            };
+                            return Some(judge_status(&buf[..end], codes));
+                        }
+                        if buf.len() > MAX_STATUS_LINE {
+                            return Some((false, "bad response".into()));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Some(failure(&e)),
+                },
+                Step::Reply => match (&self.sock).read(&mut chunk) {
+                    Ok(_) => return Some((true, "ok".into())),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        return Some((false, "ICMP port unreachable".into()))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Some(failure(&e)),
+                },
+            }
+        }
+    }
+}
+
+/// One probe thread: takes jobs, drives their sockets with poll(2), reports
+/// each outcome. Exits when the monitor closes the wake-up socket.
+fn probe_thread(jobs: Receiver<Job>, wake: UnixStream, done: Sender<Done>) {
+    let mut active: Vec<Active> = Vec::new();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    let report = |id: u64, key: TargetKey, thread: usize, (success, reason): Outcome| {
+        // The monitor is gone if this fails; the wake-up socket says so next.
+        let _ = done.send(Done {
+            id,
+            key,
+            thread,
+            success,
+            reason,
+        });
+    };
+    loop {
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    let (id, key, thread) = (job.id, job.key, job.thread);
+                    match Active::start(job) {
+                        Ok(a) => active.push(a),
+                        Err(outcome) => report(id, key, thread, outcome),
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+
+        let now = Instant::now();
+        let mut i = 0;
+        while i < active.len() {
+            if active[i].deadline <= now {
+                let a = active.swap_remove(i);
+                report(a.id, a.key, a.thread, (false, "timeout".into()));
+            } else {
+                i += 1;
+            }
+        }
+        // Wait for the nearest deadline at most, rounded up so that we do
+        // not wake just before it and spin.
+        let timeout_ms = active
+            .iter()
+            .map(|a| a.deadline - now)
+            .min()
+            .map_or(-1, |d| {
+                d.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+            });
+
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        fds.extend(active.iter().map(|a| libc::pollfd {
+            fd: a.sock.as_raw_fd(),
+            events: a.events(),
+            revents: 0,
+        }));
+        // SAFETY: `fds` is a valid, exclusively borrowed array of
+        // `fds.len()` pollfd structs for the duration of the call, and every
+        // fd in it is owned by `wake` or an `Active` that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!("health probe poll(2): {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+
+        if fds[0].revents != 0 {
+            let mut sink = [0u8; 64];
+            loop {
+                match (&wake).read(&mut sink) {
+                    Ok(0) => return, // the monitor was dropped
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break, // WouldBlock: drained
+                }
+            }
+        }
+        // Back to front, so that swap_remove only moves entries already seen.
+        for i in (0..active.len()).rev() {
+            if fds[i + 1].revents == 0 {
+                continue;
+            }
+            if let Some(outcome) = active[i].advance() {
+                let a = active.swap_remove(i);
+                report(a.id, a.key, a.thread, outcome);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+
+    fn key(last: u8, port: u16) -> TargetKey {
+        TargetKey {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)),
+            port,
+            proto: 6,
+        }
+    }
+
+    fn tcp_spec(unhealthy: u32, healthy: u32) -> CheckSpec {
+        CheckSpec {
+            probe: Probe::Tcp,
+            port: 80,
+            timeout: Duration::from_secs(2),
+            interval: Duration::from_secs(5),
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+        }
+    }
+
+    #[test]
+    fn three_failures_take_a_server_down_and_two_failures_do_not() {
+        let mut s = TargetState::new(3, 2);
+        assert_eq!(s.record(false, "timeout"), None);
+        assert_eq!(s.record(false, "timeout"), None);
+        assert!(s.is_up());
+        assert_eq!(s.record(false, "connection refused"), Some(false));
+        assert!(!s.is_up());
+        assert_eq!(s.last_result(), "connection refused");
+        // Further failures do not report again.
+        assert_eq!(s.record(false, "timeout"), None);
+    }
+
+    #[test]
+    fn a_single_failure_between_successes_does_not_flip() {
+        let mut s = TargetState::new(3, 2);
+        for _ in 0..5 {
+            assert_eq!(s.record(true, "ok"), None);
+            assert_eq!(s.record(false, "timeout"), None);
+            assert_eq!(s.record(false, "timeout"), None);
+            assert_eq!(s.record(true, "ok"), None);
+        }
+        assert!(s.is_up());
+    }
+
+    #[test]
+    fn two_successes_bring_a_down_server_back() {
+        let mut s = TargetState::new(2, 2);
+        s.record(false, "timeout");
+        assert_eq!(s.record(false, "timeout"), Some(false));
+        assert_eq!(s.record(true, "ok"), None);
+        assert!(!s.is_up());
+        assert_eq!(s.record(true, "ok"), Some(true));
+        assert!(s.is_up());
+        assert_eq!(s.record(true, "ok"), None);
+    }
+
+    #[test]
+    fn alternating_results_never_flip_either_way() {
+        for start_down in [false, true] {
+            let mut s = TargetState::new(2, 2);
+            if start_down {
+                s.record(false, "x");
+                s.record(false, "x");
+                assert!(!s.is_up());
+            }
+            for i in 0..100 {
+                assert_eq!(s.record(i % 2 == 0, "r"), None, "step {i}");
+            }
+            assert_eq!(s.is_up(), !start_down);
+        }
+    }
+
+    #[test]
+    fn first_probe_offsets_are_deterministic_within_the_interval_and_spread() {
+        let interval = Duration::from_secs(5);
+        let mut offsets = Vec::new();
+        for i in 0..1000u32 {
+            let k = TargetKey {
+                addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                port: 80,
+                proto: 6,
+            };
+            let o = first_probe_offset(&k, interval);
+            assert_eq!(o, first_probe_offset(&k, interval));
+            assert!(o < interval, "{k}: {o:?}");
+            offsets.push(o);
+        }
+        // Spread: every fifth of the interval gets a fair share.
+        let mut buckets = [0u32; 5];
+        for o in &offsets {
+            buckets[o.as_secs() as usize] += 1;
+        }
+        assert!(
+            buckets.iter().all(|&b| (150..=250).contains(&b)),
+            "{buckets:?}"
+        );
+        // Port and protocol are part of the key.
+        let a = key(1, 80);
+        let b = TargetKey { proto: 17, ..a };
+        let c = TargetKey { port: 81, ..a };
+        assert_ne!(
+            first_probe_offset(&a, interval),
+            first_probe_offset(&b, interval)
+        );
+        assert_ne!(
+            first_probe_offset(&a, interval),
+            first_probe_offset(&c, interval)
+        );
+        let v6 = TargetKey {
+            addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ..a
+        };
+        assert!(first_probe_offset(&v6, interval) < interval);
+        assert_eq!(first_probe_offset(&a, Duration::ZERO), Duration::ZERO);
+    }
+
+    /// Stands in for a finished probe of `k`.
+    fn finish(
+        m: &mut HealthMonitor,
+        k: TargetKey,
+        success: bool,
+        reason: &str,
+    ) -> Option<Transition> {
+        let id = m.next_id;
+        m.next_id += 1;
+        m.targets.get_mut(&k).unwrap().running = Some(id);
+        m.apply(&k, id, success, reason)
+    }
+
+    #[test]
+    fn set_targets_keeps_unchanged_targets_and_resets_counters_of_changed_ones() {
+        let mut m = HealthMonitor::new(4);
+        let (a, b, c) = (key(1, 80), key(2, 80), key(3, 80));
+        m.set_targets(vec![
+            (a, tcp_spec(2, 2)),
+            (b, tcp_spec(2, 2)),
+            (c, tcp_spec(3, 2)),
+        ]);
+        let t0 = Instant::now();
+        m.targets.get_mut(&a).unwrap().next_due = Some(t0);
+        assert_eq!(finish(&mut m, a, false, "timeout"), None);
+        assert_eq!(
+            finish(&mut m, a, false, "timeout"),
+            Some(Transition {
+                key: a,
+                up: false,
+                reason: "timeout".into()
+            })
+        );
+        assert_eq!(finish(&mut m, a, true, "ok"), None); // a: down, 1 success
+        assert_eq!(finish(&mut m, b, false, "connection refused"), None); // b: up, 1 failure
+        assert_eq!(finish(&mut m, c, false, "timeout"), None);
+        m.targets.get_mut(&b).unwrap().running = Some(99); // b: a probe in flight
+        let a_before = m.targets[&a].state.clone();
+
+        let mut b_spec = tcp_spec(2, 2);
+        b_spec.port = 8080;
+        let d = key(4, 80);
+        m.set_targets(vec![
+            (a, tcp_spec(2, 2)),
+            (b, b_spec.clone()),
+            (d, tcp_spec(2, 2)),
+        ]);
+        // a: unchanged: state, counters and schedule kept.
+        assert_eq!(m.targets[&a].state, a_before);
+        assert_eq!(m.targets[&a].state.counters(), (1, 0));
+        assert_eq!(m.targets[&a].next_due, Some(t0));
+        assert!(!m.is_up(&a));
+        // b: changed: still up, counters reset, rescheduled.
+        assert!(m.is_up(&b));
+        assert_eq!(m.targets[&b].state.counters(), (0, 0));
+        assert_eq!(*m.targets[&b].spec, b_spec);
+        assert_eq!(m.targets[&b].next_due, None);
+        // The result of the probe of b's old spec is dropped.
+        assert_eq!(m.apply(&b, 99, false, "timeout"), None);
+        assert_eq!(m.targets[&b].state.counters(), (0, 0));
+        // c: forgotten; d: new and up.
+        assert!(!m.targets.contains_key(&c));
+        assert!(m.is_up(&c), "unknown keys are up");
+        assert!(m.is_up(&d));
+        assert_eq!(
+            m.states(),
+            vec![
+                (a, false, "ok".to_string()),
+                (b, true, "connection refused".to_string()),
+                (d, true, NOT_PROBED.to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_changed_spec_keeps_a_down_server_down() {
+        let mut m = HealthMonitor::new(4);
+        let a = key(1, 80);
+        m.set_targets(vec![(a, tcp_spec(2, 2))]);
+        finish(&mut m, a, false, "timeout");
+        assert_eq!(
+            finish(&mut m, a, false, "timeout").map(|t| t.up),
+            Some(false)
+        );
+        m.set_targets(vec![(a, tcp_spec(2, 3))]);
+        assert!(!m.is_up(&a));
+        assert_eq!(finish(&mut m, a, true, "ok"), None);
+        assert_eq!(finish(&mut m, a, true, "ok"), None);
+        assert_eq!(finish(&mut m, a, true, "ok").map(|t| t.up), Some(true));
+    }
+
+    /// A UDP "server" that never answers keeps each probe running for its
+    /// whole timeout, so the schedule can be driven with made-up times.
+    #[test]
+    fn probes_start_at_the_offset_then_every_interval_and_are_never_doubled() {
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let k = TargetKey {
+            addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port,
+            proto: 17,
+        };
+        let spec = CheckSpec {
+            probe: Probe::Udp {
+                payload: b"ping".to_vec(),
+            },
+            port,
+            timeout: Duration::from_secs(30),
+            interval: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        };
+        let mut m = HealthMonitor::new(8);
+        m.set_targets(vec![(k, spec)]);
+        let t0 = Instant::now();
+        let offset = first_probe_offset(&k, Duration::from_secs(1));
+        m.poll(t0);
+        if offset > Duration::ZERO {
+            assert_eq!(m.started, 0);
+            m.poll(t0 + offset - Duration::from_nanos(1));
+            assert_eq!(m.started, 0);
+        }
+        m.poll(t0 + offset);
+        assert_eq!(m.started, 1);
+        // Due again, but the first probe is still waiting for its reply.
+        m.poll(t0 + offset + Duration::from_secs(1));
+        m.poll(t0 + offset + Duration::from_secs(5));
+        assert_eq!(m.started, 1);
+        assert_eq!(m.in_flight, 1);
+        // The probe really reached the server.
+        silent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) = silent.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ping");
+        // Dropping the monitor stops its threads without waiting for the
+        // 30 s timeout.
+        let t = Instant::now();
+        drop(m);
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn max_in_flight_bounds_outstanding_probes() {
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let spec = CheckSpec {
+            probe: Probe::Udp {
+                payload: b"ping".to_vec(),
+            },
+            port,
+            timeout: Duration::from_secs(30),
+            interval: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 2,
+        };
+        let targets = (0..10u16)
+            .map(|i| {
+                let k = TargetKey {
+                    addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    port: 1000 + i,
+                    proto: 17,
+                };
+                (k, spec.clone())
+            })
+            .collect();
+        let mut m = HealthMonitor::new(3);
+        m.set_targets(targets);
+        let t0 = Instant::now();
+        m.poll(t0);
+        m.poll(t0 + Duration::from_secs(1));
+        assert_eq!(m.started, 3);
+        assert_eq!(m.in_flight, 3);
+    }
+
+    #[test]
+    fn from_config_takes_the_check_port_codes_payload_and_times() {
+        use crate::config::{HealthCheck, HealthCheckKind};
+        let hc = HealthCheck {
+            kind: HealthCheckKind::Http,
+            port: Some(8081),
+            timeout: 2,
+            interval: 5,
+            unhealthy_threshold: 3,
+            healthy_threshold: 2,
+            path: Some("/ready".into()),
+            domain: Some("www.example.com".into()),
+            http_codes: vec![(200, 200), (204, 204)],
+            udp_payload: None,
+        };
+        assert_eq!(
+            CheckSpec::from_config(&hc, 80),
+            CheckSpec {
+                probe: Probe::Http {
+                    path: "/ready".into(),
+                    host: Some("www.example.com".into()),
+                    codes: vec![(200, 200), (204, 204)],
+                },
+                port: 8081,
+                timeout: Duration::from_secs(2),
+                interval: Duration::from_secs(5),
+                unhealthy_threshold: 3,
+                healthy_threshold: 2,
+            }
+        );
+        let udp = HealthCheck {
+            kind: HealthCheckKind::Udp,
+            port: None,
+            path: None,
+            domain: None,
+            http_codes: vec![],
+            udp_payload: Some("ping".into()),
+            ..hc.clone()
+        };
+        let s = CheckSpec::from_config(&udp, 53);
+        assert_eq!(s.port, 53);
+        assert_eq!(
+            s.probe,
+            Probe::Udp {
+                payload: b"ping".to_vec()
+            }
+        );
+        let bare_http = HealthCheck {
+            path: None,
+            http_codes: vec![],
+            ..hc
+        };
+        assert_eq!(
+            CheckSpec::from_config(&bare_http, 80).probe,
+            Probe::Http {
+                path: "/".into(),
+                host: Some("www.example.com".into()),
+                codes: vec![(200, 399)],
+            }
+        );
+    }
+
+    #[test]
+    fn status_lines_are_parsed_strictly() {
+        assert_eq!(status_code(b"HTTP/1.1 200 OK\r"), Some(200));
+        assert_eq!(status_code(b"HTTP/1.0 503 Service Unavailable"), Some(503));
+        assert_eq!(status_code(b"HTTP/1.1 204"), Some(204));
+        assert_eq!(status_code(b"HTTP/1.1 204\r"), Some(204));
+        assert_eq!(status_code(b"HTTP/1.1 2000 OK"), None);
+        assert_eq!(status_code(b"HTTP/1.1 20 OK"), None);
+        assert_eq!(status_code(b"SSH-2.0-OpenSSH_9.6"), None);
+        assert_eq!(status_code(b"HTTP/1.1 abc OK"), None);
+        let codes = [(200, 299), (301, 302)];
+        assert_eq!(
+            judge_status(b"HTTP/1.1 302 Found\r", &codes),
+            (true, "ok".into())
+        );
+        assert_eq!(
+            judge_status(b"HTTP/1.1 304 Not Modified\r", &codes),
+            (false, "status 304".into())
+        );
+        assert_eq!(
+            judge_status(b"hello", &codes),
+            (false, "bad response".into())
+        );
+    }
+
+    #[test]
+    fn the_http_request_names_the_configured_host_or_the_address() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(
+            http_request("/health?x=1", Some("www.example.com"), v4),
+            b"GET /health?x=1 HTTP/1.1\r\nHost: www.example.com\r\nUser-Agent: l4lb-health\r\nConnection: close\r\n\r\n"
+        );
+        let req =
+            String::from_utf8(http_request("/", None, IpAddr::V6(Ipv6Addr::LOCALHOST))).unwrap();
+        assert!(req.contains("\r\nHost: [::1]\r\n"), "{req}");
+        let req = String::from_utf8(http_request("/", None, v4)).unwrap();
+        assert!(req.contains("\r\nHost: 10.0.0.1\r\n"), "{req}");
+    }
+
+    #[test]
+    fn target_keys_display_address_port_and_protocol() {
+        assert_eq!(key(1, 80).to_string(), "10.0.0.1:80/tcp");
+        let k = TargetKey {
+            addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            port: 53,
+            proto: 17,
+        };
+        assert_eq!(k.to_string(), "[::1]:53/udp");
+    }
+}

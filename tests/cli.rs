@@ -1,0 +1,384 @@
+//! The `l4lb` binary as a user runs it: arguments, stdin, files, exit codes
+//! (0 ok, 1 runtime failure, 2 invalid config or input) and exact output.
+
+mod common;
+
+use common::*;
+use l4lb::config::Config;
+use l4lb::control::snapshot::{Links, Snapshot};
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const DEMO_CONFIG: &str = "config/l4lb.toml";
+
+/// Runs `l4lb ARGS` in `dir` with `stdin`, logging off.
+fn l4lb_in(dir: &Path, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_l4lb"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("L4LB_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start l4lb");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for l4lb")
+}
+
+/// Runs `l4lb ARGS` from the crate root (where `config/` and `tests/` are).
+fn l4lb(args: &[&str], stdin: &str) -> Output {
+    l4lb_in(Path::new(env!("CARGO_MANIFEST_DIR")), args, stdin)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).expect("UTF-8 stdout")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).expect("UTF-8 stderr")
+}
+
+/// A user-facing failure: no panic, no `Debug` dump of an error value.
+fn assert_clean_failure(o: &Output) {
+    let err = stderr(o);
+    for debug in ["panicked", "Error {", "Os {", "RUST_BACKTRACE"] {
+        assert!(!err.contains(debug), "stderr shows {debug:?}:\n{err}");
+    }
+}
+
+#[test]
+fn help_lists_every_command() {
+    let o = l4lb(&["--help"], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    let commands: Vec<&str> = out
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        commands,
+        ["run", "check", "simulate", "stats", "replay", "help"],
+        "{out}"
+    );
+}
+
+#[test]
+fn check_prints_a_one_line_summary_of_a_valid_config() {
+    let o = l4lb(&["check", "-c", DEMO_CONFIG], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "config/l4lb.toml: ok: demo: 3 listeners, 2 backend services, 6 servers, \
+         1 worker, nat mode on lb-c/lb-b\n"
+    );
+    assert_eq!(stderr(&o), "");
+}
+
+/// Four problems, each on a line of its own: an unknown backend service, a
+/// duplicate listener, a weight out of range, a server of the wrong family.
+const BROKEN: &str = r#"[instance]
+name = "broken"
+client_interface = "lb-c"
+backend_interface = "lb-b"
+client_gateway = "198.18.0.2"
+
+[[listener]]
+name = "web"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "nosuch"
+
+[[listener]]
+name = "web2"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "web"
+
+[[backend_service]]
+name = "web"
+protocol = "tcp"
+
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  weight = 150
+
+  [[backend_service.server]]
+  address = "2001:2::11"
+  port = 8080
+"#;
+
+#[test]
+fn check_reports_every_problem_of_a_broken_config_at_its_line_and_column() {
+    let dir = TempDir::new("check");
+    std::fs::write(dir.path("broken.toml"), BROKEN).unwrap();
+    let o = l4lb_in(&dir.0, &["check", "-c", "broken.toml"], "");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+    assert_clean_failure(&o);
+    // Each position is that of the offending value (line 12 col 19 is the
+    // opening quote of "nosuch").
+    assert_eq!(
+        stderr(&o),
+        concat!(
+            "broken.toml:12:19: unknown backend service \"nosuch\" (defined: web)\n",
+            "broken.toml:16:7: listener \"web2\" uses tcp 198.18.100.1:80 already taken ",
+            "by listener \"web\" (line 8)\n",
+            "broken.toml:28:12: weight 150 is out of range (0-100)\n",
+            "broken.toml:31:13: server address 2001:2::11 is of the wrong family: backend ",
+            "service \"web\" is used by IPv4 listener \"web2\" (line 15)\n",
+        )
+    );
+}
+
+#[test]
+fn check_locates_a_toml_syntax_error() {
+    let dir = TempDir::new("syntax");
+    std::fs::write(
+        dir.path("syntax.toml"),
+        "[instance]\nname = \"x\"\nclient_interface = lb-c\n",
+    )
+    .unwrap();
+    let o = l4lb_in(&dir.0, &["check", "-c", "syntax.toml"], "");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_clean_failure(&o);
+    let err = stderr(&o);
+    // The unquoted value `lb-c` starts at line 3, column 20.
+    assert!(err.starts_with("syntax.toml:3:20: "), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn check_of_a_missing_file_fails_naming_the_path() {
+    let dir = TempDir::new("missing");
+    let path = dir.path("nope.toml");
+    let path = path.to_str().unwrap();
+    let o = l4lb(&["check", "-c", path], "");
+    // Not an invalid config but a failure to read one: a runtime error.
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "");
+    assert_clean_failure(&o);
+    let err = stderr(&o);
+    assert!(
+        err.starts_with(&format!("l4lb: {path}: No such file or directory")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// Known defect, reported rather than fixed: `ConfigError::Io` both prints
+/// its `source` in its message and returns it as its error source, so
+/// main's `{:#}` prints the OS error twice.
+#[test]
+#[ignore = "known defect: the OS error of a missing config is printed twice"]
+fn check_of_a_missing_file_names_the_os_error_once() {
+    let dir = TempDir::new("missing-once");
+    let path = dir.path("nope.toml");
+    let path = path.to_str().unwrap();
+    let o = l4lb(&["check", "-c", path], "");
+    assert_eq!(
+        stderr(&o),
+        format!("l4lb: {path}: No such file or directory (os error 2)\n")
+    );
+}
+
+/// The server a client reaches through `listener` of the demo config,
+/// computed by the library's scheduler (what the data plane calls).
+fn picked(listener: &str, client: [u8; 4]) -> String {
+    let cfg = Config::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(DEMO_CONFIG))
+        .expect("demo config");
+    let snap = Snapshot::build(&cfg, 0, Links::default(), &[], &|_| None).expect("snapshot");
+    let l = snap.listeners.iter().find(|l| l.name == listener).unwrap();
+    let be = &snap.backends[snap.pick(l.service, &client).unwrap() as usize];
+    std::net::SocketAddr::new(be.address, be.port).to_string()
+}
+
+#[test]
+fn simulate_prints_one_server_per_client_as_the_data_plane_would_pick() {
+    let input = "198.18.4.1\n198.18.4.2:5555\n\n# comment\n";
+    let args = ["simulate", "-c", DEMO_CONFIG, "--listener", "web"];
+    let first = l4lb(&args, input);
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(stderr(&first), "");
+    let out = stdout(&first);
+
+    let expected = format!(
+        "198.18.4.1 {}\n198.18.4.2:5555 {}\n",
+        picked("web", [198, 18, 4, 1]),
+        picked("web", [198, 18, 4, 2])
+    );
+    assert_eq!(out, expected);
+    for line in out.lines() {
+        let server = line.split(' ').nth(1).unwrap();
+        assert!(
+            ["198.18.2.11:8080", "198.18.2.12:8080", "198.18.2.13:8080"].contains(&server),
+            "{line}"
+        );
+    }
+    let second = l4lb(&args, input);
+    assert_eq!(stdout(&second), out, "same input, same answer");
+}
+
+#[test]
+fn simulate_reports_bad_lines_by_number_and_exits_2() {
+    let o = l4lb(
+        &["simulate", "-c", DEMO_CONFIG, "--listener", "web"],
+        "198.18.4.1\nnot-an-address\n2001:2::1\n198.18.4.2\n",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_failure(&o);
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "198.18.4.1 {}\n198.18.4.2 {}\n",
+            picked("web", [198, 18, 4, 1]),
+            picked("web", [198, 18, 4, 2])
+        ),
+        "good lines are still answered"
+    );
+    assert_eq!(
+        stderr(&o),
+        "<stdin>:2: \"not-an-address\" is not an address or address:port\n\
+         <stdin>:3: 2001:2::1 is not of the family of listener web (198.18.100.1)\n"
+    );
+}
+
+#[test]
+fn simulate_through_an_unknown_listener_lists_the_defined_ones() {
+    let o = l4lb(
+        &["simulate", "-c", DEMO_CONFIG, "--listener", "nope"],
+        "198.18.4.1\n",
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_failure(&o);
+    assert_eq!(stdout(&o), "");
+    assert_eq!(
+        stderr(&o),
+        "l4lb: no listener \"nope\" (defined: web, web-alt, echo)\n"
+    );
+}
+
+fn write_pcap(path: &Path, frames: &[(Duration, &[u8], u32)]) {
+    let mut w = PcapWriter::new(std::fs::File::create(path).unwrap()).unwrap();
+    for (ts, data, orig_len) in frames {
+        w.write_packet(&PcapPacket::new(*ts, *orig_len, data))
+            .unwrap();
+    }
+}
+
+fn read_pcap(path: &Path) -> Vec<(Duration, Vec<u8>)> {
+    let mut r = PcapReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        out.push((p.timestamp, p.data.to_vec()));
+    }
+    out
+}
+
+#[test]
+fn replay_writes_the_rewritten_frames_and_counts_every_verdict() {
+    let dir = TempDir::new("replay");
+    let (input, output) = (dir.path("in.pcap"), dir.path("out.pcap"));
+    let cfg = replay_config();
+    let snap = Snapshot::build(&cfg, 0, Links::default(), &[], &|_| None).unwrap();
+    let be = &snap.backends[snap.pick(0, &CLIENT).unwrap() as usize];
+    let std::net::IpAddr::V4(server) = be.address else {
+        panic!("IPv4 server expected");
+    };
+    let server = server.octets();
+
+    let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let s = Hop::from_server(server, 8080, CLIENT, 40000);
+    let syn = tcp_syn(&c);
+    let syn_ack = tcp_syn_ack(&s);
+    let arp = arp_request(VIP);
+    // Captured with a short snap length: the TCP header is cut.
+    let cut = &syn[..14 + 20 + 10];
+    let t = |ms| Duration::from_millis(ms);
+    write_pcap(
+        &input,
+        &[
+            (t(1_000), &syn, syn.len() as u32),
+            (t(1_001), &syn_ack, syn_ack.len() as u32),
+            (t(1_002), &arp, arp.len() as u32),
+            (t(1_003), cut, syn.len() as u32),
+        ],
+    );
+
+    let o = l4lb(
+        &[
+            "replay",
+            "-c",
+            REPLAY_CONFIG,
+            "--in",
+            input.to_str().unwrap(),
+            "--out",
+            output.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+    assert_eq!(
+        stdout(&o),
+        "frames 4\n\
+         forwarded to backends 1\n\
+         replies to clients 1\n\
+         passed to kernel 1\n\
+         dropped malformed 1\n"
+    );
+
+    let frames = read_pcap(&output);
+    let want = [
+        (t(1_000), tcp_syn(&c.to_server(server, 8080))),
+        (t(1_001), tcp_syn_ack(&s.to_client(VIP, 80))),
+    ];
+    assert_eq!(frames.len(), want.len(), "only the forwarded frames");
+    for (i, ((ts, got), (want_ts, want))) in frames.iter().zip(&want).enumerate() {
+        assert_eq!(ts, want_ts, "frame {i}: the input's timestamp");
+        assert!(got == want, "frame {i}: {}", first_difference(got, want));
+    }
+}
+
+#[test]
+fn replay_of_a_file_that_is_not_a_pcap_fails_naming_it() {
+    let dir = TempDir::new("replay-bad");
+    let (input, output) = (dir.path("in.pcap"), dir.path("out.pcap"));
+    std::fs::write(&input, "not a capture").unwrap();
+    let input = input.to_str().unwrap();
+    let o = l4lb(
+        &[
+            "replay",
+            "-c",
+            REPLAY_CONFIG,
+            "--in",
+            input,
+            "--out",
+            output.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_clean_failure(&o);
+    assert_eq!(stdout(&o), "");
+    let err = stderr(&o);
+    assert!(
+        err.starts_with(&format!("l4lb: {input}: not a pcap file")),
+        "{err}"
+    );
+}
