@@ -102,6 +102,13 @@ struct DriveArgs {
     #[arg(long, default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     timeout_ms: u64,
+    /// Hold each connection open this long before using it (TCP: between
+    /// connect and request; UDP: between two pings from the same socket, the
+    /// second of which must reach the same backend). Keeps flows established
+    /// across a reload or drain. Added to the per-request timeout.
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    hold_ms: u64,
     /// Print one JSON object with every request's result to stdout.
     #[arg(long)]
     json: bool,
@@ -645,9 +652,12 @@ fn drive(args: DriveArgs) -> Result<()> {
         )));
     }
 
-    let timeout = Duration::from_millis(args.timeout_ms);
+    let timing = Timing {
+        timeout: Duration::from_millis(args.timeout_ms),
+        hold: Duration::from_millis(args.hold_ms),
+    };
     let started = Instant::now();
-    let results = run_workers(&sources, &targets, args.conns, args.parallel, timeout)?;
+    let results = run_workers(&sources, &targets, args.conns, args.parallel, timing)?;
     let failures = results.iter().filter(|r| !r.ok).count();
     eprintln!(
         "drive: {} requests, {} failures, {} sources, {:.2}s",
@@ -685,12 +695,19 @@ fn drive(args: DriveArgs) -> Result<()> {
 
 /// Runs every request and returns the records in (source, target, n) order,
 /// whatever order the workers finished in.
+/// Per-request time limits.
+#[derive(Clone, Copy)]
+struct Timing {
+    timeout: Duration,
+    hold: Duration,
+}
+
 fn run_workers(
     sources: &[Ipv4Addr],
     targets: &[Target],
     conns: u32,
     parallel: u32,
-    timeout: Duration,
+    timing: Timing,
 ) -> Result<Vec<Record>> {
     let next = AtomicUsize::new(0);
     let workers = (parallel as usize).min(sources.len());
@@ -709,7 +726,7 @@ fn run_workers(
                         let Some(&source) = sources.get(idx) else {
                             break;
                         };
-                        done.push((idx, requests_from(source, targets, conns, timeout)));
+                        done.push((idx, requests_from(source, targets, conns, timing)));
                     }
                     done
                 })
@@ -730,18 +747,13 @@ fn run_workers(
     Ok(per_source.into_iter().flat_map(|(_, r)| r).collect())
 }
 
-fn requests_from(
-    source: Ipv4Addr,
-    targets: &[Target],
-    conns: u32,
-    timeout: Duration,
-) -> Vec<Record> {
+fn requests_from(source: Ipv4Addr, targets: &[Target], conns: u32, timing: Timing) -> Vec<Record> {
     let mut out = Vec::with_capacity(targets.len() * conns as usize);
     for target in targets {
         for _ in 0..conns {
             out.push(match target.proto {
-                Proto::Tcp => tcp_request(source, target.addr, timeout),
-                Proto::Udp => udp_request(source, target.addr, timeout),
+                Proto::Tcp => tcp_request(source, target.addr, timing),
+                Proto::Udp => udp_request(source, target.addr, timing),
             });
         }
     }
@@ -802,10 +814,10 @@ fn bound_socket(source: Ipv4Addr, ty: Type, proto: Protocol) -> Result<Socket, S
     Ok(sock)
 }
 
-fn tcp_request(source: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> Record {
-    let deadline = Instant::now() + timeout;
+fn tcp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record {
+    let deadline = Instant::now() + timing.timeout + timing.hold;
     let mut rec = Record::new(source, Proto::Tcp, target);
-    let reply = tcp_exchange(source, target, deadline, &mut rec.reply_from);
+    let reply = tcp_exchange(source, target, deadline, timing.hold, &mut rec.reply_from);
     let body = reply.and_then(|r| http_body(&r).map(<[u8]>::to_vec));
     rec.finish(body)
 }
@@ -815,6 +827,7 @@ fn tcp_exchange(
     source: Ipv4Addr,
     target: SocketAddrV4,
     deadline: Instant,
+    hold: Duration,
     reply_from: &mut Option<SocketAddr>,
 ) -> Result<Vec<u8>, String> {
     let sock = bound_socket(source, Type::STREAM, Protocol::TCP)?;
@@ -822,6 +835,8 @@ fn tcp_exchange(
         .map_err(|e| io_error("connect", &e))?;
     *reply_from = sock.peer_addr().ok().and_then(|a| a.as_socket());
     let mut stream: TcpStream = sock.into();
+    // An established connection, idle for `hold`, then used.
+    thread::sleep(hold);
 
     stream
         .set_write_timeout(Some(remaining(deadline, "send")?))
@@ -903,10 +918,10 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-fn udp_request(source: Ipv4Addr, target: SocketAddrV4, timeout: Duration) -> Record {
-    let deadline = Instant::now() + timeout;
+fn udp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record {
+    let deadline = Instant::now() + timing.timeout + timing.hold;
     let mut rec = Record::new(source, Proto::Udp, target);
-    let reply = udp_exchange(source, target, deadline);
+    let reply = udp_exchange(source, target, deadline, timing.hold);
     let body = match reply {
         Ok((from, payload)) => {
             rec.reply_from = Some(from);
@@ -927,22 +942,42 @@ fn udp_exchange(
     source: Ipv4Addr,
     target: SocketAddrV4,
     deadline: Instant,
+    hold: Duration,
 ) -> Result<(SocketAddr, Vec<u8>), String> {
     // Not connected: a connected socket would silently discard a reply from
     // the wrong address, and that is exactly what must be reported.
     let sock: UdpSocket = bound_socket(source, Type::DGRAM, Protocol::UDP)?.into();
-    sock.send_to(UDP_PING, target)
-        .map_err(|e| io_error("send", &e))?;
-    let mut buf = [0u8; 2048];
-    loop {
-        sock.set_read_timeout(Some(remaining(deadline, "recv")?))
-            .map_err(|e| io_error("recv", &e))?;
-        match sock.recv_from(&mut buf) {
-            Ok((n, from)) => return Ok((from, buf[..n].to_vec())),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error("recv", &e)),
+    let ping = |sock: &UdpSocket| -> Result<(SocketAddr, Vec<u8>), String> {
+        sock.send_to(UDP_PING, target)
+            .map_err(|e| io_error("send", &e))?;
+        let mut buf = [0u8; 2048];
+        loop {
+            sock.set_read_timeout(Some(remaining(deadline, "recv")?))
+                .map_err(|e| io_error("recv", &e))?;
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) => return Ok((from, buf[..n].to_vec())),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error("recv", &e)),
+            }
         }
+    };
+    let first = ping(&sock)?;
+    if hold.is_zero() {
+        return Ok(first);
     }
+    // Same socket, same source port: the same flow, which must stay on its
+    // backend.
+    thread::sleep(hold);
+    let second = ping(&sock)?;
+    let name = |p: &[u8]| p.split(|b| *b == b' ').next().unwrap_or_default().to_vec();
+    if name(&first.1) != name(&second.1) {
+        return Err(format!(
+            "flow moved from {} to {}",
+            String::from_utf8_lossy(&name(&first.1)),
+            String::from_utf8_lossy(&name(&second.1))
+        ));
+    }
+    Ok(second)
 }
 
 // ---------------------------------------------------------------------------

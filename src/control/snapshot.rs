@@ -56,9 +56,16 @@ pub struct ServiceEntry {
     pub keep: Vec<u32>,
     /// Whether every member is down (and the service failed open or drops).
     pub all_down: bool,
+    /// Maglev over every member with weight > 0, up or not: health changes
+    /// never reshuffle it, so a server going down moves only its own
+    /// clients.
     pub maglev: Maglev,
     /// Maglev index → backend index.
     pub maglev_backends: Vec<u32>,
+    /// Maglev over the eligible members only: where the clients of a down
+    /// server go (spread by weight) while it is down.
+    pub fallback: Maglev,
+    pub fallback_backends: Vec<u32>,
     /// Smooth weighted round robin sequence of backend indices.
     pub wrr: Box<[u32]>,
 }
@@ -214,22 +221,32 @@ impl Snapshot {
                 .collect();
             keep.sort_unstable();
             keep.dedup();
-            let mag: Vec<MaglevBackend> = eligible
-                .iter()
-                .map(|(i, w)| {
-                    let b = &backends[*i as usize];
-                    MaglevBackend::new(b.address, b.port, *w)
-                })
-                .collect();
-            let maglev = Maglev::build(&mag, DEFAULT_TABLE_SIZE)
-                .map_err(|e| format!("backend service {}: {e}", svc.name))?;
+            let table = |set: &[(u32, u8)]| {
+                let mag: Vec<MaglevBackend> = set
+                    .iter()
+                    .map(|(i, w)| {
+                        let b = &backends[*i as usize];
+                        MaglevBackend::new(b.address, b.port, *w)
+                    })
+                    .collect();
+                Maglev::build(&mag, DEFAULT_TABLE_SIZE)
+                    .map_err(|e| format!("backend service {}: {e}", svc.name))
+            };
+            let mut weighted: Vec<(u32, u8)> =
+                members.iter().copied().filter(|(_, w)| *w > 0).collect();
+            weighted.sort_unstable();
+            weighted.dedup_by_key(|(i, _)| *i);
+            let maglev = table(&weighted)?;
+            let fallback = table(&eligible)?;
             services.push(ServiceEntry {
                 id: ids.service(&svc.name)?,
                 name: svc.name.clone(),
                 scheduler: svc.scheduler,
                 persistence_timeout: svc.persistence_timeout.unwrap_or(0),
                 wrr: smooth_wrr(&eligible),
-                maglev_backends: eligible.iter().map(|(i, _)| *i).collect(),
+                maglev_backends: weighted.iter().map(|(i, _)| *i).collect(),
+                fallback_backends: eligible.iter().map(|(i, _)| *i).collect(),
+                fallback,
                 eligible,
                 keep,
                 all_down: !any_up,
@@ -357,13 +374,21 @@ impl Snapshot {
 
     /// The weighted source-IP scheduler: the backend index for a new flow
     /// from `client` (address bytes as on the wire: 4 for IPv4, 16 for IPv6)
-    /// to `service`.
+    /// to `service`. The client's slot in the table of all weighted members
+    /// decides; if that server is down, the table of eligible members does.
     #[inline]
     pub fn pick(&self, service: u32, client: &[u8]) -> Option<u32> {
         let svc = &self.services[service as usize];
-        svc.maglev
-            .lookup(client_hash_bytes(client))
-            .map(|i| svc.maglev_backends[i as usize])
+        let h = client_hash_bytes(client);
+        if let Some(i) = svc.maglev.lookup(h) {
+            let b = svc.maglev_backends[i as usize];
+            if self.backends[b as usize].up || svc.all_down && !svc.eligible.is_empty() {
+                return Some(b);
+            }
+        }
+        svc.fallback
+            .lookup(h)
+            .map(|i| svc.fallback_backends[i as usize])
     }
 
     /// The service's scheduler: the backend index for a new flow. This is
@@ -443,5 +468,118 @@ mod tests {
         let seq = smooth_wrr(&[(4, 100), (7, 100)]);
         assert_eq!(&*seq, &[4, 7]);
         assert!(smooth_wrr(&[]).is_empty());
+    }
+
+    use crate::config::Config;
+
+    fn cfg(on_all_down: &str, weights: [u8; 3]) -> Config {
+        let text = format!(
+            r#"
+[instance]
+name = "t"
+client_interface = "c"
+backend_interface = "b"
+client_gateway = "198.18.0.2"
+[[listener]]
+name = "web"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "web"
+[[backend_service]]
+name = "web"
+protocol = "tcp"
+on_all_down = "{on_all_down}"
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  weight = {}
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+  weight = {}
+  [[backend_service.server]]
+  address = "198.18.2.13"
+  port = 8080
+  weight = {}
+"#,
+            weights[0], weights[1], weights[2]
+        );
+        Config::from_str(&text, "t.toml").expect("valid")
+    }
+
+    fn snap(config: &Config, down: &[u8]) -> Snapshot {
+        let down: Vec<IpAddr> = down
+            .iter()
+            .map(|d| crate::util::v4(198, 18, 2, *d))
+            .collect();
+        Snapshot::build(
+            &mut Ids::default(),
+            &Inputs {
+                config,
+                generation: 1,
+                links: Links::default(),
+                local: &[],
+                mac_of: &|_| None,
+                is_up: &|a, _, _| !down.contains(a),
+            },
+        )
+        .unwrap()
+    }
+
+    fn assignment(s: &Snapshot) -> Vec<Option<u8>> {
+        (0..20_000u32)
+            .map(|i| {
+                let c = (0xc612_0000u32 + i).to_be_bytes();
+                s.pick(0, &c).map(|b| match s.backends[b as usize].address {
+                    IpAddr::V4(a) => a.octets()[3],
+                    IpAddr::V6(_) => 0,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_server_going_down_moves_only_its_own_clients() {
+        let c = cfg("drop", [50, 30, 20]);
+        let before = assignment(&snap(&c, &[]));
+        let after = assignment(&snap(&c, &[12]));
+        let mut moved = 0;
+        for (b, a) in before.iter().zip(&after) {
+            if *b == Some(12) {
+                assert_ne!(*a, Some(12));
+                assert!(a.is_some());
+                moved += 1;
+            } else {
+                assert_eq!(a, b, "a client of a healthy server moved");
+            }
+        }
+        assert!(moved > 4000, "b2 had about 30% of clients: {moved}");
+        // Back up: everyone returns.
+        assert_eq!(assignment(&snap(&c, &[])), before);
+    }
+
+    #[test]
+    fn weight_zero_drains_new_clients_but_keeps_established_flows() {
+        let c = cfg("drop", [50, 0, 20]);
+        let s = snap(&c, &[]);
+        assert!(assignment(&s).iter().all(|b| *b != Some(12) && b.is_some()));
+        let b2 = s
+            .backend(&addr16(&crate::util::v4(198, 18, 2, 12)), 8080, 6)
+            .unwrap();
+        assert!(
+            s.keeps(0, b2),
+            "established flows to a drained server continue"
+        );
+        assert!(!s.eligible(0, b2), "a drained server takes no new clients");
+    }
+
+    #[test]
+    fn all_servers_down_drops_or_fails_open_as_configured() {
+        let s = snap(&cfg("drop", [50, 30, 20]), &[11, 12, 13]);
+        assert!(assignment(&s).iter().all(|b| b.is_none()));
+        let open = snap(&cfg("fail_open", [50, 30, 20]), &[11, 12, 13]);
+        let healthy = assignment(&snap(&cfg("fail_open", [50, 30, 20]), &[]));
+        assert_eq!(assignment(&open), healthy, "fail open: as if all were up");
     }
 }

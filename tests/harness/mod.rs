@@ -71,7 +71,7 @@ impl Drive {
 
 pub struct Topology {
     _guard: MutexGuard<'static, ()>,
-    backends: Vec<Child>,
+    backends: HashMap<String, Child>,
     lb: Option<Child>,
     pub dir: PathBuf,
     pub socket: PathBuf,
@@ -109,7 +109,7 @@ impl Topology {
         let socket = dir.join("ctl.sock");
         let mut t = Topology {
             _guard: guard,
-            backends: Vec::new(),
+            backends: HashMap::new(),
             lb: None,
             config: dir.join("l4lb.toml"),
             dir,
@@ -129,8 +129,17 @@ impl Topology {
         t
     }
 
+    /// Stops backend `name`'s server process (its namespace stays).
+    pub fn stop_backend(&mut self, name: &str) {
+        if let Some(mut c) = self.backends.remove(name) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts (or restarts) backend `name` (b1..b3) with extra serve args.
     pub fn start_backend(&mut self, name: &str, extra: &[&str]) {
+        self.stop_backend(name);
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -146,7 +155,7 @@ impl Topology {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting a backend");
-        self.backends.push(child);
+        self.backends.insert(name.to_string(), child);
         // Wait until it listens (bounded).
         let deadline = Instant::now() + Duration::from_secs(5);
         let addr = format!("198.18.2.1{}:8080", &name[1..]);
@@ -255,6 +264,59 @@ impl Topology {
 
     /// Runs the client driver in the client namespace.
     pub fn drive(&self, tcp: &[&str], udp: &[&str], sources: &str, conns: u32) -> Drive {
+        self.drive_with(tcp, udp, sources, conns, &[])
+    }
+
+    /// Spawns the driver (for traffic that runs while the test acts).
+    pub fn drive_spawn(
+        &self,
+        tcp: &[&str],
+        udp: &[&str],
+        sources: &str,
+        conns: u32,
+        extra: &[&str],
+    ) -> Child {
+        self.drive_cmd(tcp, udp, sources, conns, extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning l4lb-harness drive")
+    }
+
+    /// Waits for a spawned driver and parses its report.
+    pub fn drive_wait(child: Child) -> Drive {
+        let out = child.wait_with_output().expect("drive output");
+        assert!(
+            out.status.success(),
+            "l4lb-harness drive failed: {}",
+            out.status
+        );
+        serde_json::from_slice(&out.stdout).expect("drive output is JSON")
+    }
+
+    pub fn drive_with(
+        &self,
+        tcp: &[&str],
+        udp: &[&str],
+        sources: &str,
+        conns: u32,
+        extra: &[&str],
+    ) -> Drive {
+        let out = run_ok(
+            &mut self.drive_cmd(tcp, udp, sources, conns, extra),
+            "l4lb-harness drive",
+        );
+        serde_json::from_str(&out).expect("drive output is JSON")
+    }
+
+    fn drive_cmd(
+        &self,
+        tcp: &[&str],
+        udp: &[&str],
+        sources: &str,
+        conns: u32,
+        extra: &[&str],
+    ) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", "l4lb-client", HARNESS, "drive", "--json"]);
         if !tcp.is_empty() {
@@ -263,16 +325,64 @@ impl Topology {
         if !udp.is_empty() {
             cmd.args(["--vip-udp", &udp.join(",")]);
         }
-        cmd.args([
-            "--sources",
-            sources,
-            "--conns",
-            &conns.to_string(),
-            "--parallel",
-            "64",
-        ]);
-        let out = run_ok(&mut cmd, "l4lb-harness drive");
-        serde_json::from_str(&out).expect("drive output is JSON")
+        cmd.args(["--sources", sources, "--conns", &conns.to_string()]);
+        if !extra.contains(&"--parallel") {
+            cmd.args(["--parallel", "64"]);
+        }
+        cmd.args(extra);
+        cmd
+    }
+
+    /// Runs `l4lb reload` against this instance: (exit code, stdout, stderr).
+    pub fn reload(&self) -> (i32, String, String) {
+        let out = Command::new(L4LB)
+            .args(["reload", "-s"])
+            .arg(&self.socket)
+            .output()
+            .expect("l4lb reload");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Writes `text` as the running instance's config and reloads it;
+    /// panics unless the reload succeeds.
+    pub fn apply(&self, text: &str) {
+        std::fs::write(&self.config, text).expect("writing the config");
+        let (code, out, err) = self.reload();
+        assert_eq!(code, 0, "reload failed:\nstdout: {out}\nstderr: {err}");
+    }
+
+    /// The stats entry of backend `name` (e.g. "198.18.2.12:8080/tcp").
+    pub fn backend_stats(&self, name: &str) -> serde_json::Value {
+        let st = self.stats();
+        st["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .find(|b| b["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no backend {name} in stats: {st}"))
+    }
+
+    /// Waits (bounded) until backend `name`'s `up` is `up`; returns how long
+    /// it took.
+    pub fn wait_backend_up(&self, name: &str, up: bool, limit: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let b = self.backend_stats(name);
+            if b["up"].as_bool() == Some(up) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "backend {name} not {} within {limit:?}: {b}",
+                if up { "up" } else { "down" }
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `l4lb simulate` for these clients: client → backend address:port.
@@ -334,7 +444,7 @@ impl Drop for Topology {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for c in &mut self.backends {
+        for c in self.backends.values_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }

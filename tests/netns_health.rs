@@ -1,0 +1,309 @@
+//! Health checks, hot reload and draining, end to end in the namespaces:
+//! the real l4lb, real backends that die, return, answer 503, real traffic.
+//! Root required; see tests/harness.
+
+mod harness;
+
+use harness::{Drive, Topology, N_SOURCES, SOURCES};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const WEB: &str = "198.18.100.1:80";
+const ECHO: &str = "198.18.100.1:53";
+const FAST: &str =
+    "  interval = 1\n  timeout = 1\n  unhealthy_threshold = 2\n  healthy_threshold = 2\n";
+
+/// The demo config with 1 s checks, thresholds 2.
+fn fast_checks(c: String) -> String {
+    c.replace(
+        "  type = \"http\"\n  port = 8080\n",
+        &format!("  type = \"http\"\n  port = 8080\n{FAST}"),
+    )
+    .replace(
+        "  type = \"udp\"\n  port = 9053\n",
+        &format!("  type = \"udp\"\n  port = 9053\n{FAST}"),
+    )
+}
+
+/// source → the one backend it reached (asserts it reached only one, and
+/// that nothing failed).
+fn assignment(d: &Drive, target: &str) -> BTreeMap<String, String> {
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
+    d.by_source(target)
+        .into_iter()
+        .map(|(s, seen)| {
+            assert!(seen.iter().all(|b| *b == seen[0]), "{s} reached {seen:?}");
+            (s, seen[0].clone())
+        })
+        .collect()
+}
+
+fn assert_no_drops(t: &Topology) {
+    let st = t.stats();
+    for (reason, n) in st["drops"].as_object().expect("drops") {
+        assert_eq!(n.as_u64(), Some(0), "l4lb dropped packets: {reason}");
+    }
+}
+
+#[test]
+fn a_killed_server_is_marked_down_in_time_only_its_clients_move_and_it_comes_back() {
+    let mut t = Topology::up("health-kill", N_SOURCES);
+    let cfg = t.config_text(fast_checks);
+    t.start_lb(&cfg);
+    let before = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    assert!(before.values().any(|b| b == "b2"));
+
+    // Traffic keeps running while the server dies.
+    let background = t.drive_spawn(
+        &[WEB],
+        &[ECHO],
+        "198.18.4.1-198.18.4.200",
+        5,
+        &["--timeout-ms", "1000"],
+    );
+    let killed = Instant::now();
+    t.stop_backend("b2");
+    // Marked down within interval x unhealthy threshold + timeout = 3 s
+    // (plus up to 1 s for the control loop and this poll).
+    let took = t.wait_backend_up("198.18.2.12:8080/tcp", false, Duration::from_secs(10));
+    assert!(
+        took <= Duration::from_secs(4),
+        "took {took:?} to notice (bound 3 s + 1 s)"
+    );
+    assert_eq!(
+        t.backend_stats("198.18.2.12:8080/tcp")["health"],
+        "connection refused"
+    );
+    let udp = t.wait_backend_up("198.18.2.12:9053/udp", false, Duration::from_secs(10));
+    assert!(udp <= Duration::from_secs(4), "udp check took {udp:?}");
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    let _ = Topology::drive_wait(background);
+
+    // Afterwards every request succeeds; only b2's clients moved.
+    let during = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    for (src, b) in &before {
+        if b == "b2" {
+            assert_ne!(during[src], "b2");
+        } else {
+            assert_eq!(
+                &during[src], b,
+                "{src} was on {b}, a healthy server, and moved"
+            );
+        }
+    }
+
+    // Restarted: up after the healthy threshold (2 x 1 s, plus slack), and
+    // its clients return.
+    t.start_backend("b2", &[]);
+    let up = t.wait_backend_up("198.18.2.12:8080/tcp", true, Duration::from_secs(10));
+    assert!(
+        up <= Duration::from_secs(4),
+        "took {up:?} to come back (bound 2 s + 2 s)"
+    );
+    let after = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    assert_eq!(
+        after, before,
+        "with b2 back, every client is where it started"
+    );
+}
+
+#[test]
+fn http_503_and_a_closed_udp_port_take_servers_out() {
+    let mut t = Topology::up("health-503", N_SOURCES);
+    let cfg = t.config_text(fast_checks);
+    t.start_lb(&cfg);
+    t.start_backend("b1", &["--http-status", "503"]);
+    t.wait_backend_up("198.18.2.11:8080/tcp", false, Duration::from_secs(8));
+    assert_eq!(
+        t.backend_stats("198.18.2.11:8080/tcp")["health"],
+        "status 503"
+    );
+    // b1's UDP echo still answers: its UDP backend stays up.
+    assert_eq!(t.backend_stats("198.18.2.11:9053/udp")["up"], true);
+
+    t.stop_backend("b3");
+    t.wait_backend_up("198.18.2.13:9053/udp", false, Duration::from_secs(8));
+    assert_eq!(
+        t.backend_stats("198.18.2.13:9053/udp")["health"],
+        "ICMP port unreachable"
+    );
+
+    let d = t.drive(&[WEB], &[ECHO], SOURCES, 1);
+    let web = assignment(&d, WEB);
+    assert!(web.values().all(|b| b == "b2"), "only b2 serves web now");
+    let echo = assignment(&d, ECHO);
+    assert!(echo.values().all(|b| b == "b1" || b == "b2"));
+    assert_no_drops(&t);
+}
+
+/// The demo config with b3's weight in the web service set, or b3 removed.
+fn web_variant(base: &str, b3: Option<u8>) -> String {
+    let spare = "[[availability_group]]\nname = \"web-spare\"\n\n  [[availability_group.server]]\n  address = \"198.18.2.13\"\n  port = 8080\n  weight = 20";
+    assert!(base.contains(spare), "demo config layout changed");
+    match b3 {
+        Some(w) => base.replace(
+            spare,
+            &spare.replace("weight = 20", &format!("weight = {w}")),
+        ),
+        None => base
+            .replace("availability_groups = [\"web-spare\"]\n", "")
+            // An unused group is allowed; keep it with another server.
+            .replace(
+                spare,
+                &spare
+                    .replace("198.18.2.13", "198.18.2.12")
+                    .replace("weight = 20", "weight = 1"),
+            ),
+    }
+}
+
+#[test]
+fn twenty_reloads_under_traffic_lose_nothing_and_keep_established_flows() {
+    let mut t = Topology::up("reload", N_SOURCES);
+    let base = t.config_text(fast_checks);
+    t.start_lb(&base);
+    let before = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    let gen0 = t.stats()["generation"].as_u64().unwrap();
+
+    // Established flows (TCP connected, UDP pinged once) that stay idle
+    // across all reloads, then are used again.
+    let held = t.drive_spawn(
+        &[WEB],
+        &[ECHO],
+        "198.18.4.1-198.18.4.250",
+        1,
+        &["--hold-ms", "5000", "--parallel", "600"],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+
+    let mut traffic = Vec::new();
+    for i in 0..20 {
+        let text = match i % 4 {
+            0 => web_variant(&base, Some(40)),
+            1 => web_variant(&base, None),
+            2 => web_variant(&base, Some(60)),
+            _ => base.clone(),
+        };
+        t.apply(&text);
+        // New connections keep arriving between reloads.
+        traffic.push(t.drive(&[WEB], &[ECHO], "198.18.5.1-198.18.5.40", 1));
+    }
+    let held = Topology::drive_wait(held);
+    assert_eq!(
+        held.failures,
+        0,
+        "held flows broke:\n{}",
+        held.failures_text()
+    );
+    for d in &traffic {
+        assert_eq!(
+            d.failures,
+            0,
+            "failed during reloads:\n{}",
+            d.failures_text()
+        );
+    }
+    assert_eq!(t.stats()["generation"].as_u64().unwrap(), gen0 + 20);
+    assert_no_drops(&t);
+
+    // Back on the original config: every client where it started.
+    let after = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    assert_eq!(after, before);
+}
+
+#[test]
+fn an_invalid_reload_changes_nothing_and_names_the_line() {
+    let mut t = Topology::up("reload-bad", 200);
+    let base = t.config_text(fast_checks);
+    t.start_lb(&base);
+    let before = assignment(&t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.200", 1), WEB);
+    let gen = t.stats()["generation"].clone();
+
+    let bad = base.replacen("weight = 50", "weight = 150", 1);
+    let line = bad
+        .lines()
+        .position(|l| l.contains("weight = 150"))
+        .unwrap()
+        + 1;
+    std::fs::write(&t.config, &bad).unwrap();
+    let (code, _, err) = t.reload();
+    assert_eq!(code, 2);
+    let want = format!(
+        "{}:{line}:12: weight 150 is out of range (0-100)",
+        t.config.display()
+    );
+    assert!(err.contains(&want), "stderr {err:?} lacks {want:?}");
+    assert_eq!(t.stats()["generation"], gen, "nothing was published");
+
+    let moved = base.replace("workers = [0]", "workers = [1]");
+    std::fs::write(&t.config, &moved).unwrap();
+    let (code, _, err) = t.reload();
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("instance.workers cannot change while running"),
+        "{err}"
+    );
+    assert_eq!(t.stats()["generation"], gen);
+
+    let after = assignment(&t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.200", 1), WEB);
+    assert_eq!(after, before, "the running state is unchanged");
+}
+
+#[test]
+fn weight_zero_drains_a_server_open_connections_finish_new_clients_avoid_it() {
+    let mut t = Topology::up("drain", N_SOURCES);
+    let base = t.config_text(fast_checks);
+    t.start_lb(&base);
+    let before = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    let on_b1: Vec<&String> = before
+        .iter()
+        .filter(|(_, b)| *b == "b1")
+        .map(|(s, _)| s)
+        .collect();
+    assert!(on_b1.len() > 300);
+
+    // Open connections (TCP and UDP flows), idle while b1 is drained.
+    let held = t.drive_spawn(
+        &[WEB],
+        &[ECHO],
+        "198.18.4.1-198.18.4.250",
+        1,
+        &["--hold-ms", "3000", "--parallel", "600"],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let drained = base
+        .replace(
+            "address = \"198.18.2.11\"\n  port = 8080\n  weight = 50",
+            "address = \"198.18.2.11\"\n  port = 8080\n  weight = 0",
+        )
+        .replace(
+            "address = \"198.18.2.11\"\n  port = 9053\n  weight = 100",
+            "address = \"198.18.2.11\"\n  port = 9053\n  weight = 0",
+        );
+    assert_ne!(drained, base);
+    t.apply(&drained);
+
+    let held = Topology::drive_wait(held);
+    assert_eq!(
+        held.failures,
+        0,
+        "open connections broke:\n{}",
+        held.failures_text()
+    );
+    let held_web = assignment(&held, WEB);
+    assert!(
+        held_web.values().any(|b| b == "b1"),
+        "some open connections were on b1 and finished there"
+    );
+    for (src, b) in &held_web {
+        assert_eq!(&before[src], b, "an open connection moved");
+    }
+
+    let d = t.drive(&[WEB], &[ECHO], SOURCES, 1);
+    assert!(
+        assignment(&d, WEB).values().all(|b| b != "b1"),
+        "a new client reached the drained b1"
+    );
+    assert!(assignment(&d, ECHO).values().all(|b| b != "b1"));
+    assert_no_drops(&t);
+}
