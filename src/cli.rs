@@ -23,9 +23,11 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Print the backend each client (read from stdin, one ADDR or ADDR:PORT
-    /// per line) would reach through a listener, all servers up, using the
-    /// data plane's scheduler code. For weighted_round_robin it assumes one
+    /// Print the backend each client on stdin would reach through a listener.
+    ///
+    /// Reads one ADDR or ADDR:PORT per line and prints `CLIENT BACKEND:PORT`,
+    /// all servers up, using the data plane's scheduler code. For
+    /// weighted_round_robin it assumes one
     /// worker starting its sequence and one new connection per line; for
     /// weighted_least_connections, no open connection at the start and one
     /// more per line, never closed. A client listed twice under persistence
@@ -48,8 +50,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Make a running instance re-read its config file (like SIGHUP). An
-    /// invalid file changes nothing; its errors are printed and the exit
+    /// Make a running instance re-read its config file (like SIGHUP).
+    ///
+    /// An invalid file changes nothing; its errors are printed and the exit
     /// status is 2.
     Reload {
         /// Config of the instance (to find its control socket).
@@ -82,9 +85,10 @@ pub enum RulesCommand {
         #[arg(short, long)]
         config: PathBuf,
     },
-    /// Validate every line of RULES, then apply them to the config file
-    /// (and to the running instance, by reload, if one runs). On any error
-    /// nothing is changed.
+    /// Apply RULES to the config file and to a running instance.
+    ///
+    /// Every line is validated first; on any error nothing is changed. Then
+    /// the config file is rewritten and a running instance reloads it.
     Import {
         #[arg(short, long)]
         config: PathBuf,

@@ -15,21 +15,24 @@
 //! * [`config`]: the TOML model and its validation. Errors carry
 //!   `file:line:col`. A config that fails validation changes nothing.
 //! * [`control`]: the control plane. Builds [`control::snapshot::Snapshot`]s,
-//!   attaches the XDP steering program, resolves next-hop MACs, serves the
+//!   attaches the XDP steering program, resolves next-hop MACs, runs the
+//!   health checks (on their own threads), reloads the config, serves the
 //!   control socket. May allocate, lock, log and sleep.
 //! * [`dataplane`]: the workers. Per packet they allocate nothing, lock
 //!   nothing, log nothing and make no syscall; they read the current snapshot
 //!   (one atomic load per burst), their own counters, and the shared tables.
 //! * [`sched`]: schedulers. Pure functions of the backend set and the client
 //!   address: the same answer on every core, process and node.
-//! * [`table`]: lock-free fixed-capacity tables shared by workers (flows).
+//! * [`table`]: lock-free fixed-capacity tables shared by workers: flows
+//!   (forward and reply entries) and session persistence.
 //! * [`replay`] and [`simulate`]: the offline tools, running the data
 //!   plane's own code without a kernel.
 //!
 //! ## Unsafe
 //! Only where the OS is touched: AF_XDP rings ([`dataplane::xsk`]), the BPF
-//! loader ([`control::xdp`]), netlink/ioctl ([`control::netdev`]), and the
-//! worker's poll(2). Each block says why it is sound.
+//! loader ([`control::xdp`]), netlink/ioctl ([`control::netdev`]), and
+//! poll(2) in the worker and the health checker. Each block says why it is
+//! sound.
 
 pub mod config;
 pub mod control;

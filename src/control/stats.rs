@@ -136,8 +136,7 @@ pub fn collect(s: &Sources) -> Stats {
         .snapshot
         .listeners
         .iter()
-        .enumerate()
-        .map(|(_, l)| {
+        .map(|l| {
             let (packets, bytes) = sum(&|w| w.listeners[l.id as usize].read());
             CounterReport {
                 name: format!("{} {}:{}/{}", l.name, l.vip, l.port, l.protocol),

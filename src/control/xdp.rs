@@ -184,7 +184,7 @@ impl Steering {
         backends: &[Addr16],
         local: &[Addr16],
     ) -> Result<()> {
-        sync_map(self.vips, &vips.to_vec())?;
+        sync_map(self.vips, vips)?;
         let lk: Vec<L4KeyC> = listeners
             .iter()
             .map(|k| L4KeyC {
@@ -195,8 +195,8 @@ impl Steering {
             })
             .collect();
         sync_map(self.listeners, &lk)?;
-        sync_map(self.backends, &backends.to_vec())?;
-        sync_map(self.local, &local.to_vec())?;
+        sync_map(self.backends, backends)?;
+        sync_map(self.local, local)?;
         Ok(())
     }
 
