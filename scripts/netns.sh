@@ -11,7 +11,7 @@
 # Everything lives inside namespaces named l4lb-*, on 198.18.0.0/15 (RFC 2544)
 # only; nothing in the host's own namespace is created or changed.
 #
-# Usage: scripts/netns.sh up [--clients N] | down | status
+# Usage: scripts/netns.sh up [--clients N] [--queues Q] | down | status
 set -euo pipefail
 
 readonly NS_PREFIX="l4lb-"
@@ -30,7 +30,9 @@ die() {
 
 usage() {
     cat >&2 <<'EOF'
-usage: scripts/netns.sh up [--clients N]   build the topology (tears down any previous one first)
+usage: scripts/netns.sh up [--clients N] [--queues Q]
+                                    build the topology (tears down any previous one first);
+                                    Q RX/TX queues per veth (1-8, default 1)
        scripts/netns.sh down               remove every l4lb-* namespace
        scripts/netns.sh status             list the l4lb-* namespaces
 EOF
@@ -141,7 +143,7 @@ wait_link_up() {
 }
 
 do_up() {
-    local clients=$1
+    local clients=$1 queues=$2
     do_down
 
     # Remove the half-built topology if any step fails (set -e or die), so
@@ -158,10 +160,14 @@ do_up() {
     done
 
     # Create each veth pair inside a namespace directly (never in the host's).
-    ip -n "${NS_CLIENT}" link add cl0 type veth peer name lb-c netns "${NS_LB}"
-    ip -n "${NS_LB}" link add lb-b type veth peer name sw-lb netns "${NS_SW}"
+    # With --queues N every veth has N RX and N TX queues: a sending veth
+    # spreads flows over its TX queues by hash and the peer receives each on
+    # the matching RX queue, so l4lb's worker i (queue i) sees its share.
+    local q=(numtxqueues "${queues}" numrxqueues "${queues}")
+    ip -n "${NS_CLIENT}" link add cl0 "${q[@]}" type veth peer name lb-c "${q[@]}" netns "${NS_LB}"
+    ip -n "${NS_LB}" link add lb-b "${q[@]}" type veth peer name sw-lb "${q[@]}" netns "${NS_SW}"
     for k in "${BACKENDS[@]}"; do
-        ip -n "${NS_SW}" link add "sw-b${k}" type veth peer name eth0 netns "l4lb-b${k}"
+        ip -n "${NS_SW}" link add "sw-b${k}" "${q[@]}" type veth peer name eth0 "${q[@]}" netns "l4lb-b${k}"
     done
 
     # Client.
@@ -230,9 +236,14 @@ main() {
     shift
     case "${cmd}" in
     up)
-        local clients=1000
+        local clients=1000 queues=1
         while [[ $# -gt 0 ]]; do
             case "$1" in
+            --queues)
+                [[ $# -ge 2 ]] || usage
+                queues=$2
+                shift 2
+                ;;
             --clients)
                 [[ $# -ge 2 ]] || usage
                 clients=$2
@@ -248,8 +259,9 @@ main() {
         [[ "${clients}" =~ ^[0-9]+$ ]] || die "--clients needs a number, got '${clients}'"
         clients=$((10#${clients}))
         ((clients <= MAX_CLIENTS)) || die "--clients at most ${MAX_CLIENTS} (198.18.4.0/22 without .0/.255)"
+        [[ "${queues}" =~ ^[1-8]$ ]] || die "--queues needs 1-8, got '${queues}'"
         check_prereqs
-        do_up "${clients}"
+        do_up "${clients}" "${queues}"
         ;;
     down)
         [[ $# -eq 0 ]] || usage

@@ -96,6 +96,11 @@ impl Topology {
     /// Builds the topology with `clients` source addresses and starts the
     /// three backends.
     pub fn up(test: &str, clients: usize) -> Topology {
+        Self::up_with_queues(test, clients, 1)
+    }
+
+    /// Like [`Topology::up`], with `queues` RX/TX queues on every veth.
+    pub fn up_with_queues(test: &str, clients: usize, queues: u32) -> Topology {
         let guard = NETNS.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
@@ -120,6 +125,8 @@ impl Topology {
                 "up",
                 "--clients",
                 &clients.to_string(),
+                "--queues",
+                &queues.to_string(),
             ]),
             "scripts/netns.sh up",
         );
