@@ -251,7 +251,13 @@ impl Plane {
         let old_ids = self.ids.clone();
         self.nb.set_statics(&self.config);
         self.health.set_targets(self.targets());
-        self.solicit_missing();
+        // New servers: give the kernel a moment (bounded) to resolve their
+        // MACs, so that their first packets are not no_neighbour drops.
+        let deadline = Instant::now() + Duration::from_millis(1000);
+        while self.solicit_missing() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            self.nb.refresh();
+        }
         if let Err(e) = self.publish(shared, steering) {
             // Put everything back as it was.
             self.config = old;
