@@ -84,10 +84,15 @@ fn plus_one(mut c: Counts, v: Verdict) -> Counts {
 }
 
 fn run(r: &Replayer, fixtures: &[Fixture]) {
+    run_at(r, NOW, fixtures)
+}
+
+/// [`run`] at clock `now` (seconds).
+fn run_at(r: &Replayer, now: u32, fixtures: &[Fixture]) {
     for (i, f) in fixtures.iter().enumerate() {
         let before = counts(r);
         let mut frame = f.input.clone();
-        let v = r.process(&mut frame, NOW);
+        let v = r.process(&mut frame, now);
         assert_eq!(v, f.verdict, "fixture {i} ({}): verdict", f.what);
         let want = f.output.as_ref().unwrap_or(&f.input);
         assert!(
@@ -222,10 +227,15 @@ fn tcp_connection_is_forwarded_to_the_scheduled_server_and_answered_from_the_vip
     let core = &r.stats.core;
     assert_eq!(core.flows_created.load(Relaxed), 2, "one flow per client");
     assert_eq!(core.flows_rebound.load(Relaxed), 0);
-    assert_eq!(r.flows.count_live(NOW), 2);
-    // Per-listener and per-server counters see the client → server frames.
-    let web = r.snapshot.listeners.iter().position(|l| l.name == "web");
-    let (packets, bytes) = r.stats.listeners[web.unwrap()].read();
+    // Per-listener and per-server counters (by stable id) see the client →
+    // server frames.
+    let web = r
+        .snapshot
+        .listeners
+        .iter()
+        .find(|l| l.name == "web")
+        .unwrap();
+    let (packets, bytes) = r.stats.listeners[web.id as usize].read();
     assert_eq!(packets, 4);
     let sizes = [
         tcp_syn(&c).len(),
@@ -234,8 +244,9 @@ fn tcp_connection_is_forwarded_to_the_scheduled_server_and_answered_from_the_vip
         tcp_data(&c, request).len(),
     ];
     assert_eq!(bytes, sizes.iter().sum::<usize>() as u64);
-    let server_id = r.snapshot.backend(&l4lb::util::map_v4(server), 8080, 6);
-    assert_eq!(r.stats.backends[server_id.unwrap() as usize].read().0, 3);
+    let index = r.snapshot.backend(&l4lb::util::map_v4(server), 8080, 6);
+    let id = r.snapshot.backends[index.unwrap() as usize].id;
+    assert_eq!(r.stats.backends[id as usize].read().0, 3);
 }
 
 #[test]
@@ -295,7 +306,9 @@ fn two_listeners_of_one_service_each_answer_from_their_own_vip() {
             ),
         ],
     );
-    assert_eq!(r.stats.core.flows_created.load(Relaxed), 2);
+    // A flow is (client, port, VIP, port): reusing port 40000 towards
+    // web-alt is a third flow, which takes over the server-side 4-tuple.
+    assert_eq!(r.stats.core.flows_created.load(Relaxed), 3);
     assert_eq!(r.stats.core.flows_rebound.load(Relaxed), 1);
 }
 
@@ -398,7 +411,7 @@ fn traffic_that_is_not_for_a_listener_is_passed_to_the_kernel_untouched() {
             ),
         ],
     );
-    assert_eq!(r.flows.count_live(NOW), 0, "no flow recorded");
+    assert_eq!(r.tables.flows.count_live(NOW), 0, "no flow recorded");
 }
 
 #[test]
@@ -558,7 +571,7 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
         ],
     );
     assert_eq!(
-        r.flows.count_live(NOW),
+        r.stats.core.flows_created.load(Relaxed),
         1,
         "a frame dropped for its TTL records no flow"
     );
@@ -570,7 +583,6 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
 /// forwarded) instead of being dropped as `malformed` like the TCP and IPv4
 /// length errors above. The server's kernel drops it. Un-ignore once fixed.
 #[test]
-#[ignore = "known gap: the UDP length field is not validated"]
 fn udp_with_a_length_field_disagreeing_with_the_ip_payload_is_dropped_as_malformed() {
     let r = replayer();
     let c = Hop::from_client(CLIENT, 50000, VIP, 53);
@@ -654,7 +666,7 @@ fn a_service_whose_servers_all_have_weight_0_drops_new_clients_as_no_backend() {
             ),
         ],
     );
-    assert_eq!(r.flows.count_live(NOW), 0);
+    assert_eq!(r.tables.flows.count_live(NOW), 0);
 }
 
 #[test]
@@ -757,16 +769,6 @@ fn ipv4_checksums_ok(f: &[u8]) -> Option<(bool, bool)> {
     Some((ip_ok, l4_ok))
 }
 
-/// Whether an IPv4 UDP frame's UDP length field disagrees with the IP
-/// payload (below 8, or beyond the payload).
-fn udp_length_inconsistent(f: &[u8]) -> bool {
-    let ihl = (f[14] & 0x0f) as usize * 4;
-    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
-    let at = 14 + ihl + 4;
-    let ulen = u16::from_be_bytes([f[at], f[at + 1]]) as usize;
-    ulen < 8 || ulen > total - ihl
-}
-
 /// Checks what a forwarded frame must be, whatever the input was.
 fn check_tx(r: &Replayer, v: Verdict, input: &[u8], out: &[u8], what: &str) {
     assert_eq!(out.len(), input.len(), "{what}: length changed");
@@ -777,12 +779,7 @@ fn check_tx(r: &Replayer, v: Verdict, input: &[u8], out: &[u8], what: &str) {
         );
     };
     if let Err(e) = SlicedPacket::from_ethernet(out) {
-        // The one known way to be forwarded yet fail a strict parse: see
-        // `udp_with_a_length_field_beyond_the_ip_payload_is_dropped_as_malformed`.
-        assert!(
-            p.proto == 17 && udp_length_inconsistent(out),
-            "{what}: etherparse rejects the output: {e}"
-        );
+        panic!("{what}: etherparse rejects the output: {e}");
     }
     let Frame::L4(q) = parse(input) else {
         panic!("{what}: forwarded a frame that is not TCP/UDP");
@@ -977,11 +974,105 @@ fn garbage_and_mutated_frames_never_panic_and_forwarded_ones_are_well_formed() {
     assert_eq!(total, frames);
     assert_eq!(n.forwarded + n.replied, tx);
     // Both generators reached the rewrite often enough to mean something.
-    assert!(random_tx > 200, "random frames forwarded: {random_tx}");
+    // (Random UDP frames must also get their length field right, so fewer
+    // of them pass than TCP ones: about 150 of 10k with this seed.)
+    assert!(random_tx > 100, "random frames forwarded: {random_tx}");
     assert!(
         tx - random_tx > 1000,
         "mutations forwarded: {}",
         tx - random_tx
     );
     assert!(n.replied > 100, "replies: {}", n.replied);
+}
+
+const WRR_UDP: &str = r#"
+[instance]
+name = "wrr"
+client_interface = "lb-c"
+backend_interface = "lb-b"
+client_gateway = "198.18.0.2"
+flow_table_capacity = 1024
+flow_idle_timeout = 10
+
+[[instance.neighbour]]
+address = "198.18.0.2"
+mac = "02:00:00:00:0c:01"
+
+[[instance.neighbour]]
+address = "198.18.2.11"
+mac = "02:00:00:00:0b:01"
+
+[[instance.neighbour]]
+address = "198.18.2.12"
+mac = "02:00:00:00:0b:02"
+
+[[listener]]
+name = "echo"
+vip = "198.18.100.1"
+protocol = "udp"
+port = 53
+backend_service = "echo"
+
+[[backend_service]]
+name = "echo"
+protocol = "udp"
+scheduler = "weighted_round_robin"
+
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 9053
+
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 9053
+"#;
+
+/// Bug, reported rather than fixed: a reply refreshes only the flow's
+/// reply entry, not the forward entry that keeps the client on its server.
+/// A client that only listens (a UDP stream, a subscription) for longer than
+/// `flow_idle_timeout` is scheduled afresh by its next datagram while its
+/// server is still sending to it; with round robin (or least connections)
+/// that is another server. The config documents the timeout as "seconds
+/// without packets", in either direction. Un-ignore once fixed.
+#[test]
+fn a_flow_kept_alive_by_its_servers_traffic_keeps_its_server() {
+    let cfg = Config::from_str(WRR_UDP, "wrr.toml").expect("valid config");
+    let r = Replayer::new(&cfg).expect("replayer");
+    // Round robin starts at the first server.
+    let server = [198, 18, 2, 11];
+    let c = Hop::from_client(CLIENT, 50000, VIP, 53);
+    let s = Hop::from_server(server, 9053, CLIENT, 50000);
+    run_at(
+        &r,
+        100,
+        &[tx(
+            "the client subscribes",
+            udp(&c, b"subscribe"),
+            FORWARD,
+            udp(&c.to_server(server, 9053), b"subscribe"),
+        )],
+    );
+    // flow_idle_timeout is 10 s: the server's stream keeps the flow busy.
+    for t in [105, 110, 115, 120] {
+        run_at(
+            &r,
+            t,
+            &[tx(
+                "the server streams",
+                udp(&s, b"stream"),
+                REPLY,
+                udp(&s.to_client(VIP, 53), b"stream"),
+            )],
+        );
+    }
+    run_at(
+        &r,
+        121,
+        &[tx(
+            "the client's next datagram goes to the same server",
+            udp(&c, b"more"),
+            FORWARD,
+            udp(&c.to_server(server, 9053), b"more"),
+        )],
+    );
 }

@@ -12,6 +12,11 @@
 //! Every problem is a [`Located`] error, printed as `FILE:LINE:COL: message`
 //! with 1-based line and column pointing at the offending key or value.
 //! Nothing in here panics, whatever the input.
+//!
+//! [`rules`] is the batch rule format: one line of persistence and health
+//! check settings per listener port and protocol, exported from a
+//! configuration or applied to its file (rewritten with `toml_edit`, so
+//! comments and layout survive).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -235,11 +240,10 @@ impl std::error::Error for Located {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// The file could not be read. (The I/O error is part of the message,
+    /// not a separate `source`, so that `{:#}` prints it once.)
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     /// One line per problem, in file order.
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Located>),
@@ -250,9 +254,9 @@ impl Config {
     /// `path` is written.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let file_name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::Io {
+        let bytes = std::fs::read(path).map_err(|error| ConfigError::Io {
             path: file_name.clone(),
-            source,
+            error,
         })?;
         match String::from_utf8(bytes) {
             Ok(text) => Config::from_str(&text, &file_name),

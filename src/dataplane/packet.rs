@@ -214,7 +214,12 @@ fn ports(seg: &[u8], proto: u8) -> Option<(u16, u16)> {
     let ok = if proto == PROTO_TCP {
         TcpHeaderSlice::from_slice(seg).is_ok()
     } else {
-        UdpHeaderSlice::from_slice(seg).is_ok()
+        // RFC 768: the length covers header and data, so it is at least 8
+        // and cannot run past the IP payload.
+        UdpHeaderSlice::from_slice(seg).is_ok_and(|u| {
+            let len = u.length() as usize;
+            (8..=seg.len()).contains(&len)
+        })
     };
     ok.then(|| {
         (

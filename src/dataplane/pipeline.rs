@@ -5,7 +5,7 @@
 //! what is tested offline is what runs live. It allocates nothing, takes no
 //! lock, makes no syscall and logs nothing.
 
-use crate::control::snapshot::{SchedState, Snapshot};
+use crate::control::snapshot::{SchedState, ServiceEntry, Snapshot};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{parse, Frame, Parsed, PROTO_TCP};
@@ -183,10 +183,17 @@ impl Processor<'_> {
                 }
                 b
             }
-            None => match self.new_flow(p, svc, le.id, &fkey, &pkey) {
-                Some(b) => b,
-                None => return Verdict::Drop(DropReason::NoBackend),
-            },
+            None => {
+                let Some((b, persisted)) = self.choose(p, svc, &pkey) else {
+                    return Verdict::Drop(DropReason::NoBackend);
+                };
+                // Nothing is recorded for a flow that cannot be sent.
+                if snap.backends[b as usize].mac.is_none() {
+                    return Verdict::Drop(DropReason::NoNeighbour);
+                }
+                self.record_new(p, se, le.id, b, &fkey, &pkey, persisted);
+                b
+            }
         };
         let be = &snap.backends[b as usize];
         if flags & (TCP_FIN | TCP_RST) != 0 && t.flows.mark_closed(&fkey, self.now) {
@@ -210,59 +217,59 @@ impl Processor<'_> {
         Verdict::Tx(Port::Backend)
     }
 
-    /// Chooses a backend for a new flow (persistence first, then the
-    /// scheduler) and records the flow. Returns the backend index.
-    #[inline(never)]
-    fn new_flow(
-        &self,
-        p: &Parsed,
-        svc: u32,
-        listener_id: u16,
-        fkey: &ForwardKey,
-        pkey: &PersistKey,
-    ) -> Option<u32> {
+    /// Chooses a backend for a new flow: the client's persisted backend if
+    /// it may still take clients, else the scheduler's choice. Returns the
+    /// backend index and whether it came from persistence.
+    #[inline]
+    fn choose(&self, p: &Parsed, svc: u32, pkey: &PersistKey) -> Option<(u32, bool)> {
         let snap = self.snapshot;
-        let t = self.tables;
         let se = &snap.services[svc as usize];
-        let c = &self.stats.core;
-        let mut chosen = None;
         if se.persistence_timeout > 0 {
-            if let Some(v) = t.persist.lookup(pkey, self.now) {
+            if let Some(v) = self.tables.persist.lookup(pkey, self.now) {
                 // Persistence ends when its backend is removed, down or
                 // drained; the client is then scheduled afresh.
                 if let Some(b) = snap.backend_of_id(v.backend) {
                     if snap.eligible(svc, b) {
-                        WorkerStats::add(&c.persist_hits, 1);
-                        chosen = Some(b);
+                        WorkerStats::add(&self.stats.core.persist_hits, 1);
+                        return Some((b, true));
                     }
                 }
             }
         }
-        let b = match chosen {
-            Some(b) => b,
-            None => {
-                let b = snap.schedule(svc, p.src_wire(), self)?;
-                if se.persistence_timeout > 0 {
-                    let v = FlowValue::new(0, snap.backends[b as usize].id);
-                    match t.persist.upsert(
-                        pkey,
-                        v,
-                        self.now,
-                        se.persistence_timeout,
-                        t.persist_evict,
-                    ) {
-                        Upsert::Full => WorkerStats::add(&c.persist_full, 1),
-                        Upsert::Evicted(_) => {
-                            WorkerStats::add(&c.persist_recorded, 1);
-                            WorkerStats::add(&c.persist_evicted, 1);
-                        }
-                        _ => WorkerStats::add(&c.persist_recorded, 1),
-                    }
+        snap.schedule(svc, p.src_wire(), self).map(|b| (b, false))
+    }
+
+    /// Records a new flow to backend `b`: persistence (when newly
+    /// scheduled), the forward and reply entries, and the opened connection.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn record_new(
+        &self,
+        p: &Parsed,
+        se: &ServiceEntry,
+        listener_id: u16,
+        b: u32,
+        fkey: &ForwardKey,
+        pkey: &PersistKey,
+        persisted: bool,
+    ) {
+        let t = self.tables;
+        let c = &self.stats.core;
+        let be = &self.snapshot.backends[b as usize];
+        if se.persistence_timeout > 0 && !persisted {
+            let v = FlowValue::new(0, be.id);
+            match t
+                .persist
+                .upsert(pkey, v, self.now, se.persistence_timeout, t.persist_evict)
+            {
+                Upsert::Full => WorkerStats::add(&c.persist_full, 1),
+                Upsert::Evicted(_) => {
+                    WorkerStats::add(&c.persist_recorded, 1);
+                    WorkerStats::add(&c.persist_evicted, 1);
                 }
-                b
+                _ => WorkerStats::add(&c.persist_recorded, 1),
             }
-        };
-        let be = &snap.backends[b as usize];
+        }
         let value = FlowValue::new(listener_id, be.id);
         self.record(t.flows.upsert(fkey, value, self.now, t.flow_timeout, true));
         self.stats.conn_opened(be.id);
@@ -281,7 +288,6 @@ impl Processor<'_> {
             Upsert::Evicted(_) => WorkerStats::add(&c.flows_evicted, 1),
             _ => {}
         }
-        Some(b)
     }
 
     /// Accounts for what a forward-entry upsert displaced.
@@ -332,17 +338,21 @@ impl Processor<'_> {
         let Some(gw) = snap.links.gateway_mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
         };
+        let fkey = ForwardKey {
+            proto: p.proto,
+            client: p.dst,
+            client_port: p.dport,
+            vip: l.vip16,
+            vip_port: l.port,
+        };
         if tcp_flags(frame, p) & (TCP_FIN | TCP_RST) != 0 {
-            let fkey = ForwardKey {
-                proto: p.proto,
-                client: p.dst,
-                client_port: p.dport,
-                vip: l.vip16,
-                vip_port: l.port,
-            };
             if self.tables.flows.mark_closed(&fkey, self.now) {
                 self.stats.conn_closed(v.backend);
             }
+        } else {
+            // The idle timeout counts silence in both directions: a flow
+            // whose server keeps talking stays on that server.
+            self.tables.flows.lookup(&fkey, self.now);
         }
         rewrite(
             frame,
@@ -354,5 +364,357 @@ impl Processor<'_> {
             &gw,
         );
         Verdict::Tx(Port::Client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The decisions the offline fixtures (tests/replay.rs) cannot reach with
+    //! the demo config: IPv6 listeners, this host's own addresses, an unknown
+    //! gateway MAC, and flow expiry on the caller's clock.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::control::ids::Ids;
+    use crate::control::snapshot::{Inputs, Links};
+    use crate::util::Mac;
+    use etherparse::PacketBuilder;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    const CLIENT_IF: Mac = [0x02, 0, 0, 0, 0, 0x01];
+    const BACKEND_IF: Mac = [0x02, 0, 0, 0, 0, 0x02];
+    const GATEWAY: Mac = [0x02, 0, 0, 0, 0x0c, 0x01];
+    const SERVER_MAC: Mac = [0x02, 0, 0, 0, 0x0b, 0x01];
+
+    const CONFIG: &str = r#"
+[instance]
+name = "unit"
+client_interface = "c0"
+backend_interface = "b0"
+client_gateway = "198.18.0.2"
+flow_idle_timeout = 10
+
+[[listener]]
+name = "web"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "web"
+
+[[listener]]
+name = "web6"
+vip = "2001:2::100"
+protocol = "tcp"
+port = 80
+backend_service = "web6"
+
+[[listener]]
+name = "dns6"
+vip = "2001:2::100"
+protocol = "udp"
+port = 53
+backend_service = "dns6"
+
+[[backend_service]]
+name = "web"
+protocol = "tcp"
+
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+
+[[backend_service]]
+name = "web6"
+protocol = "tcp"
+
+  [[backend_service.server]]
+  address = "2001:2::11"
+  port = 8080
+
+[[backend_service]]
+name = "dns6"
+protocol = "udp"
+
+  [[backend_service.server]]
+  address = "2001:2::11"
+  port = 9053
+"#;
+
+    /// This host's own address on the backend side (health checks come
+    /// from it, so the servers answer it).
+    const LOCAL: &str = "198.18.2.1";
+
+    /// A data plane of one worker over `CONFIG`.
+    struct Rig {
+        snapshot: Snapshot,
+        tables: Tables,
+        stats: Arc<WorkerStats>,
+        shared: Shared,
+    }
+
+    impl Rig {
+        fn new(gateway_known: bool) -> Rig {
+            let config = Config::from_str(CONFIG, "unit.toml").expect("valid config");
+            let local: [IpAddr; 1] = [LOCAL.parse().unwrap()];
+            let snapshot = Snapshot::build(
+                &mut Ids::default(),
+                &Inputs {
+                    config: &config,
+                    generation: 1,
+                    links: Links {
+                        client_if_mac: CLIENT_IF,
+                        backend_if_mac: BACKEND_IF,
+                        gateway_mac: gateway_known.then_some(GATEWAY),
+                    },
+                    local: &local,
+                    mac_of: &|_| Some(SERVER_MAC),
+                    is_up: &|_, _, _| true,
+                },
+            )
+            .expect("snapshot");
+            let stats = Arc::new(WorkerStats::new());
+            Rig {
+                snapshot,
+                tables: Tables {
+                    flows: FlowTable::new(1024),
+                    persist: FlowTable::new(1024),
+                    flow_timeout: config.instance.flow_idle_timeout,
+                    persist_evict: true,
+                },
+                shared: Shared::new(vec![Arc::clone(&stats)]),
+                stats,
+            }
+        }
+
+        fn process(&self, frame: &mut [u8], now: u32) -> Verdict {
+            Processor {
+                snapshot: &self.snapshot,
+                tables: &self.tables,
+                stats: &self.stats,
+                shared: &self.shared,
+                now,
+            }
+            .process(frame)
+        }
+    }
+
+    /// A TCP (SYN-ACK) or UDP packet between two endpoints of one family.
+    #[derive(Clone, Copy)]
+    struct Pkt {
+        eth: (Mac, Mac),
+        src: (&'static str, u16),
+        dst: (&'static str, u16),
+        ttl: u8,
+        udp: bool,
+    }
+
+    impl Pkt {
+        fn build(&self) -> Vec<u8> {
+            let payload = b"odd-length payload";
+            let eth = PacketBuilder::ethernet2(self.eth.0, self.eth.1);
+            let ip = match (
+                self.src.0.parse::<IpAddr>().unwrap(),
+                self.dst.0.parse::<IpAddr>().unwrap(),
+            ) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), self.ttl),
+                (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), self.ttl),
+                _ => panic!("mixed families"),
+            };
+            let mut out = Vec::new();
+            if self.udp {
+                ip.udp(self.src.1, self.dst.1)
+                    .write(&mut out, payload)
+                    .unwrap();
+            } else {
+                ip.tcp(self.src.1, self.dst.1, 7, 1000)
+                    .syn()
+                    .ack(1)
+                    .write(&mut out, payload)
+                    .unwrap();
+            }
+            out
+        }
+
+        fn from_client(src: (&'static str, u16), dst: (&'static str, u16)) -> Pkt {
+            Pkt {
+                eth: (GATEWAY, CLIENT_IF),
+                src,
+                dst,
+                ttl: 64,
+                udp: false,
+            }
+        }
+
+        fn from_server(src: (&'static str, u16), dst: (&'static str, u16)) -> Pkt {
+            Pkt {
+                eth: (SERVER_MAC, BACKEND_IF),
+                src,
+                dst,
+                ttl: 64,
+                udp: false,
+            }
+        }
+
+        fn udp(self) -> Pkt {
+            Pkt { udp: true, ..self }
+        }
+
+        /// After the forward NAT to `server`.
+        fn to_server(self, server: (&'static str, u16)) -> Pkt {
+            Pkt {
+                eth: (BACKEND_IF, SERVER_MAC),
+                dst: server,
+                ttl: self.ttl - 1,
+                ..self
+            }
+        }
+
+        /// After the reverse NAT from `vip`.
+        fn to_client(self, vip: (&'static str, u16)) -> Pkt {
+            Pkt {
+                eth: (CLIENT_IF, GATEWAY),
+                src: vip,
+                ttl: self.ttl - 1,
+                ..self
+            }
+        }
+    }
+
+    /// Processes `input` and checks the verdict and the resulting frame
+    /// (`None`: unchanged).
+    fn expect(rig: &Rig, now: u32, input: Pkt, verdict: Verdict, output: Option<Pkt>) {
+        let mut frame = input.build();
+        assert_eq!(rig.process(&mut frame, now), verdict);
+        let want = output.unwrap_or(input).build();
+        assert!(frame == want, "\n got  {frame:02x?}\n want {want:02x?}");
+    }
+
+    const VIP6: (&str, u16) = ("2001:2::100", 80);
+    const SERVER6: (&str, u16) = ("2001:2::11", 8080);
+    const CLIENT6: (&str, u16) = ("2001:2::7", 40000);
+
+    #[test]
+    fn ipv6_tcp_flow_is_rewritten_both_ways_with_the_hop_limit_decremented() {
+        let rig = Rig::new(true);
+        let syn = Pkt::from_client(CLIENT6, VIP6);
+        let reply = Pkt::from_server(SERVER6, CLIENT6);
+        let to_server = Some(syn.to_server(SERVER6));
+        expect(&rig, 1, syn, Verdict::Tx(Port::Backend), to_server);
+        let to_client = Some(reply.to_client(VIP6));
+        expect(&rig, 1, reply, Verdict::Tx(Port::Client), to_client);
+    }
+
+    #[test]
+    fn ipv6_udp_flow_is_rewritten_both_ways() {
+        let rig = Rig::new(true);
+        let vip = ("2001:2::100", 53);
+        let server = ("2001:2::11", 9053);
+        let query = Pkt::from_client(CLIENT6, vip).udp();
+        let answer = Pkt::from_server(server, CLIENT6).udp();
+        let forwarded = Some(query.to_server(server));
+        expect(&rig, 1, query, Verdict::Tx(Port::Backend), forwarded);
+        let replied = Some(answer.to_client(vip));
+        expect(&rig, 1, answer, Verdict::Tx(Port::Client), replied);
+    }
+
+    #[test]
+    fn ipv6_hop_limit_1_to_the_vip_is_dropped() {
+        let rig = Rig::new(true);
+        let syn = Pkt {
+            ttl: 1,
+            ..Pkt::from_client(CLIENT6, VIP6)
+        };
+        expect(&rig, 1, syn, Verdict::Drop(DropReason::TtlExceeded), None);
+    }
+
+    #[test]
+    fn ipv6_extension_header_to_the_vip_is_dropped_as_unsupported() {
+        let rig = Rig::new(true);
+        let mut frame = Pkt::from_client(CLIENT6, VIP6).build();
+        frame[14 + 6] = 0; // next header: hop-by-hop options
+        let before = frame.clone();
+        let v = rig.process(&mut frame, 1);
+        assert_eq!(v, Verdict::Drop(DropReason::Unsupported));
+        assert_eq!(frame, before);
+        assert_eq!(rig.stats.drops(DropReason::Unsupported), 1);
+    }
+
+    #[test]
+    fn server_traffic_to_this_host_is_the_kernels() {
+        let rig = Rig::new(true);
+        let server = ("198.18.2.11", 8080);
+        let to_local = Pkt::from_server(server, (LOCAL, 45000));
+        expect(&rig, 1, to_local, Verdict::Pass, None);
+        let other_port = Pkt::from_server(("198.18.2.11", 22), (LOCAL, 45000));
+        expect(&rig, 1, other_port, Verdict::Pass, None);
+        // The same from another port to a client is no flow of ours.
+        let to_client = Pkt::from_server(("198.18.2.11", 22), ("198.18.4.7", 45000));
+        expect(&rig, 1, to_client, Verdict::Drop(DropReason::NoFlow), None);
+
+        // ICMP: to this host the kernel's, to a client untranslatable.
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(SERVER_MAC, BACKEND_IF)
+            .ipv4([198, 18, 2, 11], [198, 18, 2, 1], 64)
+            .icmpv4_echo_reply(1, 1)
+            .write(&mut icmp, b"")
+            .unwrap();
+        assert_eq!(rig.process(&mut icmp.clone(), 1), Verdict::Pass);
+        icmp[30..34].copy_from_slice(&[198, 18, 4, 7]);
+        assert_eq!(
+            rig.process(&mut icmp, 1),
+            Verdict::Drop(DropReason::Unsupported)
+        );
+
+        // A broken frame: to this host the kernel's, to a client dropped.
+        let mut cut = to_local.build();
+        cut.truncate(14 + 20 + 10);
+        cut[17] = 30; // total length: the TCP header is cut
+        assert_eq!(rig.process(&mut cut.clone(), 1), Verdict::Pass);
+        cut[30..34].copy_from_slice(&[198, 18, 4, 7]);
+        assert_eq!(
+            rig.process(&mut cut, 1),
+            Verdict::Drop(DropReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn reply_without_a_known_gateway_mac_is_dropped_as_no_neighbour() {
+        let rig = Rig::new(false);
+        let client = ("198.18.4.7", 40000);
+        let syn = Pkt::from_client(client, ("198.18.100.1", 80));
+        let server = ("198.18.2.11", 8080);
+        let to_server = Some(syn.to_server(server));
+        expect(&rig, 1, syn, Verdict::Tx(Port::Backend), to_server);
+        let reply = Pkt::from_server(server, client);
+        let v = Verdict::Drop(DropReason::NoNeighbour);
+        expect(&rig, 1, reply, v, None);
+    }
+
+    #[test]
+    fn flow_lives_while_used_within_the_idle_timeout_and_then_expires() {
+        let rig = Rig::new(true);
+        let client = ("198.18.4.7", 40000);
+        let server = ("198.18.2.11", 8080);
+        let vip = ("198.18.100.1", 80);
+        let syn = Pkt::from_client(client, vip);
+        let reply = Pkt::from_server(server, client);
+        let (fwd, rev) = (Verdict::Tx(Port::Backend), Verdict::Tx(Port::Client));
+        let replied = Some(reply.to_client(vip));
+        // flow_idle_timeout = 10 s.
+        expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
+        expect(&rig, 110, reply, rev, replied);
+        expect(&rig, 120, reply, rev, replied);
+        expect(&rig, 131, reply, Verdict::Drop(DropReason::NoFlow), None);
+        // The client's next packet schedules it afresh.
+        expect(&rig, 131, syn, fwd, Some(syn.to_server(server)));
+        expect(&rig, 131, reply, rev, replied);
+        assert_eq!(
+            rig.stats
+                .core
+                .flows_created
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 }
