@@ -6,7 +6,7 @@
 // (redirect into the AF_XDP socket bound to this RX queue) or whether the
 // kernel keeps it (XDP_PASS). It never rewrites or drops anything: all
 // forwarding decisions and all drop counters live in user space, where they
-// are tested without a kernel (src/dataplane/classify.rs mirrors this logic).
+// are tested without a kernel (the classification in src/dataplane/pipeline.rs mirrors this logic).
 //
 // Redirected:
 //   * frames to a VIP address that match a listener (vip, port, protocol);
@@ -41,7 +41,7 @@ struct l4_key {
 	__u8 pad;
 };
 
-#define MAX_QUEUES 64
+#define MAX_QUEUES 64 /* = control::xdp::MAX_QUEUES */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -66,7 +66,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 256);
+	__uint(max_entries, 4096);
 	__type(key, struct addr_key);
 	__type(value, __u32);
 } l4lb_local SEC(".maps");

@@ -166,9 +166,10 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    let parsed = rules::parse(&rules_text, &rules_name).map_err(|e| Failure::Invalid(join(e)))?;
-    let new_text = rules::apply(&config_text, &config_name, &parsed, &rules_name)
+    // Every problem at once: bad lines, and lines the config cannot take.
+    let new_text = rules::apply_text(&config_text, &config_name, &rules_text, &rules_name)
         .map_err(|e| Failure::Invalid(join(e)))?;
+    let parsed = rules::parse(&rules_text, &rules_name).map_err(|e| Failure::Invalid(join(e)))?;
     if new_text == config_text {
         println!(
             "{config_name}: unchanged ({} rule(s) already in effect)",
@@ -185,7 +186,13 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
     let sock = cfg.instance.control_socket;
     if sock.exists() {
         match l4lb::control::ctl::request(&sock, "reload") {
-            Ok(reply) => print!("running instance: {reply}"),
+            Ok(reply) if reply.starts_with("ok") => print!("running instance: {reply}"),
+            Ok(reply) => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "{config_name} was updated, but the running instance rejected it: {}",
+                    reply.trim_end()
+                )))
+            }
             Err(e) => println!("no running instance answered on {} ({e:#})", sock.display()),
         }
     } else {

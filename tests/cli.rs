@@ -178,9 +178,9 @@ fn check_of_a_missing_file_fails_naming_the_path() {
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
-/// Known defect, reported rather than fixed: `ConfigError::Io` both prints
-/// its `source` in its message and returns it as its error source, so
-/// main's `{:#}` prints the OS error twice.
+/// The OS error of an unreadable config is printed once. (Once a defect:
+/// `ConfigError::Io` both printed its source and returned it as its error
+/// source, so main's `{:#}` printed it twice.)
 #[test]
 fn check_of_a_missing_file_names_the_os_error_once() {
     let dir = TempDir::new("missing-once");

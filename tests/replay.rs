@@ -577,11 +577,9 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
     );
 }
 
-/// Known gap, reported rather than fixed: `packet::ports` checks that the 8
-/// bytes of a UDP header are there, not that its length field agrees with the
-/// IP payload, so such a datagram to a VIP is forwarded (and counted as
-/// forwarded) instead of being dropped as `malformed` like the TCP and IPv4
-/// length errors above. The server's kernel drops it. Un-ignore once fixed.
+/// A UDP length field below 8 or past the IP payload (RFC 768) makes the
+/// datagram malformed, like the TCP and IPv4 length errors above. (Once a
+/// gap: such datagrams used to be forwarded.)
 #[test]
 fn udp_with_a_length_field_disagreeing_with_the_ip_payload_is_dropped_as_malformed() {
     let r = replayer();
@@ -1027,13 +1025,10 @@ scheduler = "weighted_round_robin"
   port = 9053
 "#;
 
-/// Bug, reported rather than fixed: a reply refreshes only the flow's
-/// reply entry, not the forward entry that keeps the client on its server.
-/// A client that only listens (a UDP stream, a subscription) for longer than
-/// `flow_idle_timeout` is scheduled afresh by its next datagram while its
-/// server is still sending to it; with round robin (or least connections)
-/// that is another server. The config documents the timeout as "seconds
-/// without packets", in either direction. Un-ignore once fixed.
+/// The idle timeout counts silence in both directions: a client that only
+/// listens (a UDP stream, a subscription) for longer than
+/// `flow_idle_timeout` stays on the server still sending to it, even under
+/// round robin. (Once a bug: replies refreshed only the reply entry.)
 #[test]
 fn a_flow_kept_alive_by_its_servers_traffic_keeps_its_server() {
     let cfg = Config::from_str(WRR_UDP, "wrr.toml").expect("valid config");
@@ -1073,6 +1068,39 @@ fn a_flow_kept_alive_by_its_servers_traffic_keeps_its_server() {
             udp(&c, b"more"),
             FORWARD,
             udp(&c.to_server(server, 9053), b"more"),
+        )],
+    );
+}
+
+#[test]
+fn a_server_silent_while_its_client_talks_can_still_answer_after_the_idle_timeout() {
+    let cfg = Config::from_str(WRR_UDP, "wrr.toml").expect("valid config");
+    let r = Replayer::new(&cfg).expect("replayer");
+    let server = [198, 18, 2, 11];
+    let c = Hop::from_client(CLIENT, 50001, VIP, 53);
+    let s = Hop::from_server(server, 9053, CLIENT, 50001);
+    // flow_idle_timeout is 10 s: only the client talks, for 21 s.
+    for t in [100, 105, 110, 115, 120] {
+        run_at(
+            &r,
+            t,
+            &[tx(
+                "the client streams",
+                udp(&c, b"stream"),
+                FORWARD,
+                udp(&c.to_server(server, 9053), b"stream"),
+            )],
+        );
+    }
+    // The reply entry was refreshed by the client's traffic.
+    run_at(
+        &r,
+        121,
+        &[tx(
+            "the server finally answers",
+            udp(&s, b"answer"),
+            REPLY,
+            udp(&s.to_client(VIP, 53), b"answer"),
         )],
     );
 }

@@ -25,7 +25,10 @@ use std::fmt;
 
 use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 
-use super::validate::{DEFAULT_HTTP_CODES, DEFAULT_UDP_PAYLOAD};
+use super::validate::{
+    domain_problem, path_problem, DEFAULT_HC_HEALTHY, DEFAULT_HC_INTERVAL, DEFAULT_HC_TIMEOUT,
+    DEFAULT_HC_UNHEALTHY, DEFAULT_HTTP_CODES, DEFAULT_HTTP_PATH, DEFAULT_UDP_PAYLOAD,
+};
 use super::{BackendService, Config, ConfigError, HealthCheckKind, Located, Protocol};
 
 /// The comment line [`export`] writes first: the field names, in order.
@@ -38,15 +41,6 @@ const PERSISTENCE_RANGE: (u64, u64) = (30, 3600);
 const TIMEOUT_RANGE: (u64, u64) = (1, 300);
 const INTERVAL_RANGE: (u64, u64) = (1, 50);
 const THRESHOLD_RANGE: (u64, u64) = (2, 10);
-/// Same limits as the configuration's `path` and `domain`.
-const MAX_PATH: usize = 1024;
-const MAX_DOMAIN: usize = 253;
-
-/// Health check defaults of the configuration (absent keys).
-const DEFAULT_TIMEOUT: i64 = 2;
-const DEFAULT_INTERVAL: i64 = 5;
-const DEFAULT_UNHEALTHY: i64 = 3;
-const DEFAULT_HEALTHY: i64 = 2;
 
 /// One line of a rules file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,11 +313,11 @@ impl Draft {
     }
 
     /// Reads the 11 fields of a line, reporting what cannot be read.
-    fn read(fields: &[&str], problems: &mut Vec<String>) -> Draft {
+    fn read(fields: &[&str], problems: &mut Problems) -> Draft {
         let get = |i: usize| fields.get(i).copied().unwrap_or("");
         let dash = |text: &str| (text != "-").then(|| text.to_string());
         let mut d = Draft {
-            port: number(get(0), "port", "1-65535", problems),
+            port: number(get(0), 0, "port", "1-65535", problems),
             ..Draft::default()
         };
         let protocol = get(1);
@@ -332,10 +326,13 @@ impl Draft {
         } else if protocol.eq_ignore_ascii_case("udp") {
             Some(Protocol::Udp)
         } else {
-            problems.push(format!("unknown protocol {protocol:?} (allowed: TCP, UDP)"));
+            problems.push((
+                1,
+                format!("unknown protocol {protocol:?} (allowed: TCP, UDP)"),
+            ));
             None
         };
-        d.persistence = number(get(2), "persistence", "0 = off, or 30-3600", problems);
+        d.persistence = number(get(2), 2, "persistence", "0 = off, or 30-3600", problems);
         let check = get(3);
         d.check = [
             ("tcp", HealthCheckKind::Tcp),
@@ -346,18 +343,19 @@ impl Draft {
         .find(|(name, _)| check.eq_ignore_ascii_case(name))
         .map(|&(_, kind)| kind);
         if d.check.is_none() {
-            problems.push(format!(
-                "unknown health check type {check:?} (allowed: TCP, HTTP, UDP)"
+            problems.push((
+                3,
+                format!("unknown health check type {check:?} (allowed: TCP, HTTP, UDP)"),
             ));
         }
         d.check_port = match get(4) {
             "-" => Some(None),
-            text => number(text, "hc_port", HC_PORT_RANGE, problems).map(Some),
+            text => number(text, 4, "hc_port", HC_PORT_RANGE, problems).map(Some),
         };
-        d.timeout = number(get(5), "timeout", "1-300", problems);
-        d.interval = number(get(6), "interval", "1-50", problems);
-        d.unhealthy = number(get(7), "unhealthy", "2-10", problems);
-        d.healthy = number(get(8), "healthy", "2-10", problems);
+        d.timeout = number(get(5), 5, "timeout", "1-300", problems);
+        d.interval = number(get(6), 6, "interval", "1-50", problems);
+        d.unhealthy = number(get(7), 7, "unhealthy", "2-10", problems);
+        d.healthy = number(get(8), 8, "healthy", "2-10", problems);
         d.path = Some(dash(get(9)));
         d.domain = Some(dash(get(10)));
         d
@@ -365,33 +363,44 @@ impl Draft {
 
     /// Checks ranges and the fields that depend on each other; gives the rule
     /// if everything is right.
-    fn check(&self, line: usize, problems: &mut Vec<String>) -> Option<Rule> {
+    /// Problems are tagged with their field's index, so that sorting puts
+    /// them in field order.
+    fn check(&self, line: usize, problems: &mut Problems) -> Option<Rule> {
         let before = problems.len();
         let mut range =
-            |value: Option<u64>, name: &str, (lo, hi): (u64, u64), text: &str| match value {
-                Some(n) if !(lo..=hi).contains(&n) => {
-                    problems.push(format!("{name} {n} is out of range ({text})"));
-                    None
+            |value: Option<u64>, field: usize, name: &str, (lo, hi): (u64, u64), text: &str| {
+                match value {
+                    Some(n) if !(lo..=hi).contains(&n) => {
+                        problems.push((field, format!("{name} {n} is out of range ({text})")));
+                        None
+                    }
+                    other => other,
                 }
-                other => other,
             };
-        let port = range(self.port, "port", (1, 65_535), "1-65535");
+        let port = range(self.port, 0, "port", (1, 65_535), "1-65535");
         let persistence = match self.persistence {
             Some(0) => Some(0),
-            p => range(p, "persistence", PERSISTENCE_RANGE, "0 = off, or 30-3600"),
+            p => range(
+                p,
+                2,
+                "persistence",
+                PERSISTENCE_RANGE,
+                "0 = off, or 30-3600",
+            ),
         };
         let check_port = match self.check_port {
-            Some(Some(p)) => range(Some(p), "hc_port", (1, 65_535), HC_PORT_RANGE).map(Some),
+            Some(Some(p)) => range(Some(p), 4, "hc_port", (1, 65_535), HC_PORT_RANGE).map(Some),
             other => other,
         };
-        let timeout = range(self.timeout, "timeout", TIMEOUT_RANGE, "1-300");
-        let interval = range(self.interval, "interval", INTERVAL_RANGE, "1-50");
-        let unhealthy = range(self.unhealthy, "unhealthy", THRESHOLD_RANGE, "2-10");
-        let healthy = range(self.healthy, "healthy", THRESHOLD_RANGE, "2-10");
+        let timeout = range(self.timeout, 5, "timeout", TIMEOUT_RANGE, "1-300");
+        let interval = range(self.interval, 6, "interval", INTERVAL_RANGE, "1-50");
+        let unhealthy = range(self.unhealthy, 7, "unhealthy", THRESHOLD_RANGE, "2-10");
+        let healthy = range(self.healthy, 8, "healthy", THRESHOLD_RANGE, "2-10");
         if let (Some(t), Some(i)) = (timeout, interval) {
             if t > i {
-                problems.push(format!(
-                    "timeout {t} exceeds interval {i} (timeout must not exceed interval)"
+                problems.push((
+                    6,
+                    format!("timeout {t} exceeds interval {i} (timeout must not exceed interval)"),
                 ));
             }
         }
@@ -421,60 +430,67 @@ impl Draft {
     }
 
     /// PATH and DOMAIN: for HTTP checks only (PATH is required there).
-    fn check_http_fields(&self, kind: HealthCheckKind, problems: &mut Vec<String>) {
+    fn check_http_fields(&self, kind: HealthCheckKind, problems: &mut Problems) {
         let path = self.path.as_ref().and_then(|p| p.as_deref());
         let domain = self.domain.as_ref().and_then(|d| d.as_deref());
         if kind != HealthCheckKind::Http {
             let kind = upper(&kind.to_string());
-            for (name, value) in [("path", path), ("domain", domain)] {
+            for (field, name, value) in [(9, "path", path), (10, "domain", domain)] {
                 if let Some(v) = value {
-                    problems.push(format!(
-                        "{name} {v:?} is only valid for HTTP health checks (write - for {kind})"
+                    problems.push((
+                        field,
+                        format!(
+                            "{name} {v:?} is only valid for HTTP health checks (write - for {kind})"
+                        ),
                     ));
                 }
             }
             return;
         }
         match path {
-            None if self.path.is_some() => problems.push(
+            None if self.path.is_some() => problems.push((
+                9,
                 "path is required for HTTP health checks (it must start with '/')".to_string(),
-            ),
-            Some(p)
-                if !(p.starts_with('/')
-                    && p.len() <= MAX_PATH
-                    && !p.chars().any(|c| c.is_whitespace() || c.is_control())) =>
-            {
-                problems.push(format!(
-                    "path {p:?} is invalid (must start with '/', at most {MAX_PATH} bytes, no whitespace)"
-                ));
-            }
-            _ => {}
+            )),
+            Some(p) => problems.extend(path_problem(p).map(|m| (9, m))),
+            None => {}
         }
         if let Some(d) = domain {
-            let ok = (1..=MAX_DOMAIN).contains(&d.len())
-                && d.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-            if !ok {
-                problems.push(format!(
-                    "domain {d:?} is invalid (1-{MAX_DOMAIN} characters: letters, digits, '.' and '-')"
-                ));
-            }
+            problems.extend(domain_problem(d).map(|m| (10, m)));
         }
     }
 }
 
 const HC_PORT_RANGE: &str = "1-65535, or - for the server's port";
 
+/// Problems with one rule, each tagged with the index of its field.
+type Problems = Vec<(usize, String)>;
+
+/// The messages of `problems`, in field order.
+fn in_field_order(mut problems: Problems) -> impl Iterator<Item = String> {
+    problems.sort_by_key(|p| p.0);
+    problems.into_iter().map(|p| p.1)
+}
+
 /// A decimal number field; `allowed` describes the valid values.
-fn number(text: &str, name: &str, allowed: &str, problems: &mut Vec<String>) -> Option<u64> {
+fn number(
+    text: &str,
+    field: usize,
+    name: &str,
+    allowed: &str,
+    problems: &mut Problems,
+) -> Option<u64> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        problems.push(format!("{name} {text:?} is not a number ({allowed})"));
+        problems.push((
+            field,
+            format!("{name} {text:?} is not a number ({allowed})"),
+        ));
         return None;
     }
     match text.parse::<u64>() {
         Ok(n) => Some(n),
         Err(_) => {
-            problems.push(format!("{name} {text} is out of range ({allowed})"));
+            problems.push((field, format!("{name} {text} is out of range ({allowed})")));
             None
         }
     }
@@ -483,6 +499,49 @@ fn number(text: &str, name: &str, allowed: &str, problems: &mut Vec<String>) -> 
 /// Reads a rules file; `file` names it in errors. Every line is checked and
 /// every problem reported (several per line if need be), in line order.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
+    let (rules, errors) = parse_all(text, file);
+    if errors.is_empty() {
+        Ok(rules)
+    } else {
+        Err(errors)
+    }
+}
+
+/// [`parse`] then [`apply`], reporting everything in one go: the bad lines,
+/// and what the good lines do not fit in the configuration (such as a port
+/// no listener has). Returns the new configuration text only if there is no
+/// problem at all.
+pub fn apply_text(
+    config_text: &str,
+    config_name: &str,
+    rules_text: &str,
+    rules_name: &str,
+) -> Result<String, Vec<RuleError>> {
+    let (rules, mut errors) = parse_all(rules_text, rules_name);
+    match apply(config_text, config_name, &rules, rules_name) {
+        Ok(text) if errors.is_empty() => return Ok(text),
+        Ok(_) => {}
+        Err(more) => {
+            // Duplicates are found by both; report them once.
+            for e in more {
+                if !errors.contains(&e) {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    // The rules file's problems by line, then the configuration's.
+    errors.sort_by_key(|e| {
+        (
+            e.file != rules_name,
+            if e.file == rules_name { e.line } else { 0 },
+        )
+    });
+    Err(errors)
+}
+
+/// The rules of the good lines, and the problems of the others.
+fn parse_all(text: &str, file: &str) -> (Vec<Rule>, Vec<RuleError>) {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let at = |line: usize, message: String| RuleError {
         file: file.to_string(),
@@ -512,16 +571,12 @@ pub fn parse(text: &str, file: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
         }
         let mut problems = Vec::new();
         let rule = Draft::read(&fields, &mut problems).check(line, &mut problems);
-        errors.extend(problems.into_iter().map(|m| at(line, m)));
+        errors.extend(in_field_order(problems).map(|m| at(line, m)));
         rules.extend(rule);
     }
     errors.extend(duplicates(&rules).into_iter().map(|(l, m)| at(l, m)));
-    if errors.is_empty() {
-        Ok(rules)
-    } else {
-        errors.sort_by_key(|e| e.line);
-        Err(errors)
-    }
+    errors.sort_by_key(|e| e.line);
+    (rules, errors)
 }
 
 /// Second and later rules for a port and protocol: (line, message).
@@ -547,12 +602,14 @@ fn duplicates(rules: &[Rule]) -> Vec<(usize, String)> {
 
 // ----- apply -----
 
-/// Validates `rules` against the config file at `config_path` and, if all
-/// is well, rewrites that file's text so the affected services carry the new
-/// settings, preserving comments and layout elsewhere (use toml_edit).
-/// Returns the new text; the caller writes it. On any error (in the rules or
-/// against the config) returns every error and the caller changes nothing.
-/// The new text must pass [`Config::from_str`].
+/// Validates `rules` against the configuration `config_text` and, if all is
+/// well, returns that text rewritten (with `toml_edit`) so that the backend
+/// services of the rules' listeners carry the new settings; comments and
+/// layout elsewhere are kept. The caller writes the text. On any error, in
+/// the rules or against the configuration, returns every error and no text,
+/// so the caller changes nothing. The new text has passed
+/// [`Config::from_str`] and reads back as exactly the old configuration with
+/// the rules' settings.
 ///
 /// `config_name` and `rules_name` name the two files in errors. Rule errors
 /// come first, by line (`RULES:LINE: message`, using [`Rule::line`]), then the
@@ -579,7 +636,7 @@ pub fn apply(
         let mut problems = Vec::new();
         Draft::of_rule(rule).check(rule.line, &mut problems);
         *ok = problems.is_empty();
-        errors.extend(problems.into_iter().map(|m| at(rule.line, m)));
+        errors.extend(in_field_order(problems).map(|m| at(rule.line, m)));
     }
     let mut seen: HashSet<(u16, Protocol)> = HashSet::new();
     for (rule, ok) in rules.iter().zip(usable.iter_mut()) {
@@ -674,7 +731,9 @@ pub fn apply(
         let Some(table) = service_table(&mut doc, si) else {
             return Err(internal("backend service table not found"));
         };
-        edit_service(table, want);
+        if let Some(position) = edit_service(table, want) {
+            keep_comments_above_new_table(&mut doc, si, position);
+        }
         changed = true;
     }
     if !changed {
@@ -736,8 +795,9 @@ enum Edit {
 }
 
 /// Writes `want` into a service table, changing only keys whose effective
-/// value (absent = the default) differs.
-fn edit_service(mut service: ServiceTable<'_>, want: &Settings) {
+/// value (absent = the default) differs. Returns the document position of
+/// the `[backend_service.health_check]` table if it had to create one.
+fn edit_service(mut service: ServiceTable<'_>, want: &Settings) -> Option<usize> {
     let inline = matches!(service, ServiceTable::Inline(_));
     let table: &mut dyn TableLike = match &mut service {
         ServiceTable::Standard(t) => &mut **t,
@@ -749,13 +809,15 @@ fn edit_service(mut service: ServiceTable<'_>, want: &Settings) {
     };
     if persistence != want.persistence.map(i64::from) {
         let value = i64::from(want.persistence.unwrap_or(0));
-        set(table, inline, "persistence_timeout", Value::from(value));
+        set(table, inline, "", "persistence_timeout", Value::from(value));
     }
 
     let edits = health_check_edits(table.get("health_check"), want);
     if edits.is_empty() {
-        return;
+        return None;
     }
+    let mut created = None;
+    let mut new_indent = String::new();
     if !table.contains_key("health_check") {
         match &mut service {
             ServiceTable::Standard(t) => {
@@ -764,6 +826,7 @@ fn edit_service(mut service: ServiceTable<'_>, want: &Settings) {
                 // (tables render in position order; ties keep tree order).
                 if let Some(position) = t.position() {
                     hc.set_position(position);
+                    created = Some(position);
                 }
                 let indent = t
                     .get("server")
@@ -775,10 +838,11 @@ fn edit_service(mut service: ServiceTable<'_>, want: &Settings) {
                     .unwrap_or_default();
                 hc.decor_mut().set_prefix(format!("\n{indent}"));
                 t.insert("health_check", Item::Table(hc));
+                new_indent = indent;
             }
             ServiceTable::Inline(t) => {
                 let hc = Value::InlineTable(InlineTable::new());
-                set(&mut **t, true, "health_check", hc);
+                set(&mut **t, true, "", "health_check", hc);
             }
         }
     }
@@ -787,20 +851,105 @@ fn edit_service(mut service: ServiceTable<'_>, want: &Settings) {
         ServiceTable::Inline(t) => &mut **t,
     };
     let Some(item) = table.get_mut("health_check") else {
-        return;
+        return created;
     };
     let inline = item.is_inline_table();
     let Some(hc) = item.as_table_like_mut() else {
-        return;
+        return created;
     };
     for edit in edits {
         match edit {
-            Edit::Set(key, value) => set(hc, inline, key, value),
-            Edit::Remove(key) => {
-                hc.remove(key);
-            }
+            Edit::Set(key, value) => set(hc, inline, &new_indent, key, value),
+            Edit::Remove(key) => remove(hc, inline, key),
         }
     }
+    created
+}
+
+/// A new `[backend_service.health_check]` table goes right after its
+/// service's keys, where the next table's header comments begin. Comments
+/// separated from that header by a blank line belong to what comes before
+/// (a commented-out key, say): move them above the new table.
+fn keep_comments_above_new_table(doc: &mut DocumentMut, service: usize, position: usize) {
+    let Some(next) = next_table_position(doc.as_table(), position) else {
+        return;
+    };
+    let mut head = String::new();
+    with_table_at(doc.as_table_mut(), next, &mut |t| {
+        let Some(prefix) = t.decor().prefix().and_then(|p| p.as_str()) else {
+            return;
+        };
+        let bytes = prefix.as_bytes();
+        let split = (0..bytes.len()).rev().find(|&i| {
+            bytes[i] == b'\n'
+                && matches!(
+                    bytes.get(i + 1..),
+                    Some([b'\n', ..]) | Some([b'\r', b'\n', ..])
+                )
+        });
+        if let Some(split) = split.map(|i| i + 1) {
+            if prefix[..split].contains('#') {
+                head = prefix[..split].to_string();
+                let tail = prefix[split..].to_string();
+                t.decor_mut().set_prefix(tail);
+            }
+        }
+    });
+    if head.is_empty() {
+        return;
+    }
+    if let Some(ServiceTable::Standard(t)) = service_table(doc, service) {
+        if let Some(hc) = t.get_mut("health_check").and_then(Item::as_table_mut) {
+            let old = hc.decor().prefix().and_then(|p| p.as_str()).unwrap_or("");
+            let prefix = format!("{head}{old}");
+            hc.decor_mut().set_prefix(prefix);
+        }
+    }
+}
+
+/// The smallest position of a table header after `after`.
+fn next_table_position(table: &Table, after: usize) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    let mut consider = |t: &Table| {
+        let own = t
+            .position()
+            .filter(|&p| p > after && !t.is_implicit() && !t.is_dotted());
+        let nested = next_table_position(t, after);
+        for p in [own, nested].into_iter().flatten() {
+            best = Some(best.map_or(p, |b| b.min(p)));
+        }
+    };
+    for (_, item) in table.iter() {
+        match item {
+            Item::Table(t) => consider(t),
+            Item::ArrayOfTables(tables) => tables.iter().for_each(&mut consider),
+            _ => {}
+        }
+    }
+    best
+}
+
+/// Calls `f` on the table whose header is at `position`; whether found.
+fn with_table_at(table: &mut Table, position: usize, f: &mut dyn FnMut(&mut Table)) -> bool {
+    let mut visit = |t: &mut Table| {
+        if t.position() == Some(position) && !t.is_implicit() && !t.is_dotted() {
+            f(t);
+            true
+        } else {
+            with_table_at(t, position, f)
+        }
+    };
+    for (_, item) in table.iter_mut() {
+        let found = match item {
+            Item::Table(t) => visit(t),
+            Item::ArrayOfTables(tables) => tables.iter_mut().any(&mut visit),
+            _ => false,
+        };
+        if found {
+            return true;
+        }
+    }
+    false
 }
 
 /// The changes that make the health check table `hc` (absent: all defaults)
@@ -831,19 +980,19 @@ fn health_check_edits(hc: Option<&Item>, want: &Settings) -> Vec<Edit> {
         want.port.map(|p| Value::from(i64::from(p))),
     );
     for (key, default, value) in [
-        ("timeout", DEFAULT_TIMEOUT, want.timeout),
-        ("interval", DEFAULT_INTERVAL, want.interval),
-        ("unhealthy_threshold", DEFAULT_UNHEALTHY, want.unhealthy),
-        ("healthy_threshold", DEFAULT_HEALTHY, want.healthy),
+        ("timeout", DEFAULT_HC_TIMEOUT, want.timeout),
+        ("interval", DEFAULT_HC_INTERVAL, want.interval),
+        ("unhealthy_threshold", DEFAULT_HC_UNHEALTHY, want.unhealthy),
+        ("healthy_threshold", DEFAULT_HC_HEALTHY, want.healthy),
     ] {
         optional(
             key,
-            Some(Value::from(int(get(key)).unwrap_or(default))),
+            Some(Value::from(int(get(key)).unwrap_or(default.into()))),
             Some(Value::from(i64::from(value))),
         );
     }
     let is_http = want.kind == HealthCheckKind::Http;
-    let path = text(get("path")).or(is_http.then_some("/"));
+    let path = text(get("path")).or(is_http.then_some(DEFAULT_HTTP_PATH));
     optional(
         "path",
         path.map(Value::from),
@@ -882,10 +1031,40 @@ fn indentation(prefix: &str) -> &str {
     }
 }
 
+/// Removes `key`; in an inline table, the space before the closing brace
+/// moves to the new last value.
+fn remove(table: &mut dyn TableLike, inline: bool, key: &str) {
+    let was_last = table.iter().last().is_some_and(|(k, _)| k == key);
+    let removed = table.remove(key);
+    if !(inline && was_last) {
+        return;
+    }
+    let Some(suffix) = removed
+        .as_ref()
+        .and_then(Item::as_value)
+        .and_then(|v| v.decor().suffix())
+        .and_then(|s| s.as_str())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c == ' ' || c == '\t'))
+        .map(str::to_string)
+    else {
+        return;
+    };
+    let last = table.iter().last().map(|(k, _)| k.to_string());
+    if let Some(value) = last
+        .and_then(|k| table.get_mut(&k))
+        .and_then(Item::as_value_mut)
+    {
+        if value.decor().suffix().and_then(|s| s.as_str()) == Some("") {
+            value.decor_mut().set_suffix(suffix);
+        }
+    }
+}
+
 /// Sets `key`, keeping the formatting (and any trailing comment) of a value
-/// it replaces. A new key is indented like the table's other keys; in an
-/// inline table it takes over the space before the closing brace.
-fn set(table: &mut dyn TableLike, inline: bool, key: &str, mut value: Value) {
+/// it replaces. A new key is indented like the table's other keys (or by
+/// `indent` in a table without keys); in an inline table it takes over the
+/// space before the closing brace.
+fn set(table: &mut dyn TableLike, inline: bool, indent: &str, key: &str, mut value: Value) {
     if let Some(item) = table.get_mut(key) {
         if let Some(old) = item.as_value() {
             *value.decor_mut() = old.decor().clone();
@@ -914,9 +1093,12 @@ fn set(table: &mut dyn TableLike, inline: bool, key: &str, mut value: Value) {
         .find_map(|(k, _)| {
             let prefix = table.key(k)?.leaf_decor().prefix()?.as_str()?;
             Some(indentation(prefix).to_string())
-        });
+        })
+        .unwrap_or_else(|| indent.to_string());
     table.insert(key, Item::Value(value));
-    if let (Some(indent), Some(mut k)) = (indent, table.key_mut(key)) {
-        k.leaf_decor_mut().set_prefix(indent);
+    if let Some(mut k) = table.key_mut(key) {
+        if !indent.is_empty() {
+            k.leaf_decor_mut().set_prefix(indent);
+        }
     }
 }

@@ -37,6 +37,12 @@ const MAX_IFNAME: usize = 15;
 const MAX_NAME: usize = 64;
 const MAX_DOMAIN: usize = 253;
 const MAX_PATH: usize = 1024;
+/// Health check values of absent keys (the batch rules rely on them too).
+pub(crate) const DEFAULT_HC_TIMEOUT: u32 = 2;
+pub(crate) const DEFAULT_HC_INTERVAL: u32 = 5;
+pub(crate) const DEFAULT_HC_UNHEALTHY: u32 = 3;
+pub(crate) const DEFAULT_HC_HEALTHY: u32 = 2;
+pub(crate) const DEFAULT_HTTP_PATH: &str = "/";
 const DEFAULT_WEIGHT: u8 = 100;
 const MAX_WEIGHT: i64 = 100;
 const PERSISTENCE_RANGE: (i64, i64) = (30, 3600);
@@ -193,6 +199,28 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(part, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
+}
+
+/// What is wrong with an HTTP check's request path, if anything.
+pub(crate) fn path_problem(p: &str) -> Option<String> {
+    let ok = p.starts_with('/')
+        && p.len() <= MAX_PATH
+        && !p.chars().any(|c| c.is_whitespace() || c.is_control());
+    (!ok).then(|| {
+        format!(
+            "path {p:?} is invalid (must start with '/', at most {MAX_PATH} bytes, no whitespace)"
+        )
+    })
+}
+
+/// What is wrong with an HTTP check's Host header, if anything.
+pub(crate) fn domain_problem(d: &str) -> Option<String> {
+    let ok = (1..=MAX_DOMAIN).contains(&d.len())
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    (!ok).then(|| {
+        format!("domain {d:?} is invalid (1-{MAX_DOMAIN} characters: letters, digits, '.' and '-')")
+    })
 }
 
 /// Parses `http_codes` ("200-399", "200,204,300-302"; spaces around items
@@ -920,10 +948,10 @@ impl Validator<'_> {
             return Some(HealthCheck {
                 kind: HealthCheckKind::Tcp,
                 port: None,
-                timeout: 2,
-                interval: 5,
-                unhealthy_threshold: 3,
-                healthy_threshold: 2,
+                timeout: DEFAULT_HC_TIMEOUT,
+                interval: DEFAULT_HC_INTERVAL,
+                unhealthy_threshold: DEFAULT_HC_UNHEALTHY,
+                healthy_threshold: DEFAULT_HC_HEALTHY,
                 path: None,
                 domain: None,
                 http_codes: Vec::new(),
@@ -945,8 +973,18 @@ impl Validator<'_> {
             Some(p) => self.port(p, "port").map(Some),
             None => Some(None),
         };
-        let timeout: Option<u32> = self.opt_int(r.timeout.as_ref(), "timeout", (1, 300), 2);
-        let interval: Option<u32> = self.opt_int(r.interval.as_ref(), "interval", (1, 50), 5);
+        let timeout: Option<u32> = self.opt_int(
+            r.timeout.as_ref(),
+            "timeout",
+            (1, 300),
+            DEFAULT_HC_TIMEOUT.into(),
+        );
+        let interval: Option<u32> = self.opt_int(
+            r.interval.as_ref(),
+            "interval",
+            (1, 50),
+            DEFAULT_HC_INTERVAL.into(),
+        );
         if let (Some(t), Some(i)) = (timeout, interval) {
             if t > i {
                 match (&r.timeout, &r.interval) {
@@ -970,13 +1008,13 @@ impl Validator<'_> {
             r.unhealthy_threshold.as_ref(),
             "unhealthy_threshold",
             (2, 10),
-            3,
+            DEFAULT_HC_UNHEALTHY.into(),
         );
         let healthy_threshold: Option<u32> = self.opt_int(
             r.healthy_threshold.as_ref(),
             "healthy_threshold",
             (2, 10),
-            2,
+            DEFAULT_HC_HEALTHY.into(),
         );
 
         let mut http_only_ok = true;
@@ -1001,44 +1039,24 @@ impl Validator<'_> {
         }
         let is_http = kind == Some(HealthCheckKind::Http);
         let path = match &r.path {
-            Some(v) if is_http => {
-                let p = v.get_ref();
-                let ok = p.starts_with('/')
-                    && p.len() <= MAX_PATH
-                    && !p.chars().any(|c| c.is_whitespace() || c.is_control());
-                if ok {
-                    Some(Some(p.clone()))
-                } else {
-                    self.report(
-                        v.span(),
-                        format!(
-                            "path {p:?} is invalid (must start with '/', at most {MAX_PATH} bytes, no whitespace)"
-                        ),
-                    );
+            Some(v) if is_http => match path_problem(v.get_ref()) {
+                None => Some(Some(v.get_ref().clone())),
+                Some(problem) => {
+                    self.report(v.span(), problem);
                     None
                 }
-            }
-            None if is_http => Some(Some("/".to_string())),
+            },
+            None if is_http => Some(Some(DEFAULT_HTTP_PATH.to_string())),
             _ => Some(None),
         };
         let domain = match &r.domain {
-            Some(v) if is_http => {
-                let d = v.get_ref();
-                let ok = (1..=MAX_DOMAIN).contains(&d.len())
-                    && d.bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-                if ok {
-                    Some(Some(d.clone()))
-                } else {
-                    self.report(
-                        v.span(),
-                        format!(
-                            "domain {d:?} is invalid (1-{MAX_DOMAIN} characters: letters, digits, '.' and '-')"
-                        ),
-                    );
+            Some(v) if is_http => match domain_problem(v.get_ref()) {
+                None => Some(Some(v.get_ref().clone())),
+                Some(problem) => {
+                    self.report(v.span(), problem);
                     None
                 }
-            }
+            },
             _ => Some(None),
         };
         let http_codes = match &r.http_codes {

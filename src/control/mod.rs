@@ -250,7 +250,6 @@ impl Plane {
         let old = std::mem::replace(&mut self.config, new);
         let old_ids = self.ids.clone();
         self.nb.set_statics(&self.config);
-        self.health.set_targets(self.targets());
         // New servers: give the kernel a moment (bounded) to resolve their
         // MACs, so that their first packets are not no_neighbour drops.
         let deadline = Instant::now() + Duration::from_millis(1000);
@@ -258,17 +257,27 @@ impl Plane {
             std::thread::sleep(Duration::from_millis(50));
             self.nb.refresh();
         }
+        // Health targets change only once the new snapshot is out: servers
+        // that remain keep their state, new ones start up (unknown = up).
         if let Err(e) = self.publish(shared, steering) {
-            // Put everything back as it was.
+            // Put everything back as it was, XDP maps included (publish may
+            // have synced some of them before failing).
             self.config = old;
             self.ids = old_ids;
             self.nb.set_statics(&self.config);
-            self.health.set_targets(self.targets());
+            let cur = shared.load();
+            let (v, l, b, lo) = cur.steering_sets();
+            for s in steering {
+                if let Err(e) = s.sync(&v, &l, &b, &lo) {
+                    tracing::error!("restoring the XDP maps of {}: {e:#}", s.ifname());
+                }
+            }
             return Err(format!(
                 "{}: {e:#}; the running configuration is unchanged",
                 path.display()
             ));
         }
+        self.health.set_targets(self.targets());
         Ok(format!(
             "reloaded {}: snapshot {}: {}",
             path.display(),
@@ -312,6 +321,13 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
     let started = Instant::now();
     raise_memlock();
     let inst = config.instance.clone();
+    if inst.workers.len() > xdp::MAX_QUEUES {
+        anyhow::bail!(
+            "instance.workers in {config_name}: {} workers, at most {} (the XDP program's socket map size)",
+            inst.workers.len(),
+            xdp::MAX_QUEUES
+        );
+    }
     let client_idx = netdev::ifindex(&inst.client_interface).with_context(|| {
         format!(
             "instance.client_interface = {:?} in {config_name}",
@@ -478,17 +494,8 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             reload(&mut plane, &shared, &steering, "SIGHUP");
         }
 
-        let changes = plane.health.poll(Instant::now());
-        if !changes.is_empty() {
-            for c in &changes {
-                let state = if c.up { "up" } else { "down" };
-                tracing::warn!(
-                    "server {}:{} is {state} ({})",
-                    c.key.addr,
-                    c.key.port,
-                    c.reason
-                );
-            }
+        // (The health checker logs each transition with its reason.)
+        if !plane.health.poll(Instant::now()).is_empty() {
             if let Err(e) = plane.publish(&shared, &steering) {
                 tracing::error!("publishing the health change failed: {e:#}");
             }
@@ -502,13 +509,20 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             let gw = plane
                 .nb
                 .get(client_idx, &plane.config.instance.client_gateway);
-            let changed = gw != cur.links.gateway_mac
+            let macs_changed = gw != cur.links.gateway_mac
                 || cur
                     .backends
                     .iter()
                     .any(|b| plane.nb.get(backend_idx, &b.address) != b.mac);
-            if changed {
-                tracing::info!("next-hop MACs changed: publishing a new snapshot");
+            // This host's own addresses decide which replies are the kernel's.
+            let mut local = netdev::addresses(&inst.backend_interface).unwrap_or_default();
+            local.extend(netdev::addresses(&inst.client_interface).unwrap_or_default());
+            let local_changed = local != plane.local;
+            plane.local = local;
+            if macs_changed || local_changed {
+                tracing::info!(
+                    "next-hop MACs or local addresses changed: publishing a new snapshot"
+                );
                 if let Err(e) = plane.publish(&shared, &steering) {
                     tracing::error!("publishing the neighbour change failed: {e:#}");
                 }

@@ -14,6 +14,9 @@ use std::os::raw::c_void;
 
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/l4lb_steer.o"));
 
+/// Size of the XSKMAP in bpf/l4lb_steer.c (MAX_QUEUES): the most workers.
+pub const MAX_QUEUES: usize = 64;
+
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
 

@@ -167,11 +167,26 @@ impl Processor<'_> {
         // An established flow keeps its backend while that backend is up
         // and still in the service (whatever its weight: 0 drains).
         let mut chosen = None;
-        if let Some(v) = t.flows.lookup(&fkey, self.now) {
+        if let Some((v, touched)) = t.flows.lookup_touched(&fkey, self.now) {
             let reopened = v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if let Some(b) = snap.backend_of_id(v.backend) {
                 if v.listener == le.id && snap.keeps(svc, b) && !reopened {
                     chosen = Some(b);
+                    if touched {
+                        // Once a second per flow: keep the reply entry alive
+                        // too (or bring it back if it was evicted), so that a
+                        // server silent for a while can still answer.
+                        let be = &snap.backends[b as usize];
+                        let rkey = FlowKey {
+                            proto: p.proto,
+                            client: p.src,
+                            client_port: p.sport,
+                            backend: be.addr16,
+                            backend_port: be.port,
+                        };
+                        let rv = FlowValue::new(v.listener, v.backend);
+                        t.flows.upsert(&rkey, rv, self.now, t.flow_timeout, true);
+                    }
                 }
             }
         }
@@ -271,8 +286,12 @@ impl Processor<'_> {
             }
         }
         let value = FlowValue::new(listener_id, be.id);
-        self.record(t.flows.upsert(fkey, value, self.now, t.flow_timeout, true));
-        self.stats.conn_opened(be.id);
+        let stored = t.flows.upsert(fkey, value, self.now, t.flow_timeout, true);
+        self.record(stored);
+        if stored != Upsert::Full {
+            // Only a stored flow can later be counted closed.
+            self.stats.conn_opened(be.id);
+        }
         let rkey = FlowKey {
             proto: p.proto,
             client: p.src,
@@ -325,7 +344,7 @@ impl Processor<'_> {
             backend: p.src,
             backend_port: p.sport,
         };
-        let Some(v) = self.tables.flows.lookup(&key, self.now) else {
+        let Some((v, touched)) = self.tables.flows.lookup_touched(&key, self.now) else {
             return Verdict::Drop(DropReason::NoFlow);
         };
         let Some(l) = snap.listener_of_id(v.listener) else {
@@ -349,9 +368,10 @@ impl Processor<'_> {
             if self.tables.flows.mark_closed(&fkey, self.now) {
                 self.stats.conn_closed(v.backend);
             }
-        } else {
+        } else if touched {
             // The idle timeout counts silence in both directions: a flow
-            // whose server keeps talking stays on that server.
+            // whose server keeps talking stays on that server. (Once a
+            // second per flow is enough.)
             self.tables.flows.lookup(&fkey, self.now);
         }
         rewrite(

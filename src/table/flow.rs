@@ -23,7 +23,9 @@
 //!   claims the slot with one compare-and-swap and never waits for anyone.
 //!   All fields are atomics, so a racing read is never undefined behaviour.
 //! * Expiry is lazy: an entry idle for longer than the timeout is a miss and
-//!   its slot is free for reuse. No sweeper, nothing stops the world.
+//!   its slot is free for reuse; nothing stops the world. (The control plane
+//!   walks the table in small slices only to count silently ended flows as
+//!   closed for least-connections; it never frees anything.)
 //! * The slot index hash is seeded per process (the table is private to one
 //!   process), so an attacker cannot aim collisions at one window.
 
@@ -263,25 +265,37 @@ impl FlowTable {
         None
     }
 
+    /// Refreshes the entry's timer; true if the second changed (the cache
+    /// line is only dirtied then).
     #[inline]
-    fn touch(slot: &Slot, now: u32) {
-        // Avoid dirtying the cache line when the second has not changed.
+    fn touch(slot: &Slot, now: u32) -> bool {
         if slot.last_seen.load(Ordering::Relaxed) != now {
             slot.last_seen.store(now, Ordering::Relaxed);
+            true
+        } else {
+            false
         }
     }
 
     /// Looks an entry up, refreshing its idle timer on a hit.
     #[inline]
     pub fn lookup(&self, key: &impl TableKey, now: u32) -> Option<FlowValue> {
+        self.lookup_touched(key, now).map(|(v, _)| v)
+    }
+
+    /// Like [`FlowTable::lookup`], also saying whether this hit moved the
+    /// entry's timer to a new second: callers that keep a companion entry
+    /// alive do so then, at most once a second per flow.
+    #[inline]
+    pub fn lookup_touched(&self, key: &impl TableKey, now: u32) -> Option<(FlowValue, bool)> {
         let words = key.words();
         let home = self.home(&words);
         for i in 0..WINDOW {
             let slot = &self.slots[(home + i) & self.mask];
             if let Some((k, v)) = Self::read(slot) {
                 if k == words && self.live(slot, now) {
-                    Self::touch(slot, now);
-                    return Some(FlowValue::unpack(v));
+                    let touched = Self::touch(slot, now);
+                    return Some((FlowValue::unpack(v), touched));
                 }
             }
         }
@@ -319,7 +333,7 @@ impl FlowTable {
                 if live && k == words {
                     let old = FlowValue::unpack(v);
                     if old == value {
-                        Self::touch(slot, now);
+                        let _ = Self::touch(slot, now);
                         return Upsert::Existing;
                     }
                     if self.write(idx, &words, value, now, timeout) {
