@@ -255,8 +255,13 @@ pub fn render(st: &Stats) -> String {
     for b in &st.backends {
         let _ = writeln!(
             o,
-            "  {:<40} {:>12} pkts {:>14} bytes",
-            b.name, b.packets, b.bytes
+            "  {:<28} {:<4} {:>12} pkts {:>14} bytes {:>8} active  ({})",
+            b.name,
+            if b.up { "up" } else { "DOWN" },
+            b.packets,
+            b.bytes,
+            b.active,
+            b.health
         );
     }
     let _ = writeln!(o, "drops:");
