@@ -1104,3 +1104,90 @@ fn a_server_silent_while_its_client_talks_can_still_answer_after_the_idle_timeou
         )],
     );
 }
+
+/// Round robin over two servers with 30 s persistence: without persistence
+/// every new flow would alternate servers, so a flow that stays put proves
+/// the persisted entry decided.
+fn persist_udp(capacity: usize, when_full: &str) -> Config {
+    let text = WRR_UDP
+        .replace(
+            "flow_idle_timeout = 10\n",
+            &format!(
+                "flow_idle_timeout = 10\npersistence_capacity = {capacity}\npersistence_when_full = \"{when_full}\"\n"
+            ),
+        )
+        .replace(
+            "scheduler = \"weighted_round_robin\"\n",
+            "scheduler = \"weighted_round_robin\"\npersistence_timeout = 30\n",
+        );
+    Config::from_str(&text, "persist.toml").expect("valid config")
+}
+
+/// The server a new UDP flow from `client:port` is forwarded to at `now`.
+fn server_for(r: &Replayer, now: u32, client: [u8; 4], port: u16) -> Option<[u8; 4]> {
+    let mut f = udp(&Hop::from_client(client, port, VIP, 53), b"x");
+    match r.process(&mut f, now) {
+        Verdict::Tx(Port::Backend) => Some(f[30..34].try_into().expect("4 bytes")),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_persisted_client_keeps_its_server_until_30_s_of_silence() {
+    let r = Replayer::new(&persist_udp(1024, "evict_oldest")).expect("replayer");
+    let first = server_for(&r, 100, CLIENT, 40000).unwrap();
+    // Other clients move the round-robin cursor on.
+    let other = server_for(&r, 100, [198, 18, 4, 8], 40000).unwrap();
+    assert_ne!(first, other, "round robin alternates");
+    // New flows (new source ports) from the client, each within 30 s of the
+    // last packet: every one refreshes the entry and goes to the same server.
+    for (i, t) in [120, 145, 170, 199].iter().enumerate() {
+        assert_eq!(
+            server_for(&r, *t, CLIENT, 40001 + i as u16),
+            Some(first),
+            "t={t}"
+        );
+    }
+    // 31 s of silence: the entry has expired and the scheduler decides. The
+    // cursor now points at `first` again (4 persisted hits did not move it),
+    // so burn one turn with another client first.
+    let _ = server_for(&r, 230, [198, 18, 4, 9], 40000);
+    let after = server_for(&r, 231, CLIENT, 40010).unwrap();
+    assert_ne!(after, first, "expired: scheduled afresh");
+    let c = &r.stats.core;
+    assert_eq!(c.persist_hits.load(Relaxed), 4);
+}
+
+#[test]
+fn a_flood_of_spoofed_clients_never_grows_the_persistence_table() {
+    for policy in ["evict_oldest", "no_record"] {
+        let r = Replayer::new(&persist_udp(1024, policy)).expect("replayer");
+        let cap = r.tables.persist.capacity();
+        let mem = r.tables.persist.memory();
+        assert_eq!(cap, 1024);
+        // A legitimate client first, then 100k spoofed sources.
+        let victim = server_for(&r, 10, CLIENT, 40000).unwrap();
+        for i in 0..100_000u32 {
+            let src = (0xc612_8000u32 + i).to_be_bytes(); // 198.18.128.0 upward
+            assert!(
+                server_for(&r, 11, src, 1234).is_some(),
+                "flood packet {i} forwarded"
+            );
+        }
+        assert!(r.tables.persist.count_live(11) <= cap);
+        assert_eq!(r.tables.persist.memory(), mem, "{policy}: memory unchanged");
+        let c = &r.stats.core;
+        match policy {
+            "evict_oldest" => assert!(c.persist_evicted.load(Relaxed) > 90_000),
+            _ => {
+                assert!(c.persist_full.load(Relaxed) > 90_000);
+                assert_eq!(c.persist_evicted.load(Relaxed), 0);
+                // Recorded sessions are kept: the victim still gets its
+                // server, whatever the round-robin cursor says.
+                for port in 40001..40005 {
+                    assert_eq!(server_for(&r, 12, CLIENT, port), Some(victim));
+                }
+            }
+        }
+    }
+}
