@@ -93,41 +93,38 @@ impl Neighbours {
 /// tables that exist for the life of the process.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.instance, &new.instance);
-    let mut out = Vec::new();
-    if a.mode != b.mode {
-        out.push("mode");
-    }
-    if a.client_interface != b.client_interface {
-        out.push("client_interface");
-    }
-    if a.backend_interface != b.backend_interface {
-        out.push("backend_interface");
-    }
-    if a.attach != b.attach {
-        out.push("attach");
-    }
-    if a.bind != b.bind {
-        out.push("bind");
-    }
-    if a.workers != b.workers {
-        out.push("workers");
-    }
-    if a.flow_table_capacity != b.flow_table_capacity {
-        out.push("flow_table_capacity");
-    }
-    if a.flow_idle_timeout != b.flow_idle_timeout {
-        out.push("flow_idle_timeout");
-    }
-    if a.persistence_capacity != b.persistence_capacity {
-        out.push("persistence_capacity");
-    }
-    if a.persistence_when_full != b.persistence_when_full {
-        out.push("persistence_when_full");
-    }
-    if a.control_socket != b.control_socket {
-        out.push("control_socket");
-    }
-    out
+    let keys = [
+        ("mode", a.mode != b.mode),
+        ("client_interface", a.client_interface != b.client_interface),
+        (
+            "backend_interface",
+            a.backend_interface != b.backend_interface,
+        ),
+        ("attach", a.attach != b.attach),
+        ("bind", a.bind != b.bind),
+        ("workers", a.workers != b.workers),
+        (
+            "flow_table_capacity",
+            a.flow_table_capacity != b.flow_table_capacity,
+        ),
+        (
+            "flow_idle_timeout",
+            a.flow_idle_timeout != b.flow_idle_timeout,
+        ),
+        (
+            "persistence_capacity",
+            a.persistence_capacity != b.persistence_capacity,
+        ),
+        (
+            "persistence_when_full",
+            a.persistence_when_full != b.persistence_when_full,
+        ),
+        ("control_socket", a.control_socket != b.control_socket),
+    ];
+    keys.iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(k, _)| *k)
+        .collect()
 }
 
 /// The control plane's state.
