@@ -10,12 +10,14 @@
 // xdp_md context (the generator namespace's veth), so each returned XDP_TX
 // puts one frame on the wire towards l4lb.
 //
-// Per frame the program writes a new client source address and port, taken
-// from a per-CPU sequence number, and updates the IPv4 header checksum and
-// the TCP/UDP checksum incrementally (RFC 1624, eqn. 3), so every frame on
-// the wire has valid checksums. Pages are recycled with whatever the
-// program wrote into them last time, so the update is always computed from
-// the bytes currently in the frame, never from the template.
+// Per frame the program first copies the driver's template (the first 64
+// bytes, from a map) over the frame: live-frame pages are recycled without
+// being re-initialised, and a receiver that got the page itself (the
+// kernel's forwarding path, which NATs and rewrites the Ethernet header in
+// place) leaves its changes in it. It then writes a new client source
+// address and port, taken from a per-CPU sequence number, and updates the
+// IPv4 header checksum and the TCP/UDP checksum incrementally (RFC 1624,
+// eqn. 3), so every frame on the wire has valid checksums.
 //
 // Client i (0 <= i < addrs * ports) is address first_client + i % addrs,
 // port first_port + i / addrs. A CPU emits clients cpu, cpu + stride,
@@ -46,6 +48,20 @@ struct {
 	__type(key, __u32);
 	__type(value, struct gen_cfg);
 } bench_gen_cfg SEC(".maps");
+
+#define TEMPLATE_LEN 64
+
+struct template {
+	__u8 data[TEMPLATE_LEN];
+};
+
+// [0]: the template frame, set by the driver.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct template);
+} bench_gen_template SEC(".maps");
 
 // [0] sequence number (next client), [1] frames returned as XDP_TX,
 // [2] frames dropped because they were not a usable IPv4 TCP/UDP template.
@@ -106,11 +122,16 @@ int bench_gen(struct xdp_md *ctx)
 	__u32 zero = 0;
 
 	struct gen_cfg *cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
+	struct template *tmpl = bpf_map_lookup_elem(&bench_gen_template, &zero);
 	__u64 *seq = counter(0);
 	__u64 *sent = counter(1);
-	if (!cfg || !seq || !sent || cfg->addrs == 0 || cfg->ports == 0 || cfg->stride == 0)
+	if (!cfg || !tmpl || !seq || !sent || cfg->addrs == 0 || cfg->ports == 0 ||
+	    cfg->stride == 0)
 		return reject();
 
+	if (data + TEMPLATE_LEN > data_end)
+		return reject();
+	__builtin_memcpy(data, tmpl->data, TEMPLATE_LEN);
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return reject();
 	struct iphdr *ip = (void *)(eth + 1);

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# l4lb's benchmarks. Root required for the end-to-end part.
+#
+#   scripts/bench.sh [e2e] [OPTIONS]  the end-to-end forwarding benchmark in
+#                                     network namespaces (default: 3 runs of
+#                                     10 s per case, about 10 minutes)
+#   scripts/bench.sh micro            the criterion micro-benchmarks (pipeline,
+#                                     flow table, Maglev), then their table
+#   scripts/bench.sh all [OPTIONS]    both
+#
+# OPTIONS go to `l4lb-bench run` (see `target/release/l4lb-bench run --help`),
+# e.g. a quick check: scripts/bench.sh e2e --runs 2 --secs 3
+#
+# Results are markdown on stdout (progress on stderr), to paste into
+# BENCHMARKS.md. The end-to-end benchmark's traffic stays inside the
+# namespaces l4lb-bench-{gen,lb,sink}, on 198.18.0.0/15; they are removed on
+# exit, whatever happens. Do not run the netns tests or the demo at the same
+# time: scripts/netns.sh removes every l4lb-* namespace, these included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=e2e
+case "${1:-}" in
+e2e | micro | all)
+    mode=$1
+    shift
+    ;;
+esac
+invocation="scripts/bench.sh $mode${*:+ $*}"
+
+die() {
+    echo "bench.sh: $*" >&2
+    exit 1
+}
+
+if [[ $mode != micro ]]; then
+    [[ ${EUID} -eq 0 ]] || die "run as root (network namespaces, XDP, BPF_PROG_RUN)"
+    scripts/install-deps.sh >&2
+    # What the benchmark needs beyond the build and test dependencies:
+    # nftables for the kernel baseline.
+    if ! command -v nft >/dev/null 2>&1; then
+        echo "bench.sh: installing nftables" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends nftables >/dev/null
+    fi
+    for tool in nft ip ethtool sysctl; do
+        command -v "$tool" >/dev/null || die "$tool still missing"
+    done
+fi
+
+TARGET=${CARGO_TARGET_DIR:-target}
+BIN=$TARGET/release
+cleanup() {
+    set +e
+    if [[ -x $BIN/l4lb-bench ]]; then
+        "$BIN/l4lb-bench" down
+    else
+        for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^l4lb-bench-'); do
+            ip netns delete "$ns"
+        done
+    fi
+}
+
+e2e() {
+    trap cleanup EXIT INT TERM
+    echo "== building (release)" >&2
+    cargo build --release --quiet --bin l4lb --bin l4lb-bench
+    "$BIN/l4lb-bench" run --command "$invocation" "$@"
+}
+
+micro() {
+    local since
+    since=$(date +%s)
+    echo "== cargo bench (pipeline, flow_table, maglev)" >&2
+    cargo bench --bench pipeline --bench flow_table --bench maglev >&2
+    cargo build --release --quiet --bin l4lb-bench
+    echo "### Micro-benchmarks"
+    echo
+    echo "- Command: \`$invocation\` (criterion 0.5; \`cargo bench --bench pipeline --bench flow_table --bench maglev\`)"
+    echo "- Machine: $(nproc) × $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r); $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    "$BIN/l4lb-bench" micro-report --since "$since" "$TARGET/criterion"
+}
+
+case $mode in
+e2e) e2e "$@" ;;
+micro) micro ;;
+all)
+    micro
+    echo
+    e2e "$@"
+    ;;
+esac
