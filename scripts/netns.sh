@@ -14,7 +14,6 @@
 # Usage: scripts/netns.sh up [--clients N] [--queues Q] | down | status
 set -euo pipefail
 
-readonly NS_PREFIX="l4lb-"
 readonly NS_CLIENT="l4lb-client"
 readonly NS_LB="l4lb-lb"
 readonly NS_SW="l4lb-sw"
@@ -48,10 +47,11 @@ check_prereqs() {
     done
 }
 
-# Namespaces we own, matched on the prefix so that leftovers of an older or
-# half-built topology are also found.
+# The namespaces this topology owns, by exact name: other tools share the
+# l4lb- prefix (the benchmark's l4lb-bench-*) and must not be torn down.
 list_ns() {
-    ip netns list 2>/dev/null | awk '{print $1}' | grep "^${NS_PREFIX}" || true
+    local want="^(${NS_CLIENT}|${NS_LB}|${NS_SW}|l4lb-b[0-9]+)$"
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -E "${want}" || true
 }
 
 # Processes still running inside a namespace keep it (and its veths, and any

@@ -189,6 +189,13 @@ pub struct FlowTable {
     seed: u64,
 }
 
+/// Key equality without a call to memcmp (which `==` on `[u64; 5]` becomes):
+/// five XORs folded into one test.
+#[inline(always)]
+fn same(a: &[u64; 5], b: &[u64; 5]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+}
+
 #[inline]
 fn mix(mut h: u64, w: u64) -> u64 {
     // splitmix64's finaliser, applied per word.
@@ -293,7 +300,7 @@ impl FlowTable {
         for i in 0..WINDOW {
             let slot = &self.slots[(home + i) & self.mask];
             if let Some((k, v)) = Self::read(slot) {
-                if k == words && self.live(slot, now) {
+                if same(&k, &words) && self.live(slot, now) {
                     let touched = Self::touch(slot, now);
                     return Some((FlowValue::unpack(v), touched));
                 }
@@ -330,7 +337,7 @@ impl FlowTable {
                     continue;
                 };
                 let live = k[4] != 0 && self.live(slot, now);
-                if live && k == words {
+                if live && same(&k, &words) {
                     let old = FlowValue::unpack(v);
                     if old == value {
                         let _ = Self::touch(slot, now);
@@ -372,7 +379,7 @@ impl FlowTable {
             let idx = (home + i) & self.mask;
             let slot = &self.slots[idx];
             if let Some((k, v)) = Self::read(slot) {
-                if k == words && self.live(slot, now) {
+                if same(&k, &words) && self.live(slot, now) {
                     let mut val = FlowValue::unpack(v);
                     if val.closed {
                         return false;
