@@ -14,8 +14,8 @@
 # Results are markdown on stdout (progress on stderr), to paste into
 # BENCHMARKS.md. The end-to-end benchmark's traffic stays inside the
 # namespaces l4lb-bench-{gen,lb,sink}, on 198.18.0.0/15; they are removed on
-# exit, whatever happens. Do not run the netns tests or the demo at the same
-# time: scripts/netns.sh removes every l4lb-* namespace, these included.
+# exit, whatever happens. (The test harness's scripts/netns.sh removes only its
+# own namespaces, but running both at once would skew the figures.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
