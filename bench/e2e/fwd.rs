@@ -26,9 +26,6 @@ use xsk_rs::FrameDesc;
 
 use crate::common::{self, Mac, Proto};
 
-/// As in l4lb's worker: 8 kicks x 32 frames covers two RX bursts.
-const MAX_KICKS: usize = 8;
-
 /// As `l4lb::dataplane::worker`.
 const BURST: usize = 64;
 const IDLE_SPINS: u32 = 20_000;
@@ -220,22 +217,11 @@ fn forward(mut x: XskPair, stop: &AtomicBool, stats: &FwdStats, src: Mac, dst: M
                 q.descs.copy_within(sent..q.len, 0);
                 q.len -= sent;
             }
-            // flush, exactly as l4lb's worker does (dataplane/worker.rs):
-            // kick until what is in flight has completed, at most MAX_KICKS
-            // times, stopping when a kick completes nothing.
+            // flush: the worker's own (dataplane::xsk::flush).
             if port.in_flight > 0 {
                 work += 1;
             }
-            for _ in 0..MAX_KICKS {
-                if port.in_flight > 0 && port.tx.needs_wakeup() {
-                    let _ = port.tx.wakeup();
-                }
-                let done = xsk::complete(port, &mut scratch);
-                free.extend_from_slice(&scratch[..done]);
-                if done == 0 || port.in_flight == 0 {
-                    break;
-                }
-            }
+            xsk::flush(port, &mut scratch, &mut free);
         }
 
         // Refill both fill rings.

@@ -24,9 +24,6 @@ use xsk_rs::FrameDesc;
 pub const BURST: usize = 64;
 /// Empty iterations before the worker sleeps in poll(2).
 const IDLE_SPINS: u32 = 20_000;
-/// Kicks of one TX ring per iteration at most: 8 x 32 frames (the copy-mode
-/// batch) covers two full RX bursts.
-const MAX_KICKS: usize = 8;
 
 pub struct Worker {
     pub id: usize,
@@ -129,28 +126,10 @@ impl Worker {
                     q.descs.copy_within(sent..q.len, 0);
                     q.len -= sent;
                 }
-                // flush: copy mode sends at most 32 frames per sendto(), so
-                // one kick per iteration would let the TX ring fill up (and
-                // frames be dropped as tx_ring_full) while RX takes 64. Kick
-                // until what is in flight has gone, reaping completions as
-                // they come; bounded, and stopping as soon as a kick
-                // completes nothing (zero-copy drivers complete later).
                 if port.in_flight > 0 {
                     work += 1;
                 }
-                for _ in 0..MAX_KICKS {
-                    if port.in_flight > 0 && port.tx.needs_wakeup() {
-                        // EAGAIN/EBUSY/ENOBUFS are absorbed by xsk-rs; other
-                        // errors leave frames in flight, retried next time.
-                        let _ = port.tx.wakeup();
-                    }
-                    // Completions go back to the free list.
-                    let done = xsk::complete(port, &mut scratch);
-                    free.extend_from_slice(&scratch[..done]);
-                    if done == 0 || port.in_flight == 0 {
-                        break;
-                    }
-                }
+                xsk::flush(port, &mut scratch, &mut free);
             }
 
             // Refill both fill rings from the free list.

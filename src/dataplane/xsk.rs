@@ -163,3 +163,29 @@ pub fn fill(port: &mut XskPort, descs: &[FrameDesc]) -> usize {
     // they come back through RX.
     unsafe { port.fq.produce(descs) }
 }
+
+/// Kicks of one TX ring per flush at most: 8 x 32 frames (the copy-mode
+/// batch) covers two full RX bursts.
+pub const MAX_KICKS: usize = 8;
+
+/// The `flush` stage: copy mode sends at most 32 frames per `sendto()`, so
+/// one kick per loop iteration would let the TX ring fill up (and frames be
+/// dropped) while RX takes 64. Kicks until what is in flight has gone,
+/// moving completed frames to `free` as they come; bounded, and stopping as
+/// soon as a round completes nothing (zero-copy drivers complete later).
+/// `free` has room for every frame of the UMEM, so it never reallocates.
+#[inline]
+pub fn flush(port: &mut XskPort, scratch: &mut [FrameDesc], free: &mut Vec<FrameDesc>) {
+    for _ in 0..MAX_KICKS {
+        if port.in_flight > 0 && port.tx.needs_wakeup() {
+            // EAGAIN/EBUSY/ENOBUFS are absorbed by xsk-rs; other errors leave
+            // frames in flight, retried on the next flush.
+            let _ = port.tx.wakeup();
+        }
+        let done = complete(port, scratch);
+        free.extend_from_slice(&scratch[..done]);
+        if done == 0 || port.in_flight == 0 {
+            break;
+        }
+    }
+}
