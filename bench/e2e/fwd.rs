@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use l4lb::control::snapshot::L4Key;
 use l4lb::control::xdp::{Attach, Steering};
-use l4lb::dataplane::xsk::{self, Bind, XskPair, FRAME_COUNT, RING_SIZE};
+use l4lb::dataplane::xsk::{self, Bind, XskPair};
 use l4lb::util::map_v4;
 use xsk_rs::FrameDesc;
 
@@ -151,7 +151,7 @@ struct TxBuf {
 /// The worker loop of `l4lb::dataplane::worker::Worker::run`, step for step,
 /// with `process_burst` reduced to "set the MACs, send to the backend side".
 fn forward(mut x: XskPair, stop: &AtomicBool, stats: &FwdStats, src: Mac, dst: Mac) {
-    let mut free: Vec<FrameDesc> = std::mem::take(&mut x.frames);
+    let mut free = x.prime();
     let mut rx = [FrameDesc::default(); BURST];
     let mut scratch = [FrameDesc::default(); BURST];
     let mut txq = [
@@ -164,13 +164,6 @@ fn forward(mut x: XskPair, stop: &AtomicBool, stats: &FwdStats, src: Mac, dst: M
             len: 0,
         },
     ];
-    debug_assert_eq!(free.len(), FRAME_COUNT as usize);
-    for p in 0..2 {
-        let take = (RING_SIZE as usize).min(free.len());
-        let at = free.len() - take;
-        let n = xsk::fill(&mut x.ports[p], &free[at..]);
-        free.truncate(free.len() - n);
-    }
 
     let mut idle: u32 = 0;
     while !stop.load(Relaxed) {

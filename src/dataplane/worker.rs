@@ -15,7 +15,7 @@
 use crate::control::snapshot::Snapshot;
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::pipeline::{Port, Processor, Tables, Verdict};
-use crate::dataplane::xsk::{self, XskPair, FRAME_COUNT, RING_SIZE};
+use crate::dataplane::xsk::{self, XskPair};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,7 +44,7 @@ struct TxBuf {
 
 impl Worker {
     pub fn run(mut self) {
-        let mut free: Vec<FrameDesc> = std::mem::take(&mut self.xsk.frames);
+        let mut free = self.xsk.prime();
         let mut rx = [FrameDesc::default(); BURST];
         let mut scratch = [FrameDesc::default(); BURST];
         // Room for two full bursts per egress port: what the TX ring did not
@@ -59,15 +59,6 @@ impl Worker {
                 len: 0,
             },
         ];
-        debug_assert_eq!(free.len(), FRAME_COUNT as usize);
-
-        // Prime both fill rings.
-        for p in 0..2 {
-            let take = (RING_SIZE as usize).min(free.len());
-            let at = free.len() - take;
-            let n = xsk::fill(&mut self.xsk.ports[p], &free[at..]);
-            free.truncate(free.len() - n);
-        }
 
         let mut idle: u32 = 0;
         while !self.stop.load(Ordering::Relaxed) {

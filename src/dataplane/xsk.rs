@@ -119,6 +119,24 @@ impl XskPair {
     }
 }
 
+impl XskPair {
+    /// Takes the UMEM's frames, gives each port's fill ring a ring's worth,
+    /// and returns the rest: the worker's free list. Its capacity is every
+    /// frame of the UMEM, so pushing completed frames back never
+    /// reallocates.
+    pub fn prime(&mut self) -> Vec<FrameDesc> {
+        let mut free = std::mem::take(&mut self.frames);
+        debug_assert_eq!(free.len(), FRAME_COUNT as usize);
+        for port in self.ports.iter_mut() {
+            let take = (RING_SIZE as usize).min(free.len());
+            let at = free.len() - take;
+            let n = fill(port, &free[at..]);
+            free.truncate(free.len() - n);
+        }
+        free
+    }
+}
+
 /// Receives up to `out.len()` descriptors.
 #[inline]
 pub fn rx_burst(port: &mut XskPort, out: &mut [FrameDesc]) -> usize {
