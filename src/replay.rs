@@ -67,6 +67,13 @@ impl Replayer {
 
     /// Processes one frame at time `now` (seconds), rewriting it in place.
     pub fn process(&self, frame: &mut [u8], now: u32) -> Verdict {
+        self.processor(now).process(frame)
+    }
+
+    /// The worker's processor over this replayer's snapshot, tables and
+    /// counters at `now`: for burst processing
+    /// ([`Processor::process_burst`]), as the worker does it.
+    pub fn processor(&self, now: u32) -> Processor<'_> {
         Processor {
             snapshot: &self.snapshot,
             tables: &self.tables,
@@ -74,7 +81,6 @@ impl Replayer {
             shared: &self.shared,
             now,
         }
-        .process(frame)
     }
 }
 

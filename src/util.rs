@@ -89,11 +89,112 @@ pub fn ip_from16(a: &Addr16) -> IpAddr {
 /// IPv4 address bytes into the 16-byte form.
 #[inline]
 pub fn map_v4(b: [u8; 4]) -> Addr16 {
-    let mut a = [0u8; 16];
-    a[10] = 0xff;
-    a[11] = 0xff;
-    a[12..].copy_from_slice(&b);
-    a
+    // Built as one 128-bit value, so that it is written with one store: the
+    // packet path reads it back as 64-bit words right away, and byte-wise
+    // stores followed by a wide load stall store forwarding.
+    ((u32::from_le_bytes(b) as u128) << 96 | 0xffff_u128 << 80).to_le_bytes()
+}
+
+/// The two 64-bit words of an address, as the in-process tables compare
+/// and hash them (native byte order).
+#[inline(always)]
+pub fn addr_words(a: &Addr16) -> [u64; 2] {
+    let x = u128::from_ne_bytes(*a);
+    if cfg!(target_endian = "little") {
+        [x as u64, (x >> 64) as u64]
+    } else {
+        [(x >> 64) as u64, x as u64]
+    }
+}
+
+/// Multiplies two words to 128 bits and folds the halves together: the
+/// mixing step of foldhash and ahash. Two words per multiply, and
+/// independent pairs run in parallel.
+#[inline(always)]
+pub fn fold_mul(a: u64, b: u64) -> u64 {
+    let p = (a as u128).wrapping_mul(b as u128);
+    (p as u64) ^ (p >> 64) as u64
+}
+
+/// A small read-only map from three-word keys to `u32`, built once per
+/// snapshot: open addressing over a power-of-two array at most half full,
+/// linear probing, one folded multiply per lookup. It replaces a general
+/// hash map on the packet path (listener, backend and address lookups),
+/// where hashing byte by byte and SIMD group probing cost more than the
+/// whole lookup should. Keys must have a nonzero third word (it marks a
+/// used entry).
+#[derive(Debug, Clone)]
+pub struct WordIndex {
+    keys: Box<[[u64; 3]]>,
+    values: Box<[u32]>,
+    mask: usize,
+    len: usize,
+}
+
+const INDEX_SEEDS: [u64; 2] = [0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344];
+
+impl WordIndex {
+    /// Builds the index; a key given twice keeps its first value.
+    pub fn build(entries: &[([u64; 3], u32)]) -> Self {
+        let n = (entries.len() * 2).max(8).next_power_of_two();
+        let mut idx = WordIndex {
+            keys: vec![[0; 3]; n].into_boxed_slice(),
+            values: vec![0; n].into_boxed_slice(),
+            mask: n - 1,
+            len: 0,
+        };
+        for (k, v) in entries {
+            assert!(k[2] != 0, "WordIndex keys have a nonzero third word");
+            let mut i = idx.slot(k);
+            loop {
+                if idx.keys[i] == *k {
+                    break;
+                }
+                if idx.keys[i][2] == 0 {
+                    idx.keys[i] = *k;
+                    idx.values[i] = *v;
+                    idx.len += 1;
+                    break;
+                }
+                i = (i + 1) & idx.mask;
+            }
+        }
+        idx
+    }
+
+    #[inline(always)]
+    fn slot(&self, k: &[u64; 3]) -> usize {
+        let h = fold_mul(k[0] ^ INDEX_SEEDS[0], k[1] ^ k[2] ^ INDEX_SEEDS[1]);
+        (h ^ (h >> 32)) as usize & self.mask
+    }
+
+    #[inline]
+    pub fn get(&self, k: &[u64; 3]) -> Option<u32> {
+        let mut i = self.slot(k);
+        loop {
+            let e = &self.keys[i];
+            if ((e[0] ^ k[0]) | (e[1] ^ k[1]) | (e[2] ^ k[2])) == 0 {
+                return Some(self.values[i]);
+            }
+            if e[2] == 0 {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The keys, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &[u64; 3]> {
+        self.keys.iter().filter(|k| k[2] != 0)
+    }
 }
 
 pub fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -132,6 +233,22 @@ mod tests {
             assert_eq!(ip_from16(&addr16(&ip)), ip);
         }
         assert_eq!(map_v4([198, 18, 0, 1]), addr16(&v4(198, 18, 0, 1)));
+    }
+
+    #[test]
+    fn word_index_finds_every_key_and_nothing_else() {
+        let entries: Vec<([u64; 3], u32)> = (0..100u64)
+            .map(|i| ([i * 7, i ^ 0x55, 1 + (i % 3)], i as u32))
+            .collect();
+        let idx = WordIndex::build(&entries);
+        assert_eq!(idx.len(), 100);
+        for (k, v) in &entries {
+            assert_eq!(idx.get(k), Some(*v));
+        }
+        assert_eq!(idx.get(&[1, 2, 3]), None);
+        assert_eq!(idx.get(&[0, 0x55, 2]), None, "same words, other third word");
+        assert_eq!(WordIndex::build(&[]).get(&[1, 1, 1]), None);
+        assert_eq!(idx.keys().count(), 100);
     }
 
     #[test]

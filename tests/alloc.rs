@@ -1,10 +1,10 @@
 //! The data plane allocates nothing per packet.
 //!
 //! A counting global allocator counts the allocations made by the current
-//! thread while counting is switched on. The burst pipeline
-//! (`Replayer::process`, the same `Processor::process` the AF_XDP worker
-//! runs) then processes prebuilt bursts for many iterations after a
-//! warm-up: forwarded frames (new sessions whenever the clock jumps past the
+//! thread while counting is switched on. The pipeline then processes
+//! prebuilt frames for many iterations after a warm-up, alternately in
+//! bursts of up to 64 (`Processor::process_burst`, what the AF_XDP worker
+//! runs) and one frame at a time (`Processor::process`): forwarded frames (new sessions whenever the clock jumps past the
 //! timeouts, established flows otherwise), backends' replies, and frames it
 //! drops or passes. The steady state must allocate exactly nothing.
 //!
@@ -15,6 +15,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::hint::black_box;
 
+use l4lb::dataplane::pipeline::Meta;
 use l4lb::dataplane::{Port, Verdict};
 use l4lb::replay::{Replayer, BACKEND_IF_MAC, CLIENT_IF_MAC};
 
@@ -172,16 +173,34 @@ fn steady_state_pipeline_allocates_nothing() {
     let cases = cases(&r);
     let pristine: Vec<Vec<u8>> = cases.iter().map(|c| c.frame.clone()).collect();
     let mut work = pristine.clone();
+    let mut frames: Vec<&mut [u8]> = work.iter_mut().map(|w| w.as_mut_slice()).collect();
+    let mut metas = vec![Meta::default(); 64];
+    let mut verdicts = vec![Verdict::Pass; 64];
     let mut now = NOW;
+    let mut round = 0u32;
 
     // One pass: processes every case, restoring frames first; returns the
-    // number of frames whose verdict was not the expected one.
+    // number of frames whose verdict was not the expected one. Odd rounds
+    // go in bursts, even rounds frame by frame.
     let mut pass = |now: u32| -> u64 {
+        round += 1;
         let mut wrong = 0;
-        for ((w, p), c) in work.iter_mut().zip(&pristine).zip(&cases) {
-            w.copy_from_slice(p);
-            if !same_kind(r.process(w, now), c.want) {
-                wrong += 1;
+        for (f, p) in frames.iter_mut().zip(&pristine) {
+            f.copy_from_slice(p);
+        }
+        let proc = r.processor(now);
+        for (at, burst) in (0..).step_by(64).zip(frames.chunks_mut(64)) {
+            if round % 2 == 1 {
+                proc.process_burst(burst, &mut metas, &mut verdicts);
+            } else {
+                for (f, v) in burst.iter_mut().zip(verdicts.iter_mut()) {
+                    *v = proc.process(f);
+                }
+            }
+            for (v, c) in verdicts.iter().zip(&cases[at..]).take(burst.len()) {
+                if !same_kind(*v, c.want) {
+                    wrong += 1;
+                }
             }
         }
         wrong

@@ -10,7 +10,7 @@
 use crate::config::{AllDown, Config, Protocol, Scheduler};
 use crate::control::ids::{Ids, MAX_ID};
 use crate::sched::{client_hash_bytes, Maglev, MaglevBackend, DEFAULT_TABLE_SIZE};
-use crate::util::{addr16, Addr16, FxMap, FxSet, Mac};
+use crate::util::{addr16, addr_words, Addr16, FxMap, Mac, WordIndex};
 use std::net::IpAddr;
 
 /// (address, port, protocol) in the form used by the data plane's lookups.
@@ -19,6 +19,27 @@ pub struct L4Key {
     pub addr: Addr16,
     pub port: u16,
     pub proto: u8,
+}
+
+impl L4Key {
+    /// The key as [`WordIndex`] compares it.
+    #[inline(always)]
+    pub fn words(addr: &Addr16, port: u16, proto: u8) -> [u64; 3] {
+        let [a, b] = addr_words(addr);
+        [a, b, 1 << 32 | (port as u64) << 8 | proto as u64]
+    }
+}
+
+/// An address as a [`WordIndex`] key.
+#[inline(always)]
+fn addr_key(addr: &Addr16) -> [u64; 3] {
+    let [a, b] = addr_words(addr);
+    [a, b, 1]
+}
+
+fn addr_set<'a>(addrs: impl Iterator<Item = &'a Addr16>) -> WordIndex {
+    let entries: Vec<([u64; 3], u32)> = addrs.map(|a| (addr_key(a), 0)).collect();
+    WordIndex::build(&entries)
 }
 
 pub fn proto_number(p: Protocol) -> u8 {
@@ -122,14 +143,19 @@ pub struct Snapshot {
     pub services: Vec<ServiceEntry>,
     pub backends: Vec<BackendEntry>,
     pub links: Links,
-    listener_index: FxMap<L4Key, u32>,
-    backend_index: FxMap<L4Key, u32>,
+    listener_index: WordIndex,
+    backend_index: WordIndex,
     /// Stable id → dense index + 1 (0: not in this snapshot).
     listener_by_id: Box<[u32]>,
     backend_by_id: Box<[u32]>,
-    vips: FxSet<Addr16>,
-    backend_hosts: FxSet<Addr16>,
-    local: FxSet<Addr16>,
+    vips: WordIndex,
+    backend_hosts: WordIndex,
+    local: WordIndex,
+    /// The same sets as lists, for the XDP maps.
+    listener_keys: Vec<L4Key>,
+    vip_list: Vec<Addr16>,
+    backend_host_list: Vec<Addr16>,
+    local_list: Vec<Addr16>,
 }
 
 /// Smooth weighted round robin (the nginx algorithm): each step every
@@ -255,19 +281,18 @@ impl Snapshot {
         }
 
         let mut listeners = Vec::with_capacity(config.listeners.len());
-        let mut listener_index = FxMap::default();
-        let mut vips = FxSet::default();
-        for (i, l) in config.listeners.iter().enumerate() {
+        let mut listener_keys = Vec::with_capacity(config.listeners.len());
+        let mut vip_list: Vec<Addr16> = Vec::new();
+        for l in &config.listeners {
             let vip16 = addr16(&l.vip);
-            listener_index.insert(
-                L4Key {
-                    addr: vip16,
-                    port: l.port,
-                    proto: proto_number(l.protocol),
-                },
-                i as u32,
-            );
-            vips.insert(vip16);
+            listener_keys.push(L4Key {
+                addr: vip16,
+                port: l.port,
+                proto: proto_number(l.protocol),
+            });
+            if !vip_list.contains(&vip16) {
+                vip_list.push(vip16);
+            }
             listeners.push(ListenerEntry {
                 id: ids.listener(&l.name)?,
                 name: l.name.clone(),
@@ -286,7 +311,20 @@ impl Snapshot {
         for (i, b) in backends.iter().enumerate() {
             backend_by_id[b.id as usize] = i as u32 + 1;
         }
-        let backend_hosts = backends.iter().map(|b| b.addr16).collect();
+        let index = |keys: &mut dyn Iterator<Item = (&L4Key, u32)>| {
+            let entries: Vec<([u64; 3], u32)> = keys
+                .map(|(k, i)| (L4Key::words(&k.addr, k.port, k.proto), i))
+                .collect();
+            WordIndex::build(&entries)
+        };
+        let listener_index = index(&mut listener_keys.iter().zip(0..));
+        let backend_index = index(&mut backend_index.iter().map(|(k, i)| (k, *i)));
+        let mut backend_host_list: Vec<Addr16> = backends.iter().map(|b| b.addr16).collect();
+        backend_host_list.sort_unstable();
+        backend_host_list.dedup();
+        let mut local_list: Vec<Addr16> = inp.local.iter().map(addr16).collect();
+        local_list.sort_unstable();
+        local_list.dedup();
         Ok(Snapshot {
             generation: inp.generation,
             listeners,
@@ -297,9 +335,13 @@ impl Snapshot {
             backend_index,
             listener_by_id,
             backend_by_id,
-            vips,
-            backend_hosts,
-            local: inp.local.iter().map(addr16).collect(),
+            vips: addr_set(vip_list.iter()),
+            backend_hosts: addr_set(backend_host_list.iter()),
+            local: addr_set(local_list.iter()),
+            listener_keys,
+            vip_list,
+            backend_host_list,
+            local_list,
         })
     }
 
@@ -325,24 +367,12 @@ impl Snapshot {
 
     #[inline]
     pub fn listener(&self, addr: &Addr16, port: u16, proto: u8) -> Option<u32> {
-        self.listener_index
-            .get(&L4Key {
-                addr: *addr,
-                port,
-                proto,
-            })
-            .copied()
+        self.listener_index.get(&L4Key::words(addr, port, proto))
     }
 
     #[inline]
     pub fn backend(&self, addr: &Addr16, port: u16, proto: u8) -> Option<u32> {
-        self.backend_index
-            .get(&L4Key {
-                addr: *addr,
-                port,
-                proto,
-            })
-            .copied()
+        self.backend_index.get(&L4Key::words(addr, port, proto))
     }
 
     /// Dense index of the listener with stable id `id`.
@@ -359,17 +389,17 @@ impl Snapshot {
 
     #[inline]
     pub fn is_vip(&self, addr: &Addr16) -> bool {
-        self.vips.contains(addr)
+        self.vips.get(&addr_key(addr)).is_some()
     }
 
     #[inline]
     pub fn is_backend_host(&self, addr: &Addr16) -> bool {
-        self.backend_hosts.contains(addr)
+        self.backend_hosts.get(&addr_key(addr)).is_some()
     }
 
     #[inline]
     pub fn is_local(&self, addr: &Addr16) -> bool {
-        self.local.contains(addr)
+        self.local.get(&addr_key(addr)).is_some()
     }
 
     /// The weighted source-IP scheduler: the backend index for a new flow
@@ -444,10 +474,10 @@ impl Snapshot {
     /// local addresses).
     pub fn steering_sets(&self) -> (Vec<Addr16>, Vec<L4Key>, Vec<Addr16>, Vec<Addr16>) {
         (
-            self.vips.iter().copied().collect(),
-            self.listener_index.keys().copied().collect(),
-            self.backend_hosts.iter().copied().collect(),
-            self.local.iter().copied().collect(),
+            self.vip_list.clone(),
+            self.listener_keys.clone(),
+            self.backend_host_list.clone(),
+            self.local_list.clone(),
         )
     }
 }

@@ -5,11 +5,14 @@
 //! what is tested offline is what runs live. It allocates nothing, takes no
 //! lock, makes no syscall and logs nothing.
 
+use crate::config::Scheduler;
 use crate::control::snapshot::{SchedState, ServiceEntry, Snapshot};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{parse, Frame, Parsed, PROTO_TCP};
-use crate::table::{FlowKey, FlowTable, FlowValue, ForwardKey, PersistKey, Upsert};
+use crate::table::{
+    FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
+};
 
 /// The two ports of a two-arm (NAT) load balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +54,105 @@ pub struct Processor<'a> {
     pub now: u32,
 }
 
+/// What the first stage of the burst pipeline learned about a frame, kept
+/// for the last stage: the parse, the listener, and the hashes of the table
+/// keys the frame will look up (whose buckets were prefetched).
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    frame: Frame,
+    class: Class,
+    /// Forward: the forward key's; reverse: the reply key's.
+    flow: Hint,
+    /// Forward, with persistence: the persistence key's.
+    persist: Hint,
+    /// Forward, probably new: the reply key's for the backend the
+    /// scheduler probably picks (a prefetch target only).
+    reply: Option<Hint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// To listener (dense index).
+    Forward(u32),
+    /// From a backend.
+    Reverse,
+    Other,
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Meta {
+            frame: Frame::NotIp,
+            class: Class::Other,
+            flow: Hint::default(),
+            persist: Hint::default(),
+            reply: None,
+        }
+    }
+}
+
+/// A burst of frames the pipeline rewrites in place: the worker's UMEM
+/// descriptors, or a buffer of the benchmarks and tests.
+pub trait Frames {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Runs `f` on frame `i`'s bytes.
+    fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut [u8]) -> R) -> R;
+}
+
+/// Equal-length frames back to back in one buffer.
+pub struct Chunks<'a> {
+    pub buf: &'a mut [u8],
+    pub frame_len: usize,
+}
+
+impl Frames for Chunks<'_> {
+    #[inline]
+    fn len(&self) -> usize {
+        self.buf.len() / self.frame_len
+    }
+    #[inline]
+    fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let at = i * self.frame_len;
+        f(&mut self.buf[at..at + self.frame_len])
+    }
+}
+
+impl Frames for [&mut [u8]] {
+    #[inline]
+    fn len(&self) -> usize {
+        <[&mut [u8]]>::len(self)
+    }
+    #[inline]
+    fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        f(self[i])
+    }
+}
+
+#[inline(always)]
+fn forward_key(p: &Parsed) -> ForwardKey {
+    ForwardKey {
+        proto: p.proto,
+        client: p.src,
+        client_port: p.sport,
+        vip: p.dst,
+        vip_port: p.dport,
+    }
+}
+
+#[inline(always)]
+fn reply_key(p: &Parsed) -> FlowKey {
+    FlowKey {
+        proto: p.proto,
+        client: p.dst,
+        client_port: p.dport,
+        backend: p.src,
+        backend_port: p.sport,
+    }
+}
+
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -77,10 +179,133 @@ impl SchedState for Processor<'_> {
 
 impl Processor<'_> {
     /// Decides what to do with `frame`, rewriting it in place when it is to
-    /// be forwarded. Counts the outcome.
+    /// be forwarded. Counts the outcome. (One frame: the burst pipeline's
+    /// stages back to back.)
     #[inline]
     pub fn process(&self, frame: &mut [u8]) -> Verdict {
-        let v = self.decide(frame);
+        let m = self.classify(frame);
+        self.finish(frame, &m)
+    }
+
+    /// Processes a burst in stages, DPDK style, so that the table cache
+    /// misses of different frames overlap instead of queueing:
+    /// 1. parse and classify every frame, hash its table keys, prefetch
+    ///    their bucket headers;
+    /// 2. from each header, prefetch the slot the key is probably in (or
+    ///    the slot its insert will take), and for a probably new flow
+    ///    guess the backend and prefetch its reply key's bucket;
+    /// 3. prefetch the reply entry's slot;
+    /// 4. decide, record and rewrite each frame, in arrival order.
+    ///
+    /// Only stage 4 decides anything, frame after frame, so the outcome is
+    /// exactly [`Processor::process`] on each frame in turn (two frames of
+    /// one new flow in a burst get one backend); stages 1-3 only warm the
+    /// cache. `metas` and `verdicts` hold at least `frames.len()` entries.
+    #[inline]
+    pub fn process_burst<F: Frames + ?Sized>(
+        &self,
+        frames: &mut F,
+        metas: &mut [Meta],
+        verdicts: &mut [Verdict],
+    ) {
+        let n = frames.len();
+        let metas = &mut metas[..n];
+        for (i, m) in metas.iter_mut().enumerate() {
+            *m = frames.with(i, |f| self.classify(f));
+        }
+        for m in metas.iter_mut() {
+            self.lookahead(m);
+        }
+        for m in metas.iter() {
+            if let Some(h) = m.reply {
+                self.tables.flows.prefetch_slot(h, self.now);
+            }
+        }
+        for (i, (m, v)) in metas.iter().zip(verdicts.iter_mut()).enumerate() {
+            *v = frames.with(i, |f| self.finish(f, m));
+        }
+    }
+
+    /// Stage 1: parse, find the listener, hash the keys, prefetch.
+    #[inline]
+    pub fn classify(&self, frame: &[u8]) -> Meta {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let mut m = Meta {
+            frame: parse(frame),
+            ..Meta::default()
+        };
+        if let Frame::L4(p) = &m.frame {
+            if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
+                m.class = Class::Forward(l);
+                m.flow = t.flows.hint(&forward_key(p).words());
+                t.flows.prefetch(m.flow);
+                let svc = snap.listeners[l as usize].service;
+                let se = &snap.services[svc as usize];
+                if se.persistence_timeout > 0 {
+                    let pkey = PersistKey {
+                        service: se.id,
+                        client: p.src,
+                    };
+                    m.persist = t.persist.hint(&pkey.words());
+                    t.persist.prefetch(m.persist);
+                }
+            } else if snap.backend(&p.src, p.sport, p.proto).is_some() {
+                m.class = Class::Reverse;
+                m.flow = t.flows.hint(&reply_key(p).words());
+                t.flows.prefetch(m.flow);
+            }
+        }
+        m
+    }
+
+    /// Stage 2: prefetch slots; guess a new flow's backend.
+    #[inline]
+    fn lookahead(&self, m: &mut Meta) {
+        let t = self.tables;
+        match (m.class, &m.frame) {
+            (Class::Forward(l), Frame::L4(p)) => {
+                if t.flows.prefetch_slot(m.flow, self.now) {
+                    return;
+                }
+                let snap = self.snapshot;
+                let svc = snap.listeners[l as usize].service;
+                let se = &snap.services[svc as usize];
+                if se.persistence_timeout > 0 && t.persist.prefetch_slot(m.persist, self.now) {
+                    // A returning client: its backend is in the slot
+                    // being loaded; no guess.
+                    return;
+                }
+                // Only the source-IP scheduler can be asked without
+                // side effects (round robin moves a cursor).
+                if se.scheduler == Scheduler::WeightedSourceIp {
+                    if let Some(b) = snap.pick(svc, p.src_wire()) {
+                        let be = &snap.backends[b as usize];
+                        let rkey = FlowKey {
+                            proto: p.proto,
+                            client: p.src,
+                            client_port: p.sport,
+                            backend: be.addr16,
+                            backend_port: be.port,
+                        };
+                        let h = t.flows.hint(&rkey.words());
+                        t.flows.prefetch(h);
+                        m.reply = Some(h);
+                    }
+                }
+            }
+            (Class::Reverse, _) => {
+                t.flows.prefetch_slot(m.flow, self.now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Stage 4: decides what to do with the frame, rewrites it in place
+    /// when it is to be forwarded, and counts the outcome.
+    #[inline]
+    pub fn finish(&self, frame: &mut [u8], m: &Meta) -> Verdict {
+        let v = self.decide(frame, m);
         let c = &self.stats.core;
         match v {
             Verdict::Tx(Port::Backend) => WorkerStats::add(&c.forwarded, 1),
@@ -92,9 +317,9 @@ impl Processor<'_> {
     }
 
     #[inline]
-    fn decide(&self, frame: &mut [u8]) -> Verdict {
+    fn decide(&self, frame: &mut [u8], m: &Meta) -> Verdict {
         let snap = self.snapshot;
-        match parse(frame) {
+        match m.frame {
             Frame::NotIp | Frame::Truncated => Verdict::Pass,
             Frame::OtherProto { src, dst } => {
                 // ICMP to a VIP is the kernel's; from a backend to a client
@@ -113,23 +338,25 @@ impl Processor<'_> {
                     Verdict::Pass
                 }
             }
-            Frame::L4(p) => {
-                if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
-                    self.forward(frame, &p, l)
-                } else if snap.backend(&p.src, p.sport, p.proto).is_some() {
+            Frame::L4(ref p) => match m.class {
+                Class::Forward(l) => self.forward(frame, p, l, m),
+                Class::Reverse => {
                     if snap.is_local(&p.dst) {
                         Verdict::Pass
                     } else {
-                        self.reverse(frame, &p)
+                        self.reverse(frame, p, m)
                     }
-                } else if snap.is_backend_host(&p.src) && !snap.is_local(&p.dst) {
-                    // A backend host talking to a client from a port that is
-                    // no backend: not a flow of ours.
-                    Verdict::Drop(DropReason::NoFlow)
-                } else {
-                    Verdict::Pass
                 }
-            }
+                Class::Other => {
+                    if snap.is_backend_host(&p.src) && !snap.is_local(&p.dst) {
+                        // A backend host talking to a client from a port
+                        // that is no backend: not a flow of ours.
+                        Verdict::Drop(DropReason::NoFlow)
+                    } else {
+                        Verdict::Pass
+                    }
+                }
+            },
         }
     }
 
@@ -142,7 +369,7 @@ impl Processor<'_> {
     }
 
     #[inline]
-    fn forward(&self, frame: &mut [u8], p: &Parsed, l: u32) -> Verdict {
+    fn forward(&self, frame: &mut [u8], p: &Parsed, l: u32, m: &Meta) -> Verdict {
         let snap = self.snapshot;
         let t = self.tables;
         if p.ttl <= 1 {
@@ -152,26 +379,22 @@ impl Processor<'_> {
         let svc = le.service;
         let se = &snap.services[svc as usize];
         let flags = tcp_flags(frame, p);
-        let fkey = ForwardKey {
-            proto: p.proto,
-            client: p.src,
-            client_port: p.sport,
-            vip: p.dst,
-            vip_port: p.dport,
-        };
+        let fkey = forward_key(p);
+        let fprobe = Probe::new(&fkey, m.flow);
         let pkey = PersistKey {
             service: se.id,
             client: p.src,
         };
+        let pprobe = Probe::new(&pkey, m.persist);
 
         // An established flow keeps its backend while that backend is up
         // and still in the service (whatever its weight: 0 drains).
         let mut chosen = None;
-        if let Some((v, touched)) = t.flows.lookup_touched(&fkey, self.now) {
+        if let Some((v, touched)) = t.flows.lookup_probe(&fprobe, self.now) {
             let reopened = v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if let Some(b) = snap.backend_of_id(v.backend) {
                 if v.listener == le.id && snap.keeps(svc, b) && !reopened {
-                    chosen = Some(b);
+                    chosen = Some((b, touched));
                     if touched {
                         // Once a second per flow: keep the reply entry alive
                         // too (or bring it back if it was evicted), so that a
@@ -191,22 +414,25 @@ impl Processor<'_> {
             }
         }
         let b = match chosen {
-            Some(b) => {
-                if se.persistence_timeout > 0 {
-                    // Every packet refreshes the client's persistence.
-                    t.persist.lookup(&pkey, self.now);
+            Some((b, touched)) => {
+                if touched && se.persistence_timeout > 0 {
+                    // The client's persistence lives as long as its flows:
+                    // refreshed whenever a flow's timer moves to a new
+                    // second (the clock's resolution, so no packet in
+                    // between could move it further).
+                    t.persist.lookup_probe(&pprobe, self.now);
                 }
                 b
             }
             None => {
-                let Some((b, persisted)) = self.choose(p, svc, &pkey) else {
+                let Some((b, persisted)) = self.choose(p, svc, &pprobe) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
                 // Nothing is recorded for a flow that cannot be sent.
                 if snap.backends[b as usize].mac.is_none() {
                     return Verdict::Drop(DropReason::NoNeighbour);
                 }
-                self.record_new(p, se, le.id, b, &fkey, &pkey, persisted);
+                self.record_new(p, se, le.id, b, &fprobe, &pprobe, persisted);
                 b
             }
         };
@@ -236,11 +462,11 @@ impl Processor<'_> {
     /// it may still take clients, else the scheduler's choice. Returns the
     /// backend index and whether it came from persistence.
     #[inline]
-    fn choose(&self, p: &Parsed, svc: u32, pkey: &PersistKey) -> Option<(u32, bool)> {
+    fn choose(&self, p: &Parsed, svc: u32, pprobe: &Probe) -> Option<(u32, bool)> {
         let snap = self.snapshot;
         let se = &snap.services[svc as usize];
         if se.persistence_timeout > 0 {
-            if let Some(v) = self.tables.persist.lookup(pkey, self.now) {
+            if let Some((v, _)) = self.tables.persist.lookup_probe(pprobe, self.now) {
                 // Persistence ends when its backend is removed, down or
                 // drained; the client is then scheduled afresh.
                 if let Some(b) = snap.backend_of_id(v.backend) {
@@ -264,8 +490,8 @@ impl Processor<'_> {
         se: &ServiceEntry,
         listener_id: u16,
         b: u32,
-        fkey: &ForwardKey,
-        pkey: &PersistKey,
+        fprobe: &Probe,
+        pprobe: &Probe,
         persisted: bool,
     ) {
         let t = self.tables;
@@ -273,10 +499,13 @@ impl Processor<'_> {
         let be = &self.snapshot.backends[b as usize];
         if se.persistence_timeout > 0 && !persisted {
             let v = FlowValue::new(0, be.id);
-            match t
-                .persist
-                .upsert(pkey, v, self.now, se.persistence_timeout, t.persist_evict)
-            {
+            match t.persist.upsert_probe(
+                pprobe,
+                v,
+                self.now,
+                se.persistence_timeout,
+                t.persist_evict,
+            ) {
                 Upsert::Full => WorkerStats::add(&c.persist_full, 1),
                 Upsert::Evicted(_) => {
                     WorkerStats::add(&c.persist_recorded, 1);
@@ -286,7 +515,9 @@ impl Processor<'_> {
             }
         }
         let value = FlowValue::new(listener_id, be.id);
-        let stored = t.flows.upsert(fkey, value, self.now, t.flow_timeout, true);
+        let stored = t
+            .flows
+            .upsert_probe(fprobe, value, self.now, t.flow_timeout, true);
         self.record(stored);
         if stored != Upsert::Full {
             // Only a stored flow can later be counted closed.
@@ -335,16 +566,10 @@ impl Processor<'_> {
     }
 
     #[inline]
-    fn reverse(&self, frame: &mut [u8], p: &Parsed) -> Verdict {
+    fn reverse(&self, frame: &mut [u8], p: &Parsed, m: &Meta) -> Verdict {
         let snap = self.snapshot;
-        let key = FlowKey {
-            proto: p.proto,
-            client: p.dst,
-            client_port: p.dport,
-            backend: p.src,
-            backend_port: p.sport,
-        };
-        let Some((v, touched)) = self.tables.flows.lookup_touched(&key, self.now) else {
+        let probe = Probe::new(&reply_key(p), m.flow);
+        let Some((v, touched)) = self.tables.flows.lookup_probe(&probe, self.now) else {
             return Verdict::Drop(DropReason::NoFlow);
         };
         let Some(l) = snap.listener_of_id(v.listener) else {

@@ -14,7 +14,7 @@
 
 use crate::control::snapshot::Snapshot;
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
-use crate::dataplane::pipeline::{Port, Processor, Tables, Verdict};
+use crate::dataplane::pipeline::{Frames, Meta, Port, Processor, Tables, Verdict};
 use crate::dataplane::xsk::{self, XskPair};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,24 @@ pub struct Worker {
     pub clock: fn() -> u32,
 }
 
+/// The frames of an RX burst, in the UMEM.
+struct UmemFrames<'a> {
+    umem: &'a xsk_rs::Umem,
+    descs: &'a mut [FrameDesc],
+}
+
+impl Frames for UmemFrames<'_> {
+    #[inline]
+    fn len(&self) -> usize {
+        self.descs.len()
+    }
+    #[inline]
+    fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut data = xsk::frame_mut(self.umem, &mut self.descs[i]);
+        f(data.contents_mut())
+    }
+}
+
 /// Frames waiting for one TX ring.
 struct TxBuf {
     descs: Box<[FrameDesc]>,
@@ -46,6 +64,9 @@ impl Worker {
     pub fn run(mut self) {
         let mut free = self.xsk.prime();
         let mut rx = [FrameDesc::default(); BURST];
+        // The burst pipeline's per-frame state: this worker's own.
+        let mut metas = vec![Meta::default(); BURST].into_boxed_slice();
+        let mut verdicts = [Verdict::Pass; BURST];
         let mut scratch = [FrameDesc::default(); BURST];
         // Room for two full bursts per egress port: what the TX ring did not
         // take this iteration is retried on the next.
@@ -81,11 +102,15 @@ impl Worker {
                 work += n;
                 WorkerStats::add(&self.stats.core.rx, n as u64);
                 // process_burst
-                for desc in rx.iter_mut().take(n) {
-                    let verdict = {
-                        let mut data = xsk::frame_mut(&self.xsk.umem, desc);
-                        proc.process(data.contents_mut())
-                    };
+                proc.process_burst(
+                    &mut UmemFrames {
+                        umem: &self.xsk.umem,
+                        descs: &mut rx[..n],
+                    },
+                    &mut metas,
+                    &mut verdicts,
+                );
+                for (desc, verdict) in rx.iter().zip(verdicts).take(n) {
                     match verdict {
                         Verdict::Tx(out) => {
                             let q = &mut txq[out as usize];

@@ -16,22 +16,36 @@
 //! # Design
 //! * Fixed capacity (a power of two), allocated once: memory never grows, a
 //!   flood of spoofed clients only evicts entries.
-//! * Open addressing with a bounded probe window of [`WINDOW`] slots; an
-//!   insert into a full window evicts its least recently seen entry (counted).
+//! * Buckets of [`WINDOW`] slots. A key hashes to one bucket and lives in one
+//!   of its slots; an insert into a full bucket evicts the entry closest to
+//!   expiry (with one timeout, the least recently seen), counted.
+//! * Each bucket has a header cache line: a one-byte tag per slot (8 bits of
+//!   the key's hash, 0 = never used) and each slot's expiry second. A miss
+//!   reads that one line (unless a tag matches by chance, 1 in 255 per used
+//!   slot); a hit reads it and the matching slot's line; an insert reads it
+//!   and writes one slot. (The first version probed 8 slot lines per miss
+//!   and per insert; a new session paid for 40 cache lines.)
 //! * Each slot is one cache line guarded by a sequence lock: readers never
 //!   block or write (they retry when they see a concurrent write), a writer
 //!   claims the slot with one compare-and-swap and never waits for anyone.
-//!   All fields are atomics, so a racing read is never undefined behaviour.
+//!   The slot's expiry in the header is written under the same sequence
+//!   number, so a reader sees key, value and expiry of one entry. All fields
+//!   are atomics, so a racing read is never undefined behaviour.
 //! * Expiry is lazy: an entry idle for longer than the timeout is a miss and
 //!   its slot is free for reuse; nothing stops the world. (The control plane
 //!   walks the table in small slices only to count silently ended flows as
 //!   closed for least-connections; it never frees anything.)
-//! * The slot index hash is seeded per process (the table is private to one
-//!   process), so an attacker cannot aim collisions at one window.
+//! * The bucket hash is seeded per process (the table is private to one
+//!   process), so an attacker cannot aim collisions at one bucket.
+//! * [`Probe`]: the hash of a key, computed once. The burst pipeline computes
+//!   the probes of a whole burst first and prefetches their buckets, so that
+//!   the burst's cache misses overlap instead of queueing one after another.
 
+use crate::table::mem::{Zeroable, ZeroedArray};
+use crate::util::fold_mul;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
-/// Slots probed per lookup: 8 cache lines, usually prefetched together.
+/// Slots per bucket.
 pub const WINDOW: usize = 8;
 
 const KIND_REPLY: u64 = 1;
@@ -163,30 +177,83 @@ pub enum Upsert {
     /// Inserted into a free slot, or over an expired entry (returned: its
     /// flow ended without being seen closing).
     Inserted(Option<FlowValue>),
-    /// Inserted by evicting the least recently seen live entry (returned).
+    /// Inserted by evicting the live entry closest to expiry (returned).
     Evicted(FlowValue),
-    /// Not inserted: the window was full and eviction was not allowed, or
-    /// every slot of the window was being written by other workers.
+    /// Not inserted: the bucket was full and eviction was not allowed, or
+    /// every slot of the bucket was being written by other workers.
     Full,
 }
 
+/// A bucket's header: one cache line read by every lookup.
 #[repr(C, align(64))]
-#[derive(Default)]
+struct Bucket {
+    /// Byte `i` is slot `i`'s tag: 0 if the slot was never used, else 8
+    /// bits of its key's hash (never 0). Written by the slot's writer
+    /// (which holds the slot's sequence lock) with a compare-and-swap loop,
+    /// since writers of the bucket's other slots share the word.
+    tags: AtomicU64,
+    /// Slot `i`'s expiry: the last second (caller's clock) it is live.
+    expires: [AtomicU32; WINDOW],
+}
+
+#[repr(C, align(64))]
 struct Slot {
-    /// Even: stable. Odd: a writer owns the slot.
+    /// Even: stable. Odd: a writer owns the slot (and its header fields).
     seq: AtomicU32,
-    /// Seconds (caller's clock) the entry was last used.
-    last_seen: AtomicU32,
     /// Idle seconds after which the entry is dead.
     timeout: AtomicU32,
     key: [AtomicU64; 5],
     value: AtomicU64,
 }
 
+/// Where a key lives in a table (its bucket and tag): the hash, computed
+/// once per packet and kept by the burst pipeline between its stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Hint {
+    bucket: u32,
+    tag: u8,
+}
+
+/// A key (as words) with its [`Hint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub words: [u64; 5],
+    pub hint: Hint,
+}
+
+impl Probe {
+    #[inline(always)]
+    pub fn new(key: &impl TableKey, hint: Hint) -> Self {
+        Probe {
+            words: key.words(),
+            hint,
+        }
+    }
+    #[inline(always)]
+    fn bucket(&self) -> usize {
+        self.hint.bucket as usize
+    }
+}
+
+/// One slot, read consistently.
+struct Entry {
+    key: [u64; 5],
+    value: u64,
+    timeout: u32,
+    expires: u32,
+}
+
+// SAFETY: both are atomics only; all-zero is an empty, stable slot / a
+// bucket of unused slots.
+unsafe impl Zeroable for Slot {}
+// SAFETY: as above.
+unsafe impl Zeroable for Bucket {}
+
 pub struct FlowTable {
-    slots: Box<[Slot]>,
+    buckets: ZeroedArray<Bucket>,
+    slots: ZeroedArray<Slot>,
     mask: usize,
-    seed: u64,
+    seed: [u64; 3],
 }
 
 /// Key equality without a call to memcmp (which `==` on `[u64; 5]` becomes):
@@ -196,11 +263,35 @@ fn same(a: &[u64; 5], b: &[u64; 5]) -> bool {
     ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
 }
 
-#[inline]
-fn mix(mut h: u64, w: u64) -> u64 {
-    // splitmix64's finaliser, applied per word.
-    h = (h ^ w).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^ (h >> 31)
+/// Whether an entry expiring at `expires` is live at `now`. Wrapping
+/// arithmetic: a clock a second behind another worker's still sees the
+/// entry live.
+#[inline(always)]
+fn live_at(expires: u32, now: u32) -> bool {
+    expires.wrapping_sub(now) as i32 >= 0
+}
+
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// A mask with bit 7 of byte `i` set where byte `i` of `x` is zero. Bytes
+/// above a true zero may be flagged falsely (borrow); callers check.
+#[inline(always)]
+fn zero_bytes(x: u64) -> u64 {
+    x.wrapping_sub(LOW_BITS) & !x & HIGH_BITS
+}
+
+/// Iterates the slot numbers flagged in a [`zero_bytes`] mask, in order.
+#[inline(always)]
+fn flagged(mut m: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if m == 0 {
+            return None;
+        }
+        let i = m.trailing_zeros() as usize / 8;
+        m &= m - 1;
+        Some(i)
+    })
 }
 
 impl FlowTable {
@@ -208,16 +299,23 @@ impl FlowTable {
     /// minimum [`WINDOW`]).
     pub fn new(capacity: usize) -> Self {
         let n = capacity.max(WINDOW).next_power_of_two();
-        let slots = (0..n).map(|_| Slot::default()).collect();
+        let slots = ZeroedArray::new(n);
+        let buckets = ZeroedArray::new(n / WINDOW);
         let seed = {
             use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(0x6c34_6c62);
-            h.finish()
+            let rs = std::collections::hash_map::RandomState::new();
+            let mut out = [0u64; 3];
+            for (i, s) in out.iter_mut().enumerate() {
+                let mut h = rs.build_hasher();
+                h.write_u64(0x6c34_6c62 + i as u64);
+                *s = h.finish();
+            }
+            out
         };
         FlowTable {
+            buckets,
             slots,
-            mask: n - 1,
+            mask: n / WINDOW - 1,
             seed,
         }
     }
@@ -226,58 +324,134 @@ impl FlowTable {
         self.slots.len()
     }
 
-    /// Bytes of memory the table holds.
+    /// Bytes of memory the table holds (mapped, in whole 2 MiB pages).
     pub fn memory(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<Slot>()
+        self.slots.mapped_bytes() + self.buckets.mapped_bytes()
     }
 
+    /// Hashes key words: three folded multiplies, the first two
+    /// independent.
     #[inline]
-    fn home(&self, words: &[u64; 5]) -> usize {
-        let mut h = self.seed;
-        for w in words {
-            h = mix(h, *w);
+    pub fn hint(&self, words: &[u64; 5]) -> Hint {
+        let s = &self.seed;
+        let a = fold_mul(words[0] ^ s[0], words[1] ^ s[1]);
+        let b = fold_mul(words[2] ^ s[2], words[3] ^ s[0]);
+        let h = fold_mul(a ^ words[4], b ^ s[1]);
+        let tag = (h >> 56) as u8;
+        Hint {
+            bucket: (h as usize & self.mask) as u32,
+            tag: tag + (tag == 0) as u8,
         }
-        h as usize & self.mask
     }
 
     #[inline]
-    fn live(&self, slot: &Slot, now: u32) -> bool {
-        now.wrapping_sub(slot.last_seen.load(Ordering::Relaxed))
-            <= slot.timeout.load(Ordering::Relaxed)
+    pub fn probe(&self, key: &impl TableKey) -> Probe {
+        let words = key.words();
+        let hint = self.hint(&words);
+        Probe { words, hint }
     }
 
-    /// Reads the slot's key and value consistently. `None` while a writer
+    /// Starts loading the hinted bucket's header into the cache.
+    #[inline(always)]
+    pub fn prefetch(&self, h: Hint) {
+        prefetch(&self.buckets[h.bucket as usize]);
+    }
+
+    /// Looks at the (prefetched) header of the hinted bucket and starts
+    /// loading the slot the key is probably in: the first slot whose tag
+    /// matches, else the slot an insert would take (a free or expired one,
+    /// else the one closest to expiry). Returns whether a tag matched (the
+    /// key is probably present). Only a hint: nothing is decided here.
+    #[inline]
+    pub fn prefetch_slot(&self, h: Hint, now: u32) -> bool {
+        let b = h.bucket as usize;
+        let header = &self.buckets[b];
+        let tags = header.tags.load(Ordering::Relaxed);
+        let hits = zero_bytes(tags ^ (h.tag as u64).wrapping_mul(LOW_BITS));
+        for i in flagged(hits) {
+            if live_at(header.expires[i].load(Ordering::Relaxed), now) {
+                prefetch(&self.slots[b * WINDOW + i]);
+                return true;
+            }
+        }
+        // The slot an insert takes: the first free or expired one, else
+        // the one closest to expiry.
+        let mut best = (0, i32::MAX);
+        for i in 0..WINDOW {
+            let left = header.expires[i].load(Ordering::Relaxed).wrapping_sub(now) as i32;
+            if (tags >> (8 * i)) as u8 == 0 || left < 0 {
+                best.0 = i;
+                break;
+            }
+            if left < best.1 {
+                best = (i, left);
+            }
+        }
+        let i = best.0;
+        prefetch(&self.slots[b * WINDOW + i]);
+        false
+    }
+
+    /// Reads slot `i` of bucket `b` consistently. `None` while a writer
     /// owns the slot.
     #[inline]
-    fn read(slot: &Slot) -> Option<([u64; 5], u64)> {
+    fn read(&self, b: usize, i: usize) -> Option<Entry> {
+        let slot = &self.slots[b * WINDOW + i];
+        let expires = &self.buckets[b].expires[i];
         for _ in 0..4 {
             let s1 = slot.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
                 std::hint::spin_loop();
                 continue;
             }
-            let key = [
-                slot.key[0].load(Ordering::Relaxed),
-                slot.key[1].load(Ordering::Relaxed),
-                slot.key[2].load(Ordering::Relaxed),
-                slot.key[3].load(Ordering::Relaxed),
-                slot.key[4].load(Ordering::Relaxed),
-            ];
-            let value = slot.value.load(Ordering::Relaxed);
+            let e = Entry {
+                key: [
+                    slot.key[0].load(Ordering::Relaxed),
+                    slot.key[1].load(Ordering::Relaxed),
+                    slot.key[2].load(Ordering::Relaxed),
+                    slot.key[3].load(Ordering::Relaxed),
+                    slot.key[4].load(Ordering::Relaxed),
+                ],
+                value: slot.value.load(Ordering::Relaxed),
+                timeout: slot.timeout.load(Ordering::Relaxed),
+                expires: expires.load(Ordering::Relaxed),
+            };
             fence(Ordering::Acquire);
             if slot.seq.load(Ordering::Relaxed) == s1 {
-                return Some((key, value));
+                return Some(e);
             }
         }
         None
     }
 
-    /// Refreshes the entry's timer; true if the second changed (the cache
-    /// line is only dirtied then).
+    /// The slot of the probe's bucket holding its key, live at `now`.
     #[inline]
-    fn touch(slot: &Slot, now: u32) -> bool {
-        if slot.last_seen.load(Ordering::Relaxed) != now {
-            slot.last_seen.store(now, Ordering::Relaxed);
+    fn find(&self, p: &Probe, now: u32) -> Option<(usize, Entry)> {
+        let header = &self.buckets[p.bucket()];
+        let tags = header.tags.load(Ordering::Acquire);
+        let hits = zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS));
+        for i in flagged(hits) {
+            // Skip an expired entry without touching its slot's line (the
+            // read below checks again, consistently).
+            if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
+                continue;
+            }
+            if let Some(e) = self.read(p.bucket(), i) {
+                if same(&e.key, &p.words) && live_at(e.expires, now) {
+                    return Some((i, e));
+                }
+            }
+        }
+        None
+    }
+
+    /// Moves slot `i`'s expiry to `now + timeout` if that is later; true if
+    /// it moved (the header line is only dirtied then: once a second).
+    #[inline]
+    fn touch(&self, b: usize, i: usize, e: &Entry, now: u32) -> bool {
+        let new = now.wrapping_add(e.timeout);
+        if new.wrapping_sub(e.expires) as i32 > 0 {
+            self.buckets[b].expires[i].store(new, Ordering::Relaxed);
             true
         } else {
             false
@@ -295,23 +469,20 @@ impl FlowTable {
     /// alive do so then, at most once a second per flow.
     #[inline]
     pub fn lookup_touched(&self, key: &impl TableKey, now: u32) -> Option<(FlowValue, bool)> {
-        let words = key.words();
-        let home = self.home(&words);
-        for i in 0..WINDOW {
-            let slot = &self.slots[(home + i) & self.mask];
-            if let Some((k, v)) = Self::read(slot) {
-                if same(&k, &words) && self.live(slot, now) {
-                    let touched = Self::touch(slot, now);
-                    return Some((FlowValue::unpack(v), touched));
-                }
-            }
-        }
-        None
+        self.lookup_probe(&self.probe(key), now)
+    }
+
+    /// [`FlowTable::lookup_touched`] with a precomputed probe.
+    #[inline]
+    pub fn lookup_probe(&self, p: &Probe, now: u32) -> Option<(FlowValue, bool)> {
+        let (i, e) = self.find(p, now)?;
+        let touched = self.touch(p.bucket(), i, &e, now);
+        Some((FlowValue::unpack(e.value), touched))
     }
 
     /// Makes `key` map to `value` with idle timeout `timeout`: refreshes an
-    /// identical entry, replaces a different one, or inserts. When the window
-    /// is full, evicts its least recently seen entry if `evict`, else gives
+    /// identical entry, replaces a different one, or inserts. When the bucket
+    /// is full, evicts its entry closest to expiry if `evict`, else gives
     /// up ([`Upsert::Full`]).
     #[inline]
     pub fn upsert(
@@ -322,48 +493,68 @@ impl FlowTable {
         timeout: u32,
         evict: bool,
     ) -> Upsert {
-        let words = key.words();
-        let home = self.home(&words);
+        self.upsert_probe(&self.probe(key), value, now, timeout, evict)
+    }
+
+    /// [`FlowTable::upsert`] with a precomputed probe.
+    pub fn upsert_probe(
+        &self,
+        p: &Probe,
+        value: FlowValue,
+        now: u32,
+        timeout: u32,
+        evict: bool,
+    ) -> Upsert {
+        let b = p.bucket();
+        let expires = now.wrapping_add(timeout);
         // Two passes: a concurrent writer may take our chosen slot between
         // the scan and the claim.
         for _ in 0..2 {
-            // (slot, the dead entry it held if any)
-            let mut free: Option<(usize, Option<FlowValue>)> = None;
-            let mut oldest: Option<(usize, u32, FlowValue)> = None;
-            for i in 0..WINDOW {
-                let idx = (home + i) & self.mask;
-                let slot = &self.slots[idx];
-                let Some((k, v)) = Self::read(slot) else {
-                    continue;
-                };
-                let live = k[4] != 0 && self.live(slot, now);
-                if live && same(&k, &words) {
-                    let old = FlowValue::unpack(v);
-                    if old == value {
-                        let _ = Self::touch(slot, now);
-                        return Upsert::Existing;
-                    }
-                    if self.write(idx, &words, value, now, timeout) {
-                        return Upsert::Replaced(old);
-                    }
-                    continue;
+            if let Some((i, e)) = self.find(p, now) {
+                let old = FlowValue::unpack(e.value);
+                if old == value {
+                    let _ = self.touch(b, i, &e, now);
+                    return Upsert::Existing;
                 }
-                if !live {
-                    let dead = (k[4] != 0).then(|| FlowValue::unpack(v));
-                    free.get_or_insert((idx, dead));
-                } else {
-                    let age = now.wrapping_sub(slot.last_seen.load(Ordering::Relaxed));
-                    if oldest.is_none_or(|(_, a, _)| age > a) {
-                        oldest = Some((idx, age, FlowValue::unpack(v)));
+                if self.write(b, i, &p.words, p.hint.tag, value, expires, timeout) {
+                    return Upsert::Replaced(old);
+                }
+                continue;
+            }
+            let header = &self.buckets[b];
+            let tags = header.tags.load(Ordering::Acquire);
+            // (slot, remaining seconds) of the live entry closest to expiry.
+            let mut soonest: Option<(usize, i32)> = None;
+            let mut chosen = None;
+            for i in 0..WINDOW {
+                if (tags >> (8 * i)) as u8 == 0 {
+                    chosen = Some((i, Upsert::Inserted(None)));
+                    break;
+                }
+                let left = header.expires[i].load(Ordering::Relaxed).wrapping_sub(now) as i32;
+                if left < 0 {
+                    // An expired entry: its flow ended unseen. Read it
+                    // under its lock, to report what it held.
+                    let Some(e) = self.read(b, i) else { continue };
+                    if live_at(e.expires, now) {
+                        continue;
                     }
+                    chosen = Some((i, Upsert::Inserted(Some(FlowValue::unpack(e.value)))));
+                    break;
+                }
+                if soonest.is_none_or(|(_, l)| left < l) {
+                    soonest = Some((i, left));
                 }
             }
-            let (idx, outcome) = match (free, oldest) {
-                (Some((i, dead)), _) => (i, Upsert::Inserted(dead)),
-                (None, Some((i, _, old))) if evict => (i, Upsert::Evicted(old)),
+            let (i, outcome) = match (chosen, soonest) {
+                (Some(c), _) => c,
+                (None, Some((i, _))) if evict => {
+                    let Some(e) = self.read(b, i) else { continue };
+                    (i, Upsert::Evicted(FlowValue::unpack(e.value)))
+                }
                 (None, _) => return Upsert::Full,
             };
-            if self.write(idx, &words, value, now, timeout) {
+            if self.write(b, i, &p.words, p.hint.tag, value, expires, timeout) {
                 return outcome;
             }
         }
@@ -373,24 +564,17 @@ impl FlowTable {
     /// Marks a live entry closed (for least-connections). True if this call
     /// changed it (so each flow is counted closed once).
     pub fn mark_closed(&self, key: &impl TableKey, now: u32) -> bool {
-        let words = key.words();
-        let home = self.home(&words);
-        for i in 0..WINDOW {
-            let idx = (home + i) & self.mask;
-            let slot = &self.slots[idx];
-            if let Some((k, v)) = Self::read(slot) {
-                if same(&k, &words) && self.live(slot, now) {
-                    let mut val = FlowValue::unpack(v);
-                    if val.closed {
-                        return false;
-                    }
-                    val.closed = true;
-                    let timeout = slot.timeout.load(Ordering::Relaxed);
-                    return self.write(idx, &words, val, now, timeout);
-                }
-            }
+        let p = self.probe(key);
+        let Some((i, e)) = self.find(&p, now) else {
+            return false;
+        };
+        let mut val = FlowValue::unpack(e.value);
+        if val.closed {
+            return false;
         }
-        false
+        val.closed = true;
+        let expires = now.wrapping_add(e.timeout);
+        self.write(p.bucket(), i, &p.words, p.hint.tag, val, expires, e.timeout)
     }
 
     /// Visits `count` slots from `start` (wrapping) and, for each dead entry
@@ -404,38 +588,46 @@ impl FlowTable {
         now: u32,
         f: &mut dyn FnMut(FlowValue),
     ) {
-        for i in 0..count.min(self.slots.len()) {
-            let idx = (start + i) & self.mask;
-            let slot = &self.slots[idx];
-            let Some((k, v)) = Self::read(slot) else {
-                continue;
-            };
-            if k[4] & 0xff != KIND_FORWARD || self.live(slot, now) {
+        let n = self.slots.len();
+        for k in 0..count.min(n) {
+            let idx = (start + k) & (n - 1);
+            let (b, i) = (idx / WINDOW, idx % WINDOW);
+            let tag = (self.buckets[b].tags.load(Ordering::Relaxed) >> (8 * i)) as u8;
+            if tag == 0 {
                 continue;
             }
-            let mut val = FlowValue::unpack(v);
+            let Some(e) = self.read(b, i) else {
+                continue;
+            };
+            if e.key[4] & 0xff != KIND_FORWARD || live_at(e.expires, now) {
+                continue;
+            }
+            let mut val = FlowValue::unpack(e.value);
             if val.closed {
                 continue;
             }
             val.closed = true;
-            let timeout = slot.timeout.load(Ordering::Relaxed);
-            let last = slot.last_seen.load(Ordering::Relaxed);
-            if self.write(idx, &k, val, last, timeout) {
+            if self.write(b, i, &e.key, tag, val, e.expires, e.timeout) {
                 f(val);
             }
         }
     }
 
-    /// Claims slot `idx` and writes the entry. False if another writer owns it.
+    /// Claims slot `i` of bucket `b` and writes the entry. False if another
+    /// writer owns it.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
-        idx: usize,
+        b: usize,
+        i: usize,
         words: &[u64; 5],
+        tag: u8,
         value: FlowValue,
-        now: u32,
+        expires: u32,
         timeout: u32,
     ) -> bool {
-        let slot = &self.slots[idx];
+        let slot = &self.slots[b * WINDOW + i];
+        let header = &self.buckets[b];
         let s = slot.seq.load(Ordering::Relaxed);
         if s & 1 == 1
             || slot
@@ -452,19 +644,52 @@ impl FlowTable {
             dst.store(*w, Ordering::Relaxed);
         }
         slot.value.store(value.pack(), Ordering::Relaxed);
-        slot.last_seen.store(now, Ordering::Relaxed);
         slot.timeout.store(timeout, Ordering::Relaxed);
+        header.expires[i].store(expires, Ordering::Relaxed);
+        let shift = 8 * i;
+        let mut t = header.tags.load(Ordering::Relaxed);
+        while (t >> shift) as u8 != tag {
+            let new = t & !(0xff << shift) | (tag as u64) << shift;
+            match header
+                .tags
+                .compare_exchange_weak(t, new, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => t = now,
+            }
+        }
         slot.seq.store(s.wrapping_add(2), Ordering::Release);
         true
     }
 
     /// Live entries (a full scan: for stats, not the packet path).
     pub fn count_live(&self, now: u32) -> usize {
-        self.slots
+        self.buckets
             .iter()
-            .filter(|s| s.key[4].load(Ordering::Relaxed) != 0 && self.live(s, now))
-            .count()
+            .map(|b| {
+                let tags = b.tags.load(Ordering::Relaxed);
+                (0..WINDOW)
+                    .filter(|&i| {
+                        (tags >> (8 * i)) as u8 != 0
+                            && live_at(b.expires[i].load(Ordering::Relaxed), now)
+                    })
+                    .count()
+            })
+            .sum()
     }
+}
+
+/// A prefetch hint for the line holding `t` (a no-op off x86-64).
+#[inline(always)]
+pub fn prefetch<T>(t: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint; it never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch(t as *const T as *const i8, _MM_HINT_T0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = t;
 }
 
 #[cfg(test)]
@@ -607,6 +832,32 @@ mod tests {
         assert_eq!(t.lookup(&key(1, 1), 21), None);
         assert_eq!(t.lookup(&key(0, 1), 21), Some(V));
         assert_eq!(t.lookup(&key(100, 1), 21), Some(V));
+    }
+
+    #[test]
+    fn eviction_takes_the_entry_closest_to_expiry_whatever_its_age() {
+        let t = FlowTable::new(8); // one bucket = the whole table
+                                   // Key 0 is the oldest but has the longest timeout; key 5 is newer
+                                   // but expires first.
+        t.upsert(&key(0, 1), V, 10, 3600, true);
+        for i in 1..8u32 {
+            let timeout = if i == 5 { 100 } else { 300 };
+            t.upsert(&key(i, 1), V, 20, timeout, true);
+        }
+        assert_eq!(t.upsert(&key(100, 1), V, 21, T, true), Upsert::Evicted(V));
+        assert_eq!(t.lookup(&key(5, 1), 21), None);
+        assert_eq!(t.lookup(&key(0, 1), 21), Some(V));
+    }
+
+    #[test]
+    fn a_worker_whose_clock_is_a_second_behind_still_sees_the_entry() {
+        let t = FlowTable::new(64);
+        t.upsert(&key(1, 1), V, 100, 30, true);
+        assert_eq!(t.lookup(&key(1, 1), 99), Some(V));
+        // ... and its refresh does not shorten the entry's life.
+        assert_eq!(t.lookup(&key(1, 1), 130), Some(V));
+        assert_eq!(t.lookup(&key(1, 1), 160), Some(V));
+        assert_eq!(t.lookup(&key(1, 1), 191), None);
     }
 
     #[test]

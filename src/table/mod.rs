@@ -2,5 +2,8 @@
 //! capacity, allocated once at start-up.
 
 pub mod flow;
+pub mod mem;
 
-pub use flow::{FlowKey, FlowTable, FlowValue, ForwardKey, PersistKey, TableKey, Upsert};
+pub use flow::{
+    prefetch, FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
+};
