@@ -1,7 +1,9 @@
 //! Per-packet cost of l4lb's data path: parse, decide and NAT-rewrite, over
 //! bursts of 64 frames, through the public pipeline API
-//! (`Replayer::new(&config)` + `Replayer::process(&mut frame, now)`, which
-//! runs the same `Processor::process` the AF_XDP worker runs).
+//! (`Replayer::new(&config)`, then `Replayer::processor(now)
+//! .process_burst(..)`: the staged burst pipeline the AF_XDP worker runs).
+//! The `*_frame_at_a_time` variants run the same frames through
+//! `Processor::process`, one after another, for comparison in the same run.
 //!
 //! `cargo bench --bench pipeline` (add `-- --quick` for a short run).
 //!
