@@ -75,6 +75,10 @@ pub struct ServiceEntry {
     /// Backend indices whose established flows continue: members that are
     /// up, whatever their weight (weight 0 drains). Sorted.
     pub keep: Vec<u32>,
+    /// `keep` and `eligible` as bitmaps over backend indices (bit `b` of
+    /// word `b / 64`): the packet path's membership tests.
+    keep_bits: Box<[u64]>,
+    eligible_bits: Box<[u64]>,
     /// Whether every member is down (and the service failed open or drops).
     pub all_down: bool,
     /// Maglev over every member with weight > 0, up or not: health changes
@@ -163,6 +167,22 @@ pub struct Snapshot {
 /// the total. The sequence spreads a heavy server's turns instead of
 /// bunching them. Weights are divided by their gcd first, so the sequence
 /// is as short as the ratios allow (at most 100 × servers).
+/// A bitmap of backend indices.
+fn bitmap(indices: impl Iterator<Item = u32> + Clone) -> Box<[u64]> {
+    let words = indices.clone().max().map_or(0, |m| m as usize / 64 + 1);
+    let mut bits = vec![0u64; words].into_boxed_slice();
+    for i in indices {
+        bits[i as usize / 64] |= 1 << (i % 64);
+    }
+    bits
+}
+
+#[inline(always)]
+fn has_bit(bits: &[u64], i: u32) -> bool {
+    bits.get(i as usize / 64)
+        .is_some_and(|w| w >> (i % 64) & 1 == 1)
+}
+
 fn smooth_wrr(eligible: &[(u32, u8)]) -> Box<[u32]> {
     fn gcd(a: u32, b: u32) -> u32 {
         if b == 0 {
@@ -264,7 +284,11 @@ impl Snapshot {
             weighted.dedup_by_key(|(i, _)| *i);
             let maglev = table(&weighted)?;
             let fallback = table(&eligible)?;
+            let keep_bits = bitmap(keep.iter().copied());
+            let eligible_bits = bitmap(eligible.iter().map(|(i, _)| *i));
             services.push(ServiceEntry {
+                keep_bits,
+                eligible_bits,
                 id: ids.service(&svc.name)?,
                 name: svc.name.clone(),
                 scheduler: svc.scheduler,
@@ -455,19 +479,13 @@ impl Snapshot {
     /// Whether an established flow of `service` to backend `b` continues.
     #[inline]
     pub fn keeps(&self, service: u32, b: u32) -> bool {
-        self.services[service as usize]
-            .keep
-            .binary_search(&b)
-            .is_ok()
+        has_bit(&self.services[service as usize].keep_bits, b)
     }
 
     /// Whether backend `b` may take new clients of `service` (persistence).
     #[inline]
     pub fn eligible(&self, service: u32, b: u32) -> bool {
-        self.services[service as usize]
-            .eligible
-            .binary_search_by_key(&b, |(i, _)| *i)
-            .is_ok()
+        has_bit(&self.services[service as usize].eligible_bits, b)
     }
 
     /// Addresses the XDP program must know: (VIPs, listeners, backend hosts,

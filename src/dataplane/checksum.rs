@@ -13,7 +13,7 @@
 
 /// Folds a 32-bit one's complement accumulator to 16 bits.
 #[inline]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

@@ -7,7 +7,7 @@
 //! (RFC 1624): the IPv4 header checksum for the address and TTL words, the
 //! TCP/UDP checksum for the pseudo-header address and the port.
 
-use crate::dataplane::checksum::{update, update16};
+use crate::dataplane::checksum::fold;
 use crate::dataplane::packet::{eth, ipv4, ipv6, l4, Parsed, PROTO_UDP};
 use crate::util::Mac;
 
@@ -45,58 +45,70 @@ pub fn rewrite(
         } else {
             l4::TCP_CHECKSUM
         };
-    let mut l4sum = u16::from_be_bytes([frame[csum_off], frame[csum_off + 1]]);
+    let l4sum = read16(frame, csum_off);
     // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
     let udp_no_sum = p.proto == PROTO_UDP && !p.v6 && l4sum == 0;
 
+    // One's complement sum of (~old + new) over the changed address words
+    // (RFC 1624 eqn. 3, every changed word in one sum: the order of one's
+    // complement additions does not matter, so this folds once instead of
+    // after every word).
+    let mut addr_delta: u32 = 0;
     if p.v6 {
-        let range = match side {
-            Side::Dst => ipv6::DST,
-            Side::Src => ipv6::SRC,
-        };
-        let at = l3 + range.start..l3 + range.end;
-        if !udp_no_sum {
-            l4sum = update(l4sum, &frame[at.clone()], addr);
+        let at = l3
+            + match side {
+                Side::Dst => ipv6::DST.start,
+                Side::Src => ipv6::SRC.start,
+            };
+        let field: &mut [u8; 16] = (&mut frame[at..at + 16]).try_into().expect("16 bytes");
+        for i in (0..16).step_by(2) {
+            addr_delta += (!u16::from_be_bytes([field[i], field[i + 1]])) as u32
+                + u16::from_be_bytes([addr[i], addr[i + 1]]) as u32;
         }
-        frame[at].copy_from_slice(addr);
+        *field = *addr;
         frame[l3 + ipv6::HOP_LIMIT] -= 1;
     } else {
-        let range = match side {
-            Side::Dst => ipv4::DST,
-            Side::Src => ipv4::SRC,
-        };
-        let at = l3 + range.start..l3 + range.end;
-        let new = &addr[12..16];
-        let ck = l3 + ipv4::CHECKSUM;
-        let mut ipsum = u16::from_be_bytes([frame[ck], frame[ck + 1]]);
-        ipsum = update(ipsum, &frame[at.clone()], new);
-        if !udp_no_sum {
-            l4sum = update(l4sum, &frame[at.clone()], new);
-        }
-        frame[at].copy_from_slice(new);
-        // TTL shares a 16-bit word with the protocol byte.
-        let ttl = l3 + ipv4::TTL;
-        let old_word = u16::from_be_bytes([frame[ttl], frame[ttl + 1]]);
-        frame[ttl] -= 1;
-        let new_word = u16::from_be_bytes([frame[ttl], frame[ttl + 1]]);
-        ipsum = update16(ipsum, old_word, new_word);
-        frame[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
+        let at = l3
+            + match side {
+                Side::Dst => ipv4::DST.start,
+                Side::Src => ipv4::SRC.start,
+            };
+        let hdr: &mut [u8; 20] = (&mut frame[l3..l3 + 20]).try_into().expect("20 bytes");
+        let off = at - l3;
+        let old = u32::from_be_bytes(hdr[off..off + 4].try_into().expect("4 bytes"));
+        let new = u32::from_be_bytes(addr[12..16].try_into().expect("4 bytes"));
+        addr_delta = (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
+        hdr[off..off + 4].copy_from_slice(&addr[12..16]);
+        // TTL shares a 16-bit word with the protocol byte; the caller has
+        // checked that it is above 1.
+        let ttl_word = u16::from_be_bytes([hdr[ipv4::TTL], hdr[ipv4::TTL + 1]]);
+        let new_ttl_word = ttl_word - 0x0100;
+        hdr[ipv4::TTL] -= 1;
+        let ck = ipv4::CHECKSUM;
+        let ipsum = u16::from_be_bytes([hdr[ck], hdr[ck + 1]]);
+        let ipsum = !fold((!ipsum) as u32 + addr_delta + (!ttl_word) as u32 + new_ttl_word as u32);
+        hdr[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
     }
 
     let port_at = match side {
         Side::Dst => l4o + l4::DST_PORT.start,
         Side::Src => l4o + l4::SRC_PORT.start,
     };
-    let old_port = u16::from_be_bytes([frame[port_at], frame[port_at + 1]]);
+    let old_port = read16(frame, port_at);
     frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
     if !udp_no_sum {
-        l4sum = update16(l4sum, old_port, port);
-        if p.proto == PROTO_UDP && l4sum == 0 {
+        let mut sum = !fold((!l4sum) as u32 + addr_delta + (!old_port) as u32 + port as u32);
+        if p.proto == PROTO_UDP && sum == 0 {
             // A computed UDP checksum of zero is sent as all ones (RFC 768).
-            l4sum = 0xffff;
+            sum = 0xffff;
         }
-        frame[csum_off..csum_off + 2].copy_from_slice(&l4sum.to_be_bytes());
+        frame[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
     }
+}
+
+#[inline(always)]
+fn read16(frame: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([frame[at], frame[at + 1]])
 }
 
 #[cfg(test)]

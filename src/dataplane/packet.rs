@@ -101,7 +101,7 @@ pub enum Frame {
     L4(Parsed),
 }
 
-#[inline]
+#[inline(always)]
 pub fn parse(frame: &[u8]) -> Frame {
     if frame.len() < ETH_LEN {
         return Frame::NotIp;
@@ -115,7 +115,7 @@ pub fn parse(frame: &[u8]) -> Frame {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn parse_v4(ip: &[u8]) -> Frame {
     // Read the addresses first, from a fixed 20-byte header: even a frame
     // whose header is otherwise broken is attributed to a VIP (and counted)
@@ -262,12 +262,14 @@ fn ports_fast(seg: &[u8], proto: u8) -> Option<(u16, u16)> {
         }
         _ => false,
     };
-    ok.then(|| {
-        (
+    if ok {
+        Some((
             u16::from_be_bytes([seg[0], seg[1]]),
             u16::from_be_bytes([seg[2], seg[3]]),
-        )
-    })
+        ))
+    } else {
+        None
+    }
 }
 
 /// Source and destination port of a complete TCP or UDP header.

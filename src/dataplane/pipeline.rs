@@ -183,7 +183,8 @@ impl Processor<'_> {
     /// stages back to back.)
     #[inline]
     pub fn process(&self, frame: &mut [u8]) -> Verdict {
-        let m = self.classify(frame);
+        let mut m = Meta::default();
+        self.classify(frame, &mut m);
         self.finish(frame, &m)
     }
 
@@ -211,7 +212,7 @@ impl Processor<'_> {
         let n = frames.len();
         let metas = &mut metas[..n];
         for (i, m) in metas.iter_mut().enumerate() {
-            *m = frames.with(i, |f| self.classify(f));
+            frames.with(i, |f| self.classify(f, m));
         }
         for m in metas.iter_mut() {
             self.lookahead(m);
@@ -226,15 +227,17 @@ impl Processor<'_> {
         }
     }
 
-    /// Stage 1: parse, find the listener, hash the keys, prefetch.
+    /// Stage 1: parse, find the listener, hash the keys, prefetch. Writes
+    /// `m` in place: returned by value, the 100-byte `Meta` was copied out
+    /// with wide loads right after being written with narrow stores, which
+    /// stalls store forwarding (measured: a third of the stage).
     #[inline]
-    pub fn classify(&self, frame: &[u8]) -> Meta {
+    pub fn classify(&self, frame: &[u8], m: &mut Meta) {
         let snap = self.snapshot;
         let t = self.tables;
-        let mut m = Meta {
-            frame: parse(frame),
-            ..Meta::default()
-        };
+        m.frame = parse(frame);
+        m.class = Class::Other;
+        m.reply = None;
         if let Frame::L4(p) = &m.frame {
             if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
                 m.class = Class::Forward(l);
@@ -256,7 +259,6 @@ impl Processor<'_> {
                 t.flows.prefetch(m.flow);
             }
         }
-        m
     }
 
     /// Stage 2: prefetch slots; guess a new flow's backend.

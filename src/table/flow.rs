@@ -394,7 +394,7 @@ impl FlowTable {
 
     /// Reads slot `i` of bucket `b` consistently. `None` while a writer
     /// owns the slot.
-    #[inline]
+    #[inline(always)]
     fn read(&self, b: usize, i: usize) -> Option<Entry> {
         let slot = &self.slots[b * WINDOW + i];
         let expires = &self.buckets[b].expires[i];
@@ -425,7 +425,10 @@ impl FlowTable {
     }
 
     /// The slot of the probe's bucket holding its key, live at `now`.
-    #[inline]
+    /// (Always inlined: returned through memory, the entry's two 32-bit
+    /// fields were read back as one 64-bit word, which stalls store
+    /// forwarding on every lookup.)
+    #[inline(always)]
     fn find(&self, p: &Probe, now: u32) -> Option<(usize, Entry)> {
         let header = &self.buckets[p.bucket()];
         let tags = header.tags.load(Ordering::Acquire);
