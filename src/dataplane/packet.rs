@@ -101,6 +101,22 @@ pub enum Frame {
     L4(Parsed),
 }
 
+/// [`parse`] into `out`: the burst pipeline keeps the result in its
+/// per-frame state, and building it there directly avoids a copy through
+/// the stack.
+#[inline(always)]
+pub fn parse_into(frame: &[u8], out: &mut Frame) {
+    // The common case (see `parse_v4`), written in place.
+    if frame.len() >= ETH_LEN + 20 && frame[12..14] == [0x08, 0x00] {
+        let ip = &frame[ETH_LEN..];
+        if let Some(p) = fast_v4(ip) {
+            *out = Frame::L4(p);
+            return;
+        }
+    }
+    *out = parse(frame);
+}
+
 #[inline(always)]
 pub fn parse(frame: &[u8]) -> Frame {
     if frame.len() < ETH_LEN {
@@ -123,36 +139,42 @@ fn parse_v4(ip: &[u8]) -> Frame {
     if ip.len() < 20 || ip[0] >> 4 != 4 {
         return Frame::Truncated;
     }
+    if let Some(p) = fast_v4(ip) {
+        return Frame::L4(p);
+    }
     let src = map_v4(ip[ipv4::SRC].try_into().expect("4 bytes"));
     let dst = map_v4(ip[ipv4::DST].try_into().expect("4 bytes"));
-
-    // The common case, checked by hand: no options, not a fragment, the
-    // total length within the frame, and a complete TCP/UDP header. It
-    // accepts exactly what the checked path below accepts for such a
-    // header, and returns the same result; anything else (options, a
-    // fragment, a bad length, another protocol) takes that path.
-    if ip[0] == 0x45 {
-        let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-        let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff; // MF, offset
-        let proto = ip[9];
-        if frag == 0 && (20..=ip.len()).contains(&total) {
-            if let Some((sport, dport)) = ports_fast(&ip[20..total], proto) {
-                return Frame::L4(Parsed {
-                    v6: false,
-                    l3: ETH_LEN,
-                    l4: ETH_LEN + 20,
-                    proto,
-                    src,
-                    dst,
-                    sport,
-                    dport,
-                    ttl: ip[ipv4::TTL],
-                });
-            }
-        }
-    }
-
     parse_v4_checked(ip, src, dst)
+}
+
+/// The common IPv4 case, checked by hand: no options, not a fragment, the
+/// total length within the frame, and a complete TCP/UDP header. It accepts
+/// exactly what the checked path accepts for such a header, and returns the
+/// same result; anything else (options, a fragment, a bad length, another
+/// protocol) is `None` and takes that path. `ip` is at least 20 bytes.
+#[inline(always)]
+fn fast_v4(ip: &[u8]) -> Option<Parsed> {
+    if ip[0] != 0x45 {
+        return None;
+    }
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff; // MF, offset
+    let proto = ip[9];
+    if frag != 0 || !(20..=ip.len()).contains(&total) {
+        return None;
+    }
+    let (sport, dport) = ports_fast(&ip[20..total], proto)?;
+    Some(Parsed {
+        v6: false,
+        l3: ETH_LEN,
+        l4: ETH_LEN + 20,
+        proto,
+        src: map_v4(ip[ipv4::SRC].try_into().expect("4 bytes")),
+        dst: map_v4(ip[ipv4::DST].try_into().expect("4 bytes")),
+        sport,
+        dport,
+        ttl: ip[ipv4::TTL],
+    })
 }
 
 /// IPv4 through etherparse's checked header slices: every case.
@@ -601,6 +623,10 @@ mod tests {
                     let mut f = base.clone();
                     f[at] = v;
                     for end in [f.len(), f.len() - 1, 34, 41] {
+                        let whole = &f[..end.min(f.len())];
+                        let mut into = Frame::NotIp;
+                        parse_into(whole, &mut into);
+                        assert_eq!(into, parse(whole), "parse_into, byte {at} = {v:#04x}");
                         let ip = &f[ETH_LEN..end.min(f.len())];
                         if ip.len() < 20 || ip[0] >> 4 != 4 {
                             continue;

@@ -9,7 +9,7 @@ use crate::config::Scheduler;
 use crate::control::snapshot::{SchedState, ServiceEntry, Snapshot};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::nat::{rewrite, Side};
-use crate::dataplane::packet::{parse, Frame, Parsed, PROTO_TCP};
+use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
 use crate::table::{
     FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
@@ -63,8 +63,9 @@ pub struct Meta {
     class: Class,
     /// Forward: the forward key's; reverse: the reply key's.
     flow: Hint,
-    /// Forward, with persistence: the persistence key's.
-    persist: Hint,
+    /// Forward, probably new, with persistence: the persistence key's
+    /// (established packets do not need it, so it is hashed only then).
+    persist: Option<Hint>,
     /// Forward, probably new: the reply key's for the backend the
     /// scheduler probably picks (a prefetch target only).
     reply: Option<Hint>,
@@ -74,6 +75,8 @@ pub struct Meta {
 enum Class {
     /// To listener (dense index).
     Forward(u32),
+    /// To listener, probably a new flow (between stages 2 and 3 only).
+    New(u32),
     /// From a backend.
     Reverse,
     Other,
@@ -85,7 +88,7 @@ impl Default for Meta {
             frame: Frame::NotIp,
             class: Class::Other,
             flow: Hint::default(),
-            persist: Hint::default(),
+            persist: None,
             reply: None,
         }
     }
@@ -143,6 +146,14 @@ fn forward_key(p: &Parsed) -> ForwardKey {
 }
 
 #[inline(always)]
+fn persist_key(se: &ServiceEntry, p: &Parsed) -> PersistKey {
+    PersistKey {
+        service: se.id,
+        client: p.src,
+    }
+}
+
+#[inline(always)]
 fn reply_key(p: &Parsed) -> FlowKey {
     FlowKey {
         proto: p.proto,
@@ -193,14 +204,17 @@ impl Processor<'_> {
     /// 1. parse and classify every frame, hash its table keys, prefetch
     ///    their bucket headers;
     /// 2. from each header, prefetch the slot the key is probably in (or
-    ///    the slot its insert will take), and for a probably new flow
-    ///    guess the backend and prefetch its reply key's bucket;
-    /// 3. prefetch the reply entry's slot;
-    /// 4. decide, record and rewrite each frame, in arrival order.
+    ///    the slot its insert will take); for a probably new flow, hash its
+    ///    persistence key and prefetch that bucket;
+    /// 3. prefetch the persistence slot; unless the client is probably a
+    ///    returning one, guess the backend and prefetch its reply key's
+    ///    bucket;
+    /// 4. prefetch the reply entry's slot;
+    /// 5. decide, record and rewrite each frame, in arrival order.
     ///
-    /// Only stage 4 decides anything, frame after frame, so the outcome is
+    /// Only stage 5 decides anything, frame after frame, so the outcome is
     /// exactly [`Processor::process`] on each frame in turn (two frames of
-    /// one new flow in a burst get one backend); stages 1-3 only warm the
+    /// one new flow in a burst get one backend); stages 1-4 only warm the
     /// cache. `metas` and `verdicts` hold at least `frames.len()` entries.
     #[inline]
     pub fn process_burst<F: Frames + ?Sized>(
@@ -216,6 +230,11 @@ impl Processor<'_> {
         }
         for m in metas.iter_mut() {
             self.lookahead(m);
+        }
+        for m in metas.iter_mut() {
+            if m.persist.is_some() || matches!(m.class, Class::New(_)) {
+                self.guess(m);
+            }
         }
         for m in metas.iter() {
             if let Some(h) = m.reply {
@@ -235,24 +254,15 @@ impl Processor<'_> {
     pub fn classify(&self, frame: &[u8], m: &mut Meta) {
         let snap = self.snapshot;
         let t = self.tables;
-        m.frame = parse(frame);
+        parse_into(frame, &mut m.frame);
         m.class = Class::Other;
+        m.persist = None;
         m.reply = None;
         if let Frame::L4(p) = &m.frame {
             if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
                 m.class = Class::Forward(l);
                 m.flow = t.flows.hint(&forward_key(p).words());
                 t.flows.prefetch(m.flow);
-                let svc = snap.listeners[l as usize].service;
-                let se = &snap.services[svc as usize];
-                if se.persistence_timeout > 0 {
-                    let pkey = PersistKey {
-                        service: se.id,
-                        client: p.src,
-                    };
-                    m.persist = t.persist.hint(&pkey.words());
-                    t.persist.prefetch(m.persist);
-                }
             } else if snap.backend(&p.src, p.sport, p.proto).is_some() {
                 m.class = Class::Reverse;
                 m.flow = t.flows.hint(&reply_key(p).words());
@@ -261,7 +271,7 @@ impl Processor<'_> {
         }
     }
 
-    /// Stage 2: prefetch slots; guess a new flow's backend.
+    /// Stage 2: prefetch slots; hash a new flow's persistence key.
     #[inline]
     fn lookahead(&self, m: &mut Meta) {
         let t = self.tables;
@@ -271,35 +281,58 @@ impl Processor<'_> {
                     return;
                 }
                 let snap = self.snapshot;
-                let svc = snap.listeners[l as usize].service;
-                let se = &snap.services[svc as usize];
-                if se.persistence_timeout > 0 && t.persist.prefetch_slot(m.persist, self.now) {
-                    // A returning client: its backend is in the slot
-                    // being loaded; no guess.
-                    return;
-                }
-                // Only the source-IP scheduler can be asked without
-                // side effects (round robin moves a cursor).
-                if se.scheduler == Scheduler::WeightedSourceIp {
-                    if let Some(b) = snap.pick(svc, p.src_wire()) {
-                        let be = &snap.backends[b as usize];
-                        let rkey = FlowKey {
-                            proto: p.proto,
-                            client: p.src,
-                            client_port: p.sport,
-                            backend: be.addr16,
-                            backend_port: be.port,
-                        };
-                        let h = t.flows.hint(&rkey.words());
-                        t.flows.prefetch(h);
-                        m.reply = Some(h);
-                    }
+                let se = &snap.services[snap.listeners[l as usize].service as usize];
+                if se.persistence_timeout > 0 {
+                    let h = t.persist.hint(&persist_key(se, p).words());
+                    t.persist.prefetch(h);
+                    m.persist = Some(h);
+                } else {
+                    m.class = Class::New(l);
                 }
             }
             (Class::Reverse, _) => {
                 t.flows.prefetch_slot(m.flow, self.now);
             }
             _ => {}
+        }
+    }
+
+    /// Stage 3, for probably new flows: prefetch the persistence slot, and
+    /// unless the client probably has a session, guess its backend.
+    #[inline]
+    fn guess(&self, m: &mut Meta) {
+        let t = self.tables;
+        let (Class::Forward(l) | Class::New(l), Frame::L4(p)) = (m.class, &m.frame) else {
+            return;
+        };
+        if let Class::New(_) = m.class {
+            m.class = Class::Forward(l);
+        }
+        if let Some(h) = m.persist {
+            if t.persist.prefetch_slot(h, self.now) {
+                // A returning client: its backend is in the slot being
+                // loaded; no guess.
+                return;
+            }
+        }
+        let snap = self.snapshot;
+        let svc = snap.listeners[l as usize].service;
+        // Only the source-IP scheduler can be asked without side effects
+        // (round robin moves a cursor).
+        if snap.services[svc as usize].scheduler == Scheduler::WeightedSourceIp {
+            if let Some(b) = snap.pick(svc, p.src_wire()) {
+                let be = &snap.backends[b as usize];
+                let rkey = FlowKey {
+                    proto: p.proto,
+                    client: p.src,
+                    client_port: p.sport,
+                    backend: be.addr16,
+                    backend_port: be.port,
+                };
+                let h = t.flows.hint(&rkey.words());
+                t.flows.prefetch(h);
+                m.reply = Some(h);
+            }
         }
     }
 
@@ -341,7 +374,7 @@ impl Processor<'_> {
                 }
             }
             Frame::L4(ref p) => match m.class {
-                Class::Forward(l) => self.forward(frame, p, l, m),
+                Class::Forward(l) | Class::New(l) => self.forward(frame, p, l, m),
                 Class::Reverse => {
                     if snap.is_local(&p.dst) {
                         Verdict::Pass
@@ -383,11 +416,13 @@ impl Processor<'_> {
         let flags = tcp_flags(frame, p);
         let fkey = forward_key(p);
         let fprobe = Probe::new(&fkey, m.flow);
-        let pkey = PersistKey {
-            service: se.id,
-            client: p.src,
+        let pkey = persist_key(se, p);
+        // Hashed in stage 2 for probably new flows; established packets
+        // hash it only when they need it (once a second, to refresh).
+        let pprobe = || match m.persist {
+            Some(h) => Probe::new(&pkey, h),
+            None => t.persist.probe(&pkey),
         };
-        let pprobe = Probe::new(&pkey, m.persist);
 
         // An established flow keeps its backend while that backend is up
         // and still in the service (whatever its weight: 0 drains).
@@ -422,11 +457,12 @@ impl Processor<'_> {
                     // refreshed whenever a flow's timer moves to a new
                     // second (the clock's resolution, so no packet in
                     // between could move it further).
-                    t.persist.lookup_probe(&pprobe, self.now);
+                    t.persist.lookup_probe(&pprobe(), self.now);
                 }
                 b
             }
             None => {
+                let pprobe = pprobe();
                 let Some((b, persisted)) = self.choose(p, svc, &pprobe) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
