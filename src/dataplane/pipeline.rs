@@ -6,7 +6,7 @@
 //! lock, makes no syscall and logs nothing.
 
 use crate::config::Scheduler;
-use crate::control::snapshot::{SchedState, ServiceEntry, Snapshot};
+use crate::control::snapshot::{BackendEntry, SchedState, ServiceEntry, Snapshot};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
@@ -150,6 +150,18 @@ fn persist_key(se: &ServiceEntry, p: &Parsed) -> PersistKey {
     PersistKey {
         service: se.id,
         client: p.src,
+    }
+}
+
+/// The reply entry of the forward packet `p` once sent to `be`.
+#[inline(always)]
+fn backend_reply_key(p: &Parsed, be: &BackendEntry) -> FlowKey {
+    FlowKey {
+        proto: p.proto,
+        client: p.src,
+        client_port: p.sport,
+        backend: be.addr16,
+        backend_port: be.port,
     }
 }
 
@@ -322,13 +334,7 @@ impl Processor<'_> {
         if snap.services[svc as usize].scheduler == Scheduler::WeightedSourceIp {
             if let Some(b) = snap.pick(svc, p.src_wire()) {
                 let be = &snap.backends[b as usize];
-                let rkey = FlowKey {
-                    proto: p.proto,
-                    client: p.src,
-                    client_port: p.sport,
-                    backend: be.addr16,
-                    backend_port: be.port,
-                };
+                let rkey = backend_reply_key(p, be);
                 let h = t.flows.hint(&rkey.words());
                 t.flows.prefetch(h);
                 m.reply = Some(h);
@@ -437,13 +443,7 @@ impl Processor<'_> {
                         // too (or bring it back if it was evicted), so that a
                         // server silent for a while can still answer.
                         let be = &snap.backends[b as usize];
-                        let rkey = FlowKey {
-                            proto: p.proto,
-                            client: p.src,
-                            client_port: p.sport,
-                            backend: be.addr16,
-                            backend_port: be.port,
-                        };
+                        let rkey = backend_reply_key(p, be);
                         let rv = FlowValue::new(v.listener, v.backend);
                         t.flows.upsert(&rkey, rv, self.now, t.flow_timeout, true);
                     }
@@ -561,13 +561,7 @@ impl Processor<'_> {
             // Only a stored flow can later be counted closed.
             self.stats.conn_opened(be.id);
         }
-        let rkey = FlowKey {
-            proto: p.proto,
-            client: p.src,
-            client_port: p.sport,
-            backend: be.addr16,
-            backend_port: be.port,
-        };
+        let rkey = backend_reply_key(p, be);
         match t.flows.upsert(&rkey, value, self.now, t.flow_timeout, true) {
             // The client reused its source port towards another listener of
             // the same service, so the backend sees the same 4-tuple: it can
