@@ -31,8 +31,12 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 /// listen backlog rather than exhausting threads.
 const MAX_CONNS: usize = 512;
 /// Per-connection read/write timeout of the backend, so that a half-open
-/// client cannot hold one of the connection slots forever.
-const SERVE_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// client cannot hold one of the connection slots forever. Well above the
+/// longest idle hold the tests use (`--hold-ms` up to 5000): at 5 s, a
+/// held connection's request raced the backend's timeout, and under load
+/// (the netns tests in parallel on 2 CPUs) a CI run saw 23 held
+/// connections closed empty.
+const SERVE_IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest request head the backend accepts.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Small stacks: a connection thread only formats one short reply.
