@@ -150,6 +150,9 @@ struct TxBuf {
 
 /// The worker loop of `l4lb::dataplane::worker::Worker::run`, step for step,
 /// with `process_burst` reduced to "set the MACs, send to the backend side".
+/// Priming, flush, refill and the idle sleep are the worker's own
+/// (`XskPair::prime`, `xsk::flush`, `XskPair::refill`,
+/// `XskPair::sleep_until_rx`).
 fn forward(mut x: XskPair, stop: &AtomicBool, stats: &FwdStats, src: Mac, dst: Mac) {
     let mut free = x.prime();
     let mut rx = [FrameDesc::default(); BURST];
@@ -218,35 +221,12 @@ fn forward(mut x: XskPair, stop: &AtomicBool, stats: &FwdStats, src: Mac, dst: M
         }
 
         // Refill both fill rings.
-        for port in x.ports.iter_mut() {
-            if free.is_empty() {
-                break;
-            }
-            let want = port.fq.nb_free(free.len() as u32) as usize;
-            if want > 0 {
-                let at = free.len() - want.min(free.len());
-                let n = xsk::fill(port, &free[at..]);
-                free.truncate(free.len() - n);
-            }
-        }
+        x.refill(&mut free);
 
         if work == 0 {
             idle += 1;
             if idle >= IDLE_SPINS {
-                let mut fds = [
-                    libc::pollfd {
-                        fd: x.ports[0].fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: x.ports[1].fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: valid array of two pollfd for the call.
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, 1) };
+                x.sleep_until_rx();
             }
         } else {
             idle = 0;

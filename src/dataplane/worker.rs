@@ -149,48 +149,16 @@ impl Worker {
             }
 
             // Refill both fill rings from the free list.
-            for port in self.xsk.ports.iter_mut() {
-                if free.is_empty() {
-                    break;
-                }
-                let want = port.fq.nb_free(free.len() as u32) as usize;
-                if want > 0 {
-                    let at = free.len() - want.min(free.len());
-                    let n = xsk::fill(port, &free[at..]);
-                    free.truncate(free.len() - n);
-                }
-            }
+            self.xsk.refill(&mut free);
 
             if work == 0 {
                 idle += 1;
                 if idle >= IDLE_SPINS {
-                    self.sleep_until_rx();
+                    self.xsk.sleep_until_rx();
                 }
             } else {
                 idle = 0;
             }
-        }
-    }
-
-    /// Blocks up to 1 ms in poll(2) on both RX rings. Also serves as the
-    /// fill-ring wakeup the kernel asks for with `needs_wakeup`.
-    fn sleep_until_rx(&self) {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.xsk.ports[0].fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.xsk.ports[1].fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of
-        // the call.
-        unsafe {
-            libc::poll(fds.as_mut_ptr(), 2, 1);
         }
     }
 }

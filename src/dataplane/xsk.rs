@@ -135,6 +135,39 @@ impl XskPair {
         }
         free
     }
+
+    /// The refill stage: tops up both fill rings from the free list (the
+    /// most recently freed frames first).
+    #[inline]
+    pub fn refill(&mut self, free: &mut Vec<FrameDesc>) {
+        for port in self.ports.iter_mut() {
+            if free.is_empty() {
+                break;
+            }
+            let want = port.fq.nb_free(free.len() as u32) as usize;
+            if want > 0 {
+                let at = free.len() - want.min(free.len());
+                let n = fill(port, &free[at..]);
+                free.truncate(free.len() - n);
+            }
+        }
+    }
+
+    /// Blocks up to 1 ms in poll(2) on both RX rings: what an idle loop
+    /// does. Also serves as the fill-ring wakeup the kernel asks for with
+    /// `needs_wakeup`.
+    pub fn sleep_until_rx(&self) {
+        let mut fds = self.ports.each_ref().map(|p| libc::pollfd {
+            fd: p.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of
+        // the call.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1);
+        }
+    }
 }
 
 /// Receives up to `out.len()` descriptors.
