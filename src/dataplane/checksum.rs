@@ -13,7 +13,7 @@
 
 /// Folds a 32-bit one's complement accumulator to 16 bits.
 #[inline]
-pub fn fold(mut sum: u32) -> u16 {
+fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
@@ -33,28 +33,35 @@ fn sum_words(bytes: &[u8], mut acc: u32) -> u32 {
     acc
 }
 
-/// Updates checksum `hc` (as stored in the header, network order value) when
-/// the bytes `old` are replaced by `new` at a 16-bit aligned position.
-/// `old` and `new` have the same, even length.
-#[inline]
-pub fn update(hc: u16, old: &[u8], new: &[u8]) -> u16 {
-    debug_assert_eq!(old.len(), new.len());
-    debug_assert_eq!(old.len() % 2, 0);
-    // ~HC + sum(~m_i) + sum(m'_i); ~m for a word is 0xffff - m.
-    let mut acc = (!hc) as u32;
-    let mut i = 0;
-    while i < old.len() {
-        acc += (!u16::from_be_bytes([old[i], old[i + 1]])) as u32;
-        acc += u16::from_be_bytes([new[i], new[i + 1]]) as u32;
-        i += 2;
-    }
-    !fold(acc)
+/// What changing one 16-bit word from `old` to `new` adds to the sum of
+/// RFC 1624 eqn. 3: `~m + m'`. Deltas of several changed words add up
+/// (one's complement addition is order-free), so a rewrite that changes an
+/// address, a port and the TTL sums their deltas and folds once.
+#[inline(always)]
+pub fn delta16(old: u16, new: u16) -> u32 {
+    (!old) as u32 + new as u32
 }
 
-/// Updates checksum `hc` for one 16-bit word changing from `old` to `new`.
-#[inline]
-pub fn update16(hc: u16, old: u16, new: u16) -> u16 {
-    !fold((!hc) as u32 + (!old) as u32 + new as u32)
+/// [`delta16`] over every word of a field replaced whole (an address):
+/// `old` and `new` are its bytes before and after, in network order.
+#[inline(always)]
+pub fn delta<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
+    const { assert!(N % 2 == 0, "fields are whole 16-bit words") };
+    let mut acc = 0;
+    for i in (0..N).step_by(2) {
+        acc += delta16(
+            u16::from_be_bytes([old[i], old[i + 1]]),
+            u16::from_be_bytes([new[i], new[i + 1]]),
+        );
+    }
+    acc
+}
+
+/// Updates checksum `hc` (as stored in the header) by the summed deltas of
+/// the words that changed.
+#[inline(always)]
+pub fn update(hc: u16, delta: u32) -> u16 {
+    !fold((!hc) as u32 + delta)
 }
 
 /// Full RFC 1071 checksum of `bytes`: the reference the incremental update is
@@ -116,8 +123,7 @@ mod tests {
             let new_port = next() as u16;
             hdr[16..20].copy_from_slice(&new_addr);
             hdr[22..24].copy_from_slice(&new_port.to_be_bytes());
-            let mut inc = update(c, &old_addr, &new_addr);
-            inc = update16(inc, old_port, new_port);
+            let inc = update(c, delta(&old_addr, &new_addr) + delta16(old_port, new_port));
 
             hdr[10] = 0;
             hdr[11] = 0;

@@ -7,7 +7,7 @@
 //! (RFC 1624): the IPv4 header checksum for the address and TTL words, the
 //! TCP/UDP checksum for the pseudo-header address and the port.
 
-use crate::dataplane::checksum::fold;
+use crate::dataplane::checksum::{delta, delta16, update};
 use crate::dataplane::packet::{eth, ipv4, ipv6, l4, Parsed, PROTO_UDP};
 use crate::util::Mac;
 
@@ -49,11 +49,9 @@ pub fn rewrite(
     // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
     let udp_no_sum = p.proto == PROTO_UDP && !p.v6 && l4sum == 0;
 
-    // One's complement sum of (~old + new) over the changed address words
-    // (RFC 1624 eqn. 3, every changed word in one sum: the order of one's
-    // complement additions does not matter, so this folds once instead of
-    // after every word).
-    let mut addr_delta: u32 = 0;
+    // The address's share of both checksums (the L4 pseudo-header covers
+    // it too); every changed word's delta is summed and folded once.
+    let addr_delta;
     if p.v6 {
         let at = l3
             + match side {
@@ -61,10 +59,7 @@ pub fn rewrite(
                 Side::Src => ipv6::SRC.start,
             };
         let field: &mut [u8; 16] = (&mut frame[at..at + 16]).try_into().expect("16 bytes");
-        for i in (0..16).step_by(2) {
-            addr_delta += (!u16::from_be_bytes([field[i], field[i + 1]])) as u32
-                + u16::from_be_bytes([addr[i], addr[i + 1]]) as u32;
-        }
+        addr_delta = delta(field, addr);
         *field = *addr;
         frame[l3 + ipv6::HOP_LIMIT] -= 1;
     } else {
@@ -75,10 +70,10 @@ pub fn rewrite(
             };
         let hdr: &mut [u8; 20] = (&mut frame[l3..l3 + 20]).try_into().expect("20 bytes");
         let off = at - l3;
-        let old = u32::from_be_bytes(hdr[off..off + 4].try_into().expect("4 bytes"));
-        let new = u32::from_be_bytes(addr[12..16].try_into().expect("4 bytes"));
-        addr_delta = (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
-        hdr[off..off + 4].copy_from_slice(&addr[12..16]);
+        let field: &mut [u8; 4] = (&mut hdr[off..off + 4]).try_into().expect("4 bytes");
+        let new: &[u8; 4] = addr[12..16].try_into().expect("4 bytes");
+        addr_delta = delta(field, new);
+        *field = *new;
         // TTL shares a 16-bit word with the protocol byte; the caller has
         // checked that it is above 1.
         let ttl_word = u16::from_be_bytes([hdr[ipv4::TTL], hdr[ipv4::TTL + 1]]);
@@ -86,7 +81,7 @@ pub fn rewrite(
         hdr[ipv4::TTL] -= 1;
         let ck = ipv4::CHECKSUM;
         let ipsum = u16::from_be_bytes([hdr[ck], hdr[ck + 1]]);
-        let ipsum = !fold((!ipsum) as u32 + addr_delta + (!ttl_word) as u32 + new_ttl_word as u32);
+        let ipsum = update(ipsum, addr_delta + delta16(ttl_word, new_ttl_word));
         hdr[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
     }
 
@@ -97,7 +92,7 @@ pub fn rewrite(
     let old_port = read16(frame, port_at);
     frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
     if !udp_no_sum {
-        let mut sum = !fold((!l4sum) as u32 + addr_delta + (!old_port) as u32 + port as u32);
+        let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
         if p.proto == PROTO_UDP && sum == 0 {
             // A computed UDP checksum of zero is sent as all ones (RFC 768).
             sum = 0xffff;

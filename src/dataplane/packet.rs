@@ -107,12 +107,14 @@ pub enum Frame {
 #[inline(always)]
 pub fn parse_into(frame: &[u8], out: &mut Frame) {
     // The common case (see `parse_v4`), written in place.
-    if frame.len() >= ETH_LEN + 20 && frame[12..14] == [0x08, 0x00] {
+    // (Version 4, no options: `parse_v4_slow` may be called on it.)
+    if frame.len() >= ETH_LEN + 20 && frame[12..14] == [0x08, 0x00] && frame[ETH_LEN] == 0x45 {
         let ip = &frame[ETH_LEN..];
-        if let Some(p) = fast_v4(ip) {
-            *out = Frame::L4(p);
-            return;
-        }
+        *out = match fast_v4(ip) {
+            Some(p) => Frame::L4(p),
+            None => parse_v4_slow(ip),
+        };
+        return;
     }
     *out = parse(frame);
 }
@@ -139,9 +141,16 @@ fn parse_v4(ip: &[u8]) -> Frame {
     if ip.len() < 20 || ip[0] >> 4 != 4 {
         return Frame::Truncated;
     }
-    if let Some(p) = fast_v4(ip) {
-        return Frame::L4(p);
+    match fast_v4(ip) {
+        Some(p) => Frame::L4(p),
+        None => parse_v4_slow(ip),
     }
+}
+
+/// IPv4 that [`fast_v4`] did not take (`ip` holds a version-4 header of at
+/// least 20 bytes).
+#[inline(never)]
+fn parse_v4_slow(ip: &[u8]) -> Frame {
     let src = map_v4(ip[ipv4::SRC].try_into().expect("4 bytes"));
     let dst = map_v4(ip[ipv4::DST].try_into().expect("4 bytes"));
     parse_v4_checked(ip, src, dst)

@@ -63,6 +63,8 @@ pub struct Meta {
     class: Class,
     /// Forward: the forward key's; reverse: the reply key's.
     flow: Hint,
+    /// Forward: stage 2 found no live entry for the flow (probably new).
+    new: bool,
     /// Forward, probably new, with persistence: the persistence key's
     /// (established packets do not need it, so it is hashed only then).
     persist: Option<Hint>,
@@ -75,8 +77,6 @@ pub struct Meta {
 enum Class {
     /// To listener (dense index).
     Forward(u32),
-    /// To listener, probably a new flow (between stages 2 and 3 only).
-    New(u32),
     /// From a backend.
     Reverse,
     Other,
@@ -88,6 +88,7 @@ impl Default for Meta {
             frame: Frame::NotIp,
             class: Class::Other,
             flow: Hint::default(),
+            new: false,
             persist: None,
             reply: None,
         }
@@ -244,7 +245,7 @@ impl Processor<'_> {
             self.lookahead(m);
         }
         for m in metas.iter_mut() {
-            if m.persist.is_some() || matches!(m.class, Class::New(_)) {
+            if m.new {
                 self.guess(m);
             }
         }
@@ -268,6 +269,7 @@ impl Processor<'_> {
         let t = self.tables;
         parse_into(frame, &mut m.frame);
         m.class = Class::Other;
+        m.new = false;
         m.persist = None;
         m.reply = None;
         if let Frame::L4(p) = &m.frame {
@@ -292,14 +294,13 @@ impl Processor<'_> {
                 if t.flows.prefetch_slot(m.flow, self.now) {
                     return;
                 }
+                m.new = true;
                 let snap = self.snapshot;
                 let se = &snap.services[snap.listeners[l as usize].service as usize];
                 if se.persistence_timeout > 0 {
                     let h = t.persist.hint(&persist_key(se, p).words());
                     t.persist.prefetch(h);
                     m.persist = Some(h);
-                } else {
-                    m.class = Class::New(l);
                 }
             }
             (Class::Reverse, _) => {
@@ -314,12 +315,9 @@ impl Processor<'_> {
     #[inline]
     fn guess(&self, m: &mut Meta) {
         let t = self.tables;
-        let (Class::Forward(l) | Class::New(l), Frame::L4(p)) = (m.class, &m.frame) else {
+        let (Class::Forward(l), Frame::L4(p)) = (m.class, &m.frame) else {
             return;
         };
-        if let Class::New(_) = m.class {
-            m.class = Class::Forward(l);
-        }
         if let Some(h) = m.persist {
             if t.persist.prefetch_slot(h, self.now) {
                 // A returning client: its backend is in the slot being
@@ -380,7 +378,7 @@ impl Processor<'_> {
                 }
             }
             Frame::L4(ref p) => match m.class {
-                Class::Forward(l) | Class::New(l) => self.forward(frame, p, l, m),
+                Class::Forward(l) => self.forward(frame, p, l, m),
                 Class::Reverse => {
                     if snap.is_local(&p.dst) {
                         Verdict::Pass

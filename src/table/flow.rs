@@ -464,18 +464,12 @@ impl FlowTable {
     /// Looks an entry up, refreshing its idle timer on a hit.
     #[inline]
     pub fn lookup(&self, key: &impl TableKey, now: u32) -> Option<FlowValue> {
-        self.lookup_touched(key, now).map(|(v, _)| v)
+        self.lookup_probe(&self.probe(key), now).map(|(v, _)| v)
     }
 
-    /// Like [`FlowTable::lookup`], also saying whether this hit moved the
-    /// entry's timer to a new second: callers that keep a companion entry
-    /// alive do so then, at most once a second per flow.
-    #[inline]
-    pub fn lookup_touched(&self, key: &impl TableKey, now: u32) -> Option<(FlowValue, bool)> {
-        self.lookup_probe(&self.probe(key), now)
-    }
-
-    /// [`FlowTable::lookup_touched`] with a precomputed probe.
+    /// [`FlowTable::lookup`] with a precomputed probe, also saying whether
+    /// this hit moved the entry's timer to a new second: callers that keep
+    /// a companion entry alive do so then, at most once a second per flow.
     #[inline]
     pub fn lookup_probe(&self, p: &Probe, now: u32) -> Option<(FlowValue, bool)> {
         let (i, e) = self.find(p, now)?;
@@ -684,7 +678,7 @@ impl FlowTable {
 
 /// A prefetch hint for the line holding `t` (a no-op off x86-64).
 #[inline(always)]
-pub fn prefetch<T>(t: &T) {
+fn prefetch<T>(t: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetching is a hint; it never faults, whatever the address.
     unsafe {

@@ -5,5 +5,5 @@ pub mod flow;
 pub mod mem;
 
 pub use flow::{
-    prefetch, FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
+    FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
