@@ -70,10 +70,11 @@ pub fn rewrite(
             };
         let hdr: &mut [u8; 20] = (&mut frame[l3..l3 + 20]).try_into().expect("20 bytes");
         let off = at - l3;
-        let field: &mut [u8; 4] = (&mut hdr[off..off + 4]).try_into().expect("4 bytes");
-        let new: &[u8; 4] = addr[12..16].try_into().expect("4 bytes");
-        addr_delta = delta(field, new);
-        *field = *new;
+        let old = u32::from_be_bytes(hdr[off..off + 4].try_into().expect("4 bytes"));
+        let new = u32::from_be_bytes(addr[12..16].try_into().expect("4 bytes"));
+        addr_delta =
+            delta16((old >> 16) as u16, (new >> 16) as u16) + delta16(old as u16, new as u16);
+        hdr[off..off + 4].copy_from_slice(&addr[12..16]);
         // TTL shares a 16-bit word with the protocol byte; the caller has
         // checked that it is above 1.
         let ttl_word = u16::from_be_bytes([hdr[ipv4::TTL], hdr[ipv4::TTL + 1]]);

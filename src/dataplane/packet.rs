@@ -110,10 +110,13 @@ pub fn parse_into(frame: &[u8], out: &mut Frame) {
     // (Version 4, no options: `parse_v4_slow` may be called on it.)
     if frame.len() >= ETH_LEN + 20 && frame[12..14] == [0x08, 0x00] && frame[ETH_LEN] == 0x45 {
         let ip = &frame[ETH_LEN..];
-        *out = match fast_v4(ip) {
-            Some(p) => Frame::L4(p),
-            None => parse_v4_slow(ip),
-        };
+        // Two assignments, not one of a `match`: that one was built on the
+        // stack and copied over with memcpy.
+        if let Some(p) = fast_v4(ip) {
+            *out = Frame::L4(p);
+        } else {
+            *out = parse_v4_slow(ip);
+        }
         return;
     }
     *out = parse(frame);
