@@ -179,27 +179,23 @@ fn established(c: &mut Criterion) {
         assert_eq!(process_burst(&r, &mut work, NOW, Port::Backend), BURST);
     }
     let created = flows_created(&r);
-    let mut i = 0usize;
     let mut frames = 0u64;
-    g.bench_function("established_udp_128k", |b| {
-        b.iter(|| {
-            let at = (i % bursts) * BURST_BYTES;
-            i += 1;
-            frames += BURST as u64;
-            work.copy_from_slice(&pool[at..at + BURST_BYTES]);
-            process_burst(&r, black_box(&mut work), NOW, Port::Backend)
-        })
-    });
-    let mut j = 0usize;
-    g.bench_function("established_udp_128k_frame_at_a_time", |b| {
-        b.iter(|| {
-            let at = (j % bursts) * BURST_BYTES;
-            j += 1;
-            frames += BURST as u64;
-            work.copy_from_slice(&pool[at..at + BURST_BYTES]);
-            process_each(&r, black_box(&mut work), NOW, Port::Backend)
-        })
-    });
+    type Run = fn(&Replayer, &mut [u8], u32, Port) -> usize;
+    for (name, run) in [
+        ("established_udp_128k", process_burst as Run),
+        ("established_udp_128k_frame_at_a_time", process_each),
+    ] {
+        let mut i = 0usize;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let at = (i % bursts) * BURST_BYTES;
+                i += 1;
+                frames += BURST as u64;
+                work.copy_from_slice(&pool[at..at + BURST_BYTES]);
+                run(&r, black_box(&mut work), NOW, Port::Backend)
+            })
+        });
+    }
     let again = flows_created(&r) - created;
     eprintln!(
         "established_udp_128k: {again} of {frames} timed frames ({:.3}%) found their flow evicted and created it again",

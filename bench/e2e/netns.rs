@@ -52,6 +52,18 @@ pub fn run(cmd: &mut Command) -> Result<String> {
 }
 
 /// `ip ARGS...`
+/// Creates veth `name` in namespace `ns` with its peer `peer` in
+/// `peer_ns`, both ends with 2 TX and 2 RX queues.
+fn veth_pair(ns: &str, name: &str, peer: &str, peer_ns: &str) -> Result<String> {
+    let queues = ["numtxqueues", "2", "numrxqueues", "2"];
+    let mut args = vec!["-n", ns, "link", "add", name];
+    args.extend(queues);
+    args.extend(["type", "veth", "peer", "name", peer]);
+    args.extend(queues);
+    args.extend(["netns", peer_ns]);
+    ip(&args)
+}
+
 pub fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
@@ -138,50 +150,8 @@ impl Topology {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         // Each veth pair is created inside a namespace (never in the host's).
-        ip(&[
-            "-n",
-            NS_GEN,
-            "link",
-            "add",
-            GEN_IF,
-            "numtxqueues",
-            "2",
-            "numrxqueues",
-            "2",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            LB_CLIENT_IF,
-            "numtxqueues",
-            "2",
-            "numrxqueues",
-            "2",
-            "netns",
-            NS_LB,
-        ])?;
-        ip(&[
-            "-n",
-            NS_LB,
-            "link",
-            "add",
-            LB_BACKEND_IF,
-            "numtxqueues",
-            "2",
-            "numrxqueues",
-            "2",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            SINK_IF,
-            "numtxqueues",
-            "2",
-            "numrxqueues",
-            "2",
-            "netns",
-            NS_SINK,
-        ])?;
+        veth_pair(NS_GEN, GEN_IF, LB_CLIENT_IF, NS_LB)?;
+        veth_pair(NS_LB, LB_BACKEND_IF, SINK_IF, NS_SINK)?;
         let links = [
             (NS_GEN, GEN_IF, GEN_MAC, common::GATEWAY),
             (NS_LB, LB_CLIENT_IF, LB_CLIENT_MAC, common::LB_CLIENT_ADDR),
