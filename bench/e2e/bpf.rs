@@ -34,19 +34,7 @@ unsafe impl Sync for Object {}
 
 impl Object {
     fn load(image: &'static [u8], what: &str) -> Result<Object> {
-        // SAFETY: a static ELF image; libbpf copies what it needs.
-        let obj = unsafe {
-            bpf::bpf_object__open_mem(
-                image.as_ptr() as *const c_void,
-                image.len() as _,
-                std::ptr::null(),
-            )
-        };
-        // SAFETY: libbpf_get_error understands libbpf's pointer encoding.
-        let err = unsafe { bpf::libbpf_get_error(obj as *const c_void) };
-        if obj.is_null() || err != 0 {
-            bail!("opening the embedded {what} object failed ({err})");
-        }
+        let obj = l4lb::control::xdp::open_embedded(image, what)?;
         let o = Object { obj };
         // SAFETY: freshly opened object.
         let ret = unsafe { bpf::bpf_object__load(obj) };

@@ -78,24 +78,31 @@ fn map_fd(obj: *mut bpf::bpf_object, name: &str) -> Result<i32> {
     Ok(fd)
 }
 
+/// Opens (does not load) a BPF object embedded in the binary; `what` names
+/// it in the error. The caller closes it with `bpf_object__close`.
+pub fn open_embedded(image: &'static [u8], what: &str) -> Result<*mut bpf::bpf_object> {
+    // SAFETY: a static ELF image; libbpf copies what it needs.
+    let obj = unsafe {
+        bpf::bpf_object__open_mem(
+            image.as_ptr() as *const c_void,
+            image.len() as _,
+            std::ptr::null(),
+        )
+    };
+    // SAFETY: libbpf_get_error understands libbpf's pointer encoding.
+    let err = unsafe { bpf::libbpf_get_error(obj as *const c_void) };
+    if obj.is_null() || err != 0 {
+        bail!("opening the embedded {what} object failed ({err})");
+    }
+    Ok(obj)
+}
+
 impl Steering {
     /// Loads the program and attaches it to `ifname` in `mode`, replacing
     /// any XDP program a previous run left behind.
     pub fn attach(ifname: &str, ifindex: u32, mode: Attach) -> Result<Steering> {
         let name = CString::new("l4lb_steer").expect("no NUL");
-        // SAFETY: OBJECT is a static ELF image; libbpf copies what it needs.
-        let obj = unsafe {
-            bpf::bpf_object__open_mem(
-                OBJECT.as_ptr() as *const c_void,
-                OBJECT.len() as _,
-                std::ptr::null(),
-            )
-        };
-        // SAFETY: libbpf_get_error understands libbpf's pointer encoding.
-        let err = unsafe { bpf::libbpf_get_error(obj as *const c_void) };
-        if obj.is_null() || err != 0 {
-            bail!("opening the embedded XDP object failed ({err})");
-        }
+        let obj = open_embedded(OBJECT, "XDP")?;
         let mut s = Steering {
             obj,
             ifindex,
