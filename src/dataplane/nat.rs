@@ -24,8 +24,101 @@ pub enum Side {
 /// `addr`:`port` (16-byte form; IPv4-mapped for IPv4), sent from `src_mac`
 /// to `dst_mac`. The caller has checked that the TTL is above 1 and that
 /// `addr` is of the frame's family.
-#[inline]
+#[inline(always)]
 pub fn rewrite(
+    frame: &mut [u8],
+    p: &Parsed,
+    side: Side,
+    addr: &[u8; 16],
+    port: u16,
+    src_mac: &Mac,
+    dst_mac: &Mac,
+) {
+    if p.v6 {
+        rewrite_v6(frame, p, side, addr, port, src_mac, dst_mac);
+    } else {
+        let addr4: &[u8; 4] = addr[12..].try_into().expect("4 bytes");
+        rewrite_v4(frame, p, side, addr4, port, src_mac, dst_mac);
+    }
+}
+
+/// The TCP/UDP checksum's offset in its header.
+#[inline(always)]
+fn l4_checksum_at(p: &Parsed) -> usize {
+    if p.proto == PROTO_UDP {
+        l4::UDP_CHECKSUM
+    } else {
+        l4::TCP_CHECKSUM
+    }
+}
+
+/// The common case, inlined into the pipeline: every field is reached
+/// through a fixed-size view of its header, so that the bounds are checked
+/// once per header rather than once per field.
+#[inline(always)]
+fn rewrite_v4(
+    frame: &mut [u8],
+    p: &Parsed,
+    side: Side,
+    addr: &[u8; 4],
+    port: u16,
+    src_mac: &Mac,
+    dst_mac: &Mac,
+) {
+    let (head, seg) = frame.split_at_mut(p.l4);
+    let ether: &mut [u8; 12] = (&mut head[..12]).try_into().expect("Ethernet header");
+    ether[..6].copy_from_slice(dst_mac);
+    ether[6..].copy_from_slice(src_mac);
+
+    let hdr: &mut [u8; 20] = (&mut head[p.l3..p.l3 + 20])
+        .try_into()
+        .expect("IPv4 header");
+    let at = match side {
+        Side::Dst => ipv4::DST.start,
+        Side::Src => ipv4::SRC.start,
+    };
+    let old = u32::from_be_bytes(hdr[at..at + 4].try_into().expect("4 bytes"));
+    let new = u32::from_be_bytes(*addr);
+    hdr[at..at + 4].copy_from_slice(addr);
+    // The address's share of both checksums (the L4 pseudo-header covers
+    // it too).
+    let addr_delta =
+        delta16((old >> 16) as u16, (new >> 16) as u16) + delta16(old as u16, new as u16);
+    // TTL shares a 16-bit word with the protocol byte; the caller has
+    // checked that it is above 1, so the word drops by exactly 0x0100.
+    hdr[ipv4::TTL] -= 1;
+    const TTL_DELTA: u32 = 0xffff - 0x0100;
+    let ck = ipv4::CHECKSUM;
+    let ipsum = u16::from_be_bytes([hdr[ck], hdr[ck + 1]]);
+    let ipsum = update(ipsum, addr_delta + TTL_DELTA);
+    hdr[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
+
+    let udp = p.proto == PROTO_UDP;
+    let csum_at = l4_checksum_at(p);
+    let l4h = &mut seg[..csum_at + 2];
+    let port_at = match side {
+        Side::Dst => l4::DST_PORT.start,
+        Side::Src => l4::SRC_PORT.start,
+    };
+    let old_port = u16::from_be_bytes([l4h[port_at], l4h[port_at + 1]]);
+    l4h[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+    let l4sum = u16::from_be_bytes([l4h[csum_at], l4h[csum_at + 1]]);
+    // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
+    if udp && l4sum == 0 {
+        return;
+    }
+    let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
+    if udp && sum == 0 {
+        // A computed UDP checksum of zero is sent as all ones (RFC 768).
+        sum = 0xffff;
+    }
+    l4h[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// IPv6: no header checksum; the hop limit is decremented, the address's
+/// share goes into the TCP/UDP checksum.
+#[inline(never)]
+fn rewrite_v6(
     frame: &mut [u8],
     p: &Parsed,
     side: Side,
@@ -39,52 +132,17 @@ pub fn rewrite(
 
     let l3 = p.l3;
     let l4o = p.l4;
-    let csum_off = l4o
-        + if p.proto == PROTO_UDP {
-            l4::UDP_CHECKSUM
-        } else {
-            l4::TCP_CHECKSUM
-        };
+    let csum_off = l4o + l4_checksum_at(p);
     let l4sum = read16(frame, csum_off);
-    // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
-    let udp_no_sum = p.proto == PROTO_UDP && !p.v6 && l4sum == 0;
-
-    // The address's share of both checksums (the L4 pseudo-header covers
-    // it too); every changed word's delta is summed and folded once.
-    let addr_delta;
-    if p.v6 {
-        let at = l3
-            + match side {
-                Side::Dst => ipv6::DST.start,
-                Side::Src => ipv6::SRC.start,
-            };
-        let field: &mut [u8; 16] = (&mut frame[at..at + 16]).try_into().expect("16 bytes");
-        addr_delta = delta(field, addr);
-        *field = *addr;
-        frame[l3 + ipv6::HOP_LIMIT] -= 1;
-    } else {
-        let at = l3
-            + match side {
-                Side::Dst => ipv4::DST.start,
-                Side::Src => ipv4::SRC.start,
-            };
-        let hdr: &mut [u8; 20] = (&mut frame[l3..l3 + 20]).try_into().expect("20 bytes");
-        let off = at - l3;
-        let old = u32::from_be_bytes(hdr[off..off + 4].try_into().expect("4 bytes"));
-        let new = u32::from_be_bytes(addr[12..16].try_into().expect("4 bytes"));
-        addr_delta =
-            delta16((old >> 16) as u16, (new >> 16) as u16) + delta16(old as u16, new as u16);
-        hdr[off..off + 4].copy_from_slice(&addr[12..16]);
-        // TTL shares a 16-bit word with the protocol byte; the caller has
-        // checked that it is above 1.
-        let ttl_word = u16::from_be_bytes([hdr[ipv4::TTL], hdr[ipv4::TTL + 1]]);
-        let new_ttl_word = ttl_word - 0x0100;
-        hdr[ipv4::TTL] -= 1;
-        let ck = ipv4::CHECKSUM;
-        let ipsum = u16::from_be_bytes([hdr[ck], hdr[ck + 1]]);
-        let ipsum = update(ipsum, addr_delta + delta16(ttl_word, new_ttl_word));
-        hdr[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
-    }
+    let at = l3
+        + match side {
+            Side::Dst => ipv6::DST.start,
+            Side::Src => ipv6::SRC.start,
+        };
+    let field: &mut [u8; 16] = (&mut frame[at..at + 16]).try_into().expect("16 bytes");
+    let addr_delta = delta(field, addr);
+    *field = *addr;
+    frame[l3 + ipv6::HOP_LIMIT] -= 1;
 
     let port_at = match side {
         Side::Dst => l4o + l4::DST_PORT.start,
@@ -92,14 +150,12 @@ pub fn rewrite(
     };
     let old_port = read16(frame, port_at);
     frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
-    if !udp_no_sum {
-        let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
-        if p.proto == PROTO_UDP && sum == 0 {
-            // A computed UDP checksum of zero is sent as all ones (RFC 768).
-            sum = 0xffff;
-        }
-        frame[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
+    // IPv6 UDP checksums are mandatory (RFC 8200 §8.1): always updated.
+    let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
+    if p.proto == PROTO_UDP && sum == 0 {
+        sum = 0xffff;
     }
+    frame[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
 }
 
 #[inline(always)]
