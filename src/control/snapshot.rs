@@ -432,8 +432,14 @@ impl Snapshot {
     /// decides; if that server is down, the table of eligible members does.
     #[inline]
     pub fn pick(&self, service: u32, client: &[u8]) -> Option<u32> {
+        self.pick_hashed(service, client_hash_bytes(client))
+    }
+
+    /// [`Snapshot::pick`] for a client whose hash
+    /// ([`client_hash_bytes`]) is known.
+    #[inline]
+    pub fn pick_hashed(&self, service: u32, h: u64) -> Option<u32> {
         let svc = &self.services[service as usize];
-        let h = client_hash_bytes(client);
         if let Some(i) = svc.maglev.lookup(h) {
             let b = svc.maglev_backends[i as usize];
             if self.backends[b as usize].up || svc.all_down && !svc.eligible.is_empty() {
@@ -443,6 +449,13 @@ impl Snapshot {
         svc.fallback
             .lookup(h)
             .map(|i| svc.fallback_backends[i as usize])
+    }
+
+    /// Starts loading the table slot [`Snapshot::pick_hashed`] will read
+    /// first.
+    #[inline]
+    pub fn prefetch_pick(&self, service: u32, h: u64) {
+        self.services[service as usize].maglev.prefetch(h);
     }
 
     /// The service's scheduler: the backend index for a new flow. This is

@@ -10,6 +10,7 @@ use crate::control::snapshot::{BackendEntry, SchedState, ServiceEntry, Snapshot}
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
+use crate::sched::client_hash_bytes;
 use crate::table::{
     FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
@@ -71,6 +72,9 @@ pub struct Meta {
     /// Forward, probably new: the reply key's for the backend the
     /// scheduler probably picks (a prefetch target only).
     reply: Option<Hint>,
+    /// Forward, probably new, source-IP scheduler: the client's hash, whose
+    /// Maglev slot stage 2 prefetched for stage 3's guess.
+    client_hash: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +95,7 @@ impl Default for Meta {
             new: false,
             persist: None,
             reply: None,
+            client_hash: None,
         }
     }
 }
@@ -218,7 +223,8 @@ impl Processor<'_> {
     ///    their bucket headers;
     /// 2. from each header, prefetch the slot the key is probably in (or
     ///    the slot its insert will take); for a probably new flow, hash its
-    ///    persistence key and prefetch that bucket;
+    ///    persistence key and prefetch that bucket, and under the source-IP
+    ///    scheduler hash the client and prefetch its Maglev slot;
     /// 3. prefetch the persistence slot; unless the client is probably a
     ///    returning one, guess the backend and prefetch its reply key's
     ///    bucket;
@@ -272,6 +278,7 @@ impl Processor<'_> {
         m.new = false;
         m.persist = None;
         m.reply = None;
+        m.client_hash = None;
         if let Frame::L4(p) = &m.frame {
             if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
                 m.class = Class::Forward(l);
@@ -285,7 +292,8 @@ impl Processor<'_> {
         }
     }
 
-    /// Stage 2: prefetch slots; hash a new flow's persistence key.
+    /// Stage 2: prefetch slots; hash a new flow's persistence key and
+    /// client.
     #[inline]
     fn lookahead(&self, m: &mut Meta) {
         let t = self.tables;
@@ -296,11 +304,19 @@ impl Processor<'_> {
                 }
                 m.new = true;
                 let snap = self.snapshot;
-                let se = &snap.services[snap.listeners[l as usize].service as usize];
+                let svc = snap.listeners[l as usize].service;
+                let se = &snap.services[svc as usize];
                 if se.persistence_timeout > 0 {
                     let h = t.persist.hint(&persist_key(se, p).words());
                     t.persist.prefetch(h);
                     m.persist = Some(h);
+                }
+                // Only the source-IP scheduler can be asked ahead without
+                // side effects (round robin moves a cursor).
+                if se.scheduler == Scheduler::WeightedSourceIp {
+                    let h = client_hash_bytes(p.src_wire());
+                    snap.prefetch_pick(svc, h);
+                    m.client_hash = Some(h);
                 }
             }
             (Class::Reverse, _) => {
@@ -327,10 +343,8 @@ impl Processor<'_> {
         }
         let snap = self.snapshot;
         let svc = snap.listeners[l as usize].service;
-        // Only the source-IP scheduler can be asked without side effects
-        // (round robin moves a cursor).
-        if snap.services[svc as usize].scheduler == Scheduler::WeightedSourceIp {
-            if let Some(b) = snap.pick(svc, p.src_wire()) {
+        if let Some(h) = m.client_hash {
+            if let Some(b) = snap.pick_hashed(svc, h) {
                 let be = &snap.backends[b as usize];
                 let rkey = backend_reply_key(p, be);
                 let h = t.flows.hint(&rkey.words());

@@ -42,7 +42,7 @@
 //!   the burst's cache misses overlap instead of queueing one after another.
 
 use crate::table::mem::{Zeroable, ZeroedArray};
-use crate::util::fold_mul;
+use crate::util::{fold_mul, prefetch};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Slots per bucket.
@@ -470,7 +470,7 @@ impl FlowTable {
     /// [`FlowTable::lookup`] with a precomputed probe, also saying whether
     /// this hit moved the entry's timer to a new second: callers that keep
     /// a companion entry alive do so then, at most once a second per flow.
-    #[inline]
+    #[inline(always)]
     pub fn lookup_probe(&self, p: &Probe, now: u32) -> Option<(FlowValue, bool)> {
         let (i, e) = self.find(p, now)?;
         let touched = self.touch(p.bucket(), i, &e, now);
@@ -674,19 +674,6 @@ impl FlowTable {
             })
             .sum()
     }
-}
-
-/// A prefetch hint for the line holding `t` (a no-op off x86-64).
-#[inline(always)]
-fn prefetch<T>(t: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint; it never faults, whatever the address.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch(t as *const T as *const i8, _MM_HINT_T0);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = t;
 }
 
 #[cfg(test)]
