@@ -577,6 +577,96 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
     );
 }
 
+/// A server that one listener alone reaches (the echo service) answers
+/// through its flow's forward entry: a flow costs one table entry. A server
+/// of the web service, which two listeners share, needs a reply entry
+/// naming the listener: two entries.
+#[test]
+fn a_flow_to_a_server_of_one_listener_takes_one_table_entry_and_of_a_shared_one_two() {
+    let r = replayer();
+    let (echo_server, _) = simulated(&r, "echo", CLIENT);
+    let (web_server, _) = simulated(&r, "web", CLIENT);
+    let e = Hop::from_client(CLIENT, 50000, VIP, 53);
+    let es = Hop::from_server(echo_server, 9053, CLIENT, 50000);
+    let w = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let ws = Hop::from_server(web_server, 8080, CLIENT, 40000);
+    run(
+        &r,
+        &[tx(
+            "UDP to the echo listener",
+            udp(&e, b"q"),
+            FORWARD,
+            udp(&e.to_server(echo_server, 9053), b"q"),
+        )],
+    );
+    assert_eq!(r.tables.flows.count_live(NOW), 1, "forward entry only");
+    run(
+        &r,
+        &[
+            tx(
+                "the echo server answers from the VIP",
+                udp(&es, b"a"),
+                REPLY,
+                udp(&es.to_client(VIP, 53), b"a"),
+            ),
+            tx(
+                "SYN to the web listener",
+                tcp_syn(&w),
+                FORWARD,
+                tcp_syn(&w.to_server(web_server, 8080)),
+            ),
+            tx(
+                "the web server answers from the VIP",
+                tcp_syn_ack(&ws),
+                REPLY,
+                tcp_syn_ack(&ws.to_client(VIP, 80)),
+            ),
+        ],
+    );
+    assert_eq!(
+        r.tables.flows.count_live(NOW),
+        3,
+        "echo: forward; web: forward and reply"
+    );
+}
+
+/// Without a reply entry, the forward entry decides whose replies pass: only
+/// the server the flow is on may answer through it.
+#[test]
+fn a_reply_from_a_server_the_flow_is_not_on_is_dropped_as_no_flow() {
+    let r = replayer();
+    let (server, _) = simulated(&r, "echo", CLIENT);
+    let other_client = client_of_another_server(&r, "echo", CLIENT);
+    let (other, _) = simulated(&r, "echo", other_client);
+    assert_ne!(server, other);
+    let c = Hop::from_client(CLIENT, 50000, VIP, 53);
+    run(
+        &r,
+        &[
+            tx(
+                "UDP to the echo listener",
+                udp(&c, b"q"),
+                FORWARD,
+                udp(&c.to_server(server, 9053), b"q"),
+            ),
+            kept(
+                "another echo server answers the client's flow",
+                udp(&Hop::from_server(other, 9053, CLIENT, 50000), b"a"),
+                Verdict::Drop(DropReason::NoFlow),
+            ),
+            tx(
+                "the flow's own server answers",
+                udp(&Hop::from_server(server, 9053, CLIENT, 50000), b"a"),
+                REPLY,
+                udp(
+                    &Hop::from_server(server, 9053, CLIENT, 50000).to_client(VIP, 53),
+                    b"a",
+                ),
+            ),
+        ],
+    );
+}
+
 /// A UDP length field below 8 or past the IP payload (RFC 768) makes the
 /// datagram malformed, like the TCP and IPv4 length errors above. (Once a
 /// gap: such datagrams used to be forwarded.)

@@ -152,6 +152,12 @@ pub struct Snapshot {
     /// Stable id → dense index + 1 (0: not in this snapshot).
     listener_by_id: Box<[u32]>,
     backend_by_id: Box<[u32]>,
+    /// Per backend index: the only listener whose service has it as a
+    /// member (any weight, any health), or [`NO_LISTENER`] when several
+    /// listeners share it. See [`Snapshot::sole_listener`].
+    sole_listener: Box<[u32]>,
+    /// Per backend index: every listener whose service has it as a member.
+    reaching: Box<[Box<[u32]>]>,
     vips: WordIndex,
     backend_hosts: WordIndex,
     local: WordIndex,
@@ -216,6 +222,9 @@ fn smooth_wrr(eligible: &[(u32, u8)]) -> Box<[u32]> {
     seq.into_boxed_slice()
 }
 
+/// `sole_listener`'s marker: several listeners (or none) reach the backend.
+const NO_LISTENER: u32 = u32::MAX;
+
 impl Snapshot {
     /// Builds a snapshot from a validated config, assigning stable ids.
     pub fn build(ids: &mut Ids, inp: &Inputs) -> Result<Snapshot, String> {
@@ -223,6 +232,8 @@ impl Snapshot {
         let mut backends: Vec<BackendEntry> = Vec::new();
         let mut backend_index: FxMap<L4Key, u32> = FxMap::default();
         let mut services = Vec::with_capacity(config.services.len());
+        // Per service: its members' backend indices (for `sole_listener`).
+        let mut service_members: Vec<Vec<u32>> = Vec::with_capacity(config.services.len());
         for svc in &config.services {
             let proto = proto_number(svc.protocol);
             let mut members: Vec<(u32, u8)> = Vec::with_capacity(svc.servers.len());
@@ -251,6 +262,7 @@ impl Snapshot {
                 };
                 members.push((idx, s.weight));
             }
+            service_members.push(members.iter().map(|(i, _)| *i).collect());
             let any_up = members.iter().any(|(i, _)| backends[*i as usize].up);
             let fail_open = !any_up && svc.on_all_down == AllDown::FailOpen;
             let usable = |i: u32| fail_open || backends[i as usize].up;
@@ -331,6 +343,25 @@ impl Snapshot {
         for (i, l) in listeners.iter().enumerate() {
             listener_by_id[l.id as usize] = i as u32 + 1;
         }
+        // A backend reached from one listener only needs no reply entries:
+        // its replies name the forward entry's key (see `sole_listener`).
+        let mut reaching: Vec<Vec<u32>> = vec![Vec::new(); backends.len()];
+        for (li, l) in listeners.iter().enumerate() {
+            for &b in &service_members[l.service as usize] {
+                let r = &mut reaching[b as usize];
+                if !r.contains(&(li as u32)) {
+                    r.push(li as u32);
+                }
+            }
+        }
+        let sole_listener = reaching
+            .iter()
+            .map(|r| match r[..] {
+                [l] => l,
+                _ => NO_LISTENER,
+            })
+            .collect();
+        let reaching = reaching.into_iter().map(Vec::into_boxed_slice).collect();
         let mut backend_by_id = vec![0u32; MAX_ID + 1].into_boxed_slice();
         for (i, b) in backends.iter().enumerate() {
             backend_by_id[b.id as usize] = i as u32 + 1;
@@ -359,6 +390,8 @@ impl Snapshot {
             backend_index,
             listener_by_id,
             backend_by_id,
+            sole_listener,
+            reaching,
             vips: addr_set(vip_list.iter()),
             backend_hosts: addr_set(backend_host_list.iter()),
             local: addr_set(local_list.iter()),
@@ -403,6 +436,27 @@ impl Snapshot {
     #[inline]
     pub fn listener_of_id(&self, id: u16) -> Option<u32> {
         self.listener_by_id[id as usize].checked_sub(1)
+    }
+
+    /// The dense index of the one listener whose traffic can reach backend
+    /// `b`, if only one can. Such a backend's replies need no reply entry:
+    /// (client, client port, that listener's VIP and port) is the forward
+    /// entry's key. Backends that several listeners share (one service
+    /// behind two listeners, or one server in two services) have none, and
+    /// their flows keep a reply entry as well.
+    #[inline]
+    pub fn sole_listener(&self, b: u32) -> Option<u32> {
+        match self.sole_listener.get(b as usize) {
+            Some(&l) if l != NO_LISTENER => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The dense indices of every listener whose traffic can reach backend
+    /// `b` (its services' listeners).
+    #[inline]
+    pub fn listeners_reaching(&self, b: u32) -> &[u32] {
+        self.reaching.get(b as usize).map_or(&[], |r| &r[..])
     }
 
     /// Dense index of the backend with stable id `id`.
@@ -598,6 +652,96 @@ on_all_down = "{on_all_down}"
                 })
             })
             .collect()
+    }
+
+    /// A backend has a sole listener only when one listener alone can send
+    /// to it: a server in two services, or a service behind two listeners,
+    /// is shared (its flows keep reply entries).
+    #[test]
+    fn sole_listener_is_the_one_listener_reaching_a_backend() {
+        let text = r#"
+[instance]
+name = "t"
+client_interface = "c"
+backend_interface = "b"
+client_gateway = "198.18.0.2"
+[[listener]]
+name = "a"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "a"
+[[listener]]
+name = "b"
+vip = "198.18.100.2"
+protocol = "tcp"
+port = 80
+backend_service = "b"
+[[listener]]
+name = "b-alt"
+vip = "198.18.100.3"
+protocol = "tcp"
+port = 80
+backend_service = "b"
+[[backend_service]]
+name = "a"
+protocol = "tcp"
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+  weight = 0
+[[backend_service]]
+name = "b"
+protocol = "tcp"
+  [[backend_service.server]]
+  address = "198.18.2.13"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8081
+[[backend_service]]
+name = "unused"
+protocol = "tcp"
+  [[backend_service.server]]
+  address = "198.18.2.14"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+"#;
+        let c = Config::from_str(text, "t.toml").expect("valid");
+        let s = snap(&c, &[]);
+        let sole = |d: u8, port: u16| {
+            let b = s
+                .backend(&addr16(&crate::util::v4(198, 18, 2, d)), port, 6)
+                .expect("a backend");
+            s.sole_listener(b)
+                .map(|l| s.listeners[l as usize].name.as_str())
+        };
+        // In "a" and in "unused" (which no listener uses): "a" alone.
+        assert_eq!(sole(11, 8080), Some("a"));
+        // Weight 0 (draining) still has flows: still "a"'s.
+        assert_eq!(sole(12, 8080), Some("a"));
+        // "b" is behind two listeners.
+        assert_eq!(sole(13, 8080), None);
+        assert_eq!(sole(11, 8081), None);
+        // No listener reaches it.
+        assert_eq!(sole(14, 8080), None);
+        let reaching = |d: u8, port: u16| {
+            let b = s
+                .backend(&addr16(&crate::util::v4(198, 18, 2, d)), port, 6)
+                .expect("a backend");
+            s.listeners_reaching(b)
+                .iter()
+                .map(|&l| s.listeners[l as usize].name.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(reaching(11, 8080), ["a"]);
+        assert_eq!(reaching(11, 8081), ["b", "b-alt"]);
+        assert!(reaching(14, 8080).is_empty());
     }
 
     #[test]

@@ -79,7 +79,8 @@ pub struct SteerReport {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FlowReport {
-    /// Slots; each flow uses two (forward and reply entries).
+    /// Slots; each flow uses one (its forward entry), or two (and a reply
+    /// entry) if several listeners share its server.
     pub capacity: usize,
     pub live_entries: usize,
     pub idle_timeout_s: u32,

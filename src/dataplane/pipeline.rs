@@ -6,7 +6,7 @@
 //! lock, makes no syscall and logs nothing.
 
 use crate::config::Scheduler;
-use crate::control::snapshot::{BackendEntry, SchedState, ServiceEntry, Snapshot};
+use crate::control::snapshot::{BackendEntry, ListenerEntry, SchedState, ServiceEntry, Snapshot};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
@@ -14,6 +14,7 @@ use crate::sched::client_hash_bytes;
 use crate::table::{
     FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
+use crate::util::prefetch;
 
 /// The two ports of a two-arm (NAT) load balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,10 @@ pub struct Tables {
     /// client is scheduled without being recorded).
     pub persist_evict: bool,
 }
+
+/// How many frames ahead of the one being classified the burst pipeline
+/// prefetches.
+const FRAME_AHEAD: usize = 8;
 
 /// What one burst needs: the snapshot loaded for it, the shared tables,
 /// this worker's counters (and, for least-connections, every worker's), and
@@ -81,8 +86,8 @@ pub struct Meta {
 enum Class {
     /// To listener (dense index).
     Forward(u32),
-    /// From a backend.
-    Reverse,
+    /// From a backend (dense index).
+    Reverse(u32),
     Other,
 }
 
@@ -109,6 +114,9 @@ pub trait Frames {
     }
     /// Runs `f` on frame `i`'s bytes.
     fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut [u8]) -> R) -> R;
+    /// Starts loading the first cache line of frame `i` (which holds every
+    /// header the pipeline reads). A hint: never faults.
+    fn prefetch(&self, i: usize);
 }
 
 /// Equal-length frames back to back in one buffer.
@@ -127,6 +135,12 @@ impl Frames for Chunks<'_> {
         let at = i * self.frame_len;
         f(&mut self.buf[at..at + self.frame_len])
     }
+    #[inline]
+    fn prefetch(&self, i: usize) {
+        if let Some(b) = self.buf.get(i * self.frame_len) {
+            prefetch(b);
+        }
+    }
 }
 
 impl Frames for [&mut [u8]] {
@@ -137,6 +151,12 @@ impl Frames for [&mut [u8]] {
     #[inline]
     fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         f(self[i])
+    }
+    #[inline]
+    fn prefetch(&self, i: usize) {
+        if let Some(b) = self.get(i).and_then(|f| f.first()) {
+            prefetch(b);
+        }
     }
 }
 
@@ -168,6 +188,19 @@ fn backend_reply_key(p: &Parsed, be: &BackendEntry) -> FlowKey {
         client_port: p.sport,
         backend: be.addr16,
         backend_port: be.port,
+    }
+}
+
+/// The forward entry a backend's reply `p` belongs to, when `l` is the only
+/// listener that reaches the backend ([`Snapshot::sole_listener`]).
+#[inline(always)]
+fn reply_forward_key(p: &Parsed, l: &ListenerEntry) -> ForwardKey {
+    ForwardKey {
+        proto: p.proto,
+        client: p.dst,
+        client_port: p.dport,
+        vip: l.vip16,
+        vip_port: l.port,
     }
 }
 
@@ -244,7 +277,13 @@ impl Processor<'_> {
     ) {
         let n = frames.len();
         let metas = &mut metas[..n];
+        // The kernel wrote the frames on another CPU (copy mode): each
+        // frame's first read is a miss. Keep FRAME_AHEAD of them in flight.
+        for i in 0..n.min(FRAME_AHEAD) {
+            frames.prefetch(i);
+        }
         for (i, m) in metas.iter_mut().enumerate() {
+            frames.prefetch(i + FRAME_AHEAD);
             frames.with(i, |f| self.classify(f, m));
         }
         for m in metas.iter_mut() {
@@ -284,9 +323,14 @@ impl Processor<'_> {
                 m.class = Class::Forward(l);
                 m.flow = t.flows.hint(&forward_key(p).words());
                 t.flows.prefetch(m.flow);
-            } else if snap.backend(&p.src, p.sport, p.proto).is_some() {
-                m.class = Class::Reverse;
-                m.flow = t.flows.hint(&reply_key(p).words());
+            } else if let Some(b) = snap.backend(&p.src, p.sport, p.proto) {
+                m.class = Class::Reverse(b);
+                m.flow = match snap.sole_listener(b) {
+                    Some(l) => t
+                        .flows
+                        .hint(&reply_forward_key(p, &snap.listeners[l as usize]).words()),
+                    None => t.flows.hint(&reply_key(p).words()),
+                };
                 t.flows.prefetch(m.flow);
             }
         }
@@ -319,7 +363,7 @@ impl Processor<'_> {
                     m.client_hash = Some(h);
                 }
             }
-            (Class::Reverse, _) => {
+            (Class::Reverse(_), _) => {
                 t.flows.prefetch_slot(m.flow, self.now);
             }
             _ => {}
@@ -344,7 +388,12 @@ impl Processor<'_> {
         let snap = self.snapshot;
         let svc = snap.listeners[l as usize].service;
         if let Some(h) = m.client_hash {
-            if let Some(b) = snap.pick_hashed(svc, h) {
+            // Only a backend that several listeners share gets a reply
+            // entry.
+            if let Some(b) = snap
+                .pick_hashed(svc, h)
+                .filter(|&b| snap.sole_listener(b).is_none())
+            {
                 let be = &snap.backends[b as usize];
                 let rkey = backend_reply_key(p, be);
                 let h = t.flows.hint(&rkey.words());
@@ -393,11 +442,11 @@ impl Processor<'_> {
             }
             Frame::L4(ref p) => match m.class {
                 Class::Forward(l) => self.forward(frame, p, l, m),
-                Class::Reverse => {
+                Class::Reverse(b) => {
                     if snap.is_local(&p.dst) {
                         Verdict::Pass
                     } else {
-                        self.reverse(frame, p, m)
+                        self.reverse(frame, p, b, m)
                     }
                 }
                 Class::Other => {
@@ -450,10 +499,12 @@ impl Processor<'_> {
             if let Some(b) = snap.backend_of_id(v.backend) {
                 if v.listener == le.id && snap.keeps(svc, b) && !reopened {
                     chosen = Some((b, touched));
-                    if touched {
+                    if touched && snap.sole_listener(b).is_none() {
                         // Once a second per flow: keep the reply entry alive
                         // too (or bring it back if it was evicted), so that a
-                        // server silent for a while can still answer.
+                        // server silent for a while can still answer. (A
+                        // backend of one listener has none: its replies use
+                        // the forward entry.)
                         let be = &snap.backends[b as usize];
                         let rkey = backend_reply_key(p, be);
                         let rv = FlowValue::new(v.listener, v.backend);
@@ -573,6 +624,10 @@ impl Processor<'_> {
             // Only a stored flow can later be counted closed.
             self.stats.conn_opened(be.id);
         }
+        if self.snapshot.sole_listener(b).is_some() {
+            // Its replies find the forward entry.
+            return;
+        }
         let rkey = backend_reply_key(p, be);
         match t.flows.upsert(&rkey, value, self.now, t.flow_timeout, true) {
             // The client reused its source port towards another listener of
@@ -610,38 +665,62 @@ impl Processor<'_> {
     }
 
     #[inline]
-    fn reverse(&self, frame: &mut [u8], p: &Parsed, m: &Meta) -> Verdict {
+    fn reverse(&self, frame: &mut [u8], p: &Parsed, b: u32, m: &Meta) -> Verdict {
         let snap = self.snapshot;
-        let probe = Probe::new(&reply_key(p), m.flow);
-        let Some((v, touched)) = self.tables.flows.lookup_probe(&probe, self.now) else {
-            return Verdict::Drop(DropReason::NoFlow);
+        let t = self.tables;
+        let be = &snap.backends[b as usize];
+        let sole = snap.sole_listener(b);
+        // The listener the flow came in on, and whether the forward entry
+        // still needs refreshing.
+        let (l, refresh) = match sole {
+            // The backend's only listener: the reply names its forward
+            // entry, and looking it up refreshes it.
+            Some(l) => {
+                let l = &snap.listeners[l as usize];
+                let fprobe = Probe::new(&reply_forward_key(p, l), m.flow);
+                let Some((v, _)) = t.flows.lookup_probe(&fprobe, self.now) else {
+                    return Verdict::Drop(DropReason::NoFlow);
+                };
+                // The flow must be this backend's (it moves to another
+                // while its backend is down) and this listener's.
+                if v.backend != be.id || v.listener != l.id {
+                    return Verdict::Drop(DropReason::NoFlow);
+                }
+                (l, false)
+            }
+            // Shared by several listeners: the reply entry says which.
+            None => {
+                let probe = Probe::new(&reply_key(p), m.flow);
+                match t.flows.lookup_probe(&probe, self.now) {
+                    Some((v, touched)) => {
+                        let Some(l) = snap.listener_of_id(v.listener) else {
+                            return Verdict::Drop(DropReason::NoFlow);
+                        };
+                        (&snap.listeners[l as usize], touched)
+                    }
+                    None => match self.reply_without_entry(p, b, &probe) {
+                        Some(l) => (l, false),
+                        None => return Verdict::Drop(DropReason::NoFlow),
+                    },
+                }
+            }
         };
-        let Some(l) = snap.listener_of_id(v.listener) else {
-            return Verdict::Drop(DropReason::NoFlow);
-        };
-        let l = &snap.listeners[l as usize];
         if p.ttl <= 1 {
             return Verdict::Drop(DropReason::TtlExceeded);
         }
         let Some(gw) = snap.links.gateway_mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
         };
-        let fkey = ForwardKey {
-            proto: p.proto,
-            client: p.dst,
-            client_port: p.dport,
-            vip: l.vip16,
-            vip_port: l.port,
-        };
+        let fkey = reply_forward_key(p, l);
         if tcp_flags(frame, p) & (TCP_FIN | TCP_RST) != 0 {
-            if self.tables.flows.mark_closed(&fkey, self.now) {
-                self.stats.conn_closed(v.backend);
+            if t.flows.mark_closed(&fkey, self.now) {
+                self.stats.conn_closed(be.id);
             }
-        } else if touched {
+        } else if refresh {
             // The idle timeout counts silence in both directions: a flow
             // whose server keeps talking stays on that server. (Once a
             // second per flow is enough.)
-            self.tables.flows.lookup(&fkey, self.now);
+            t.flows.lookup(&fkey, self.now);
         }
         rewrite(
             frame,
@@ -656,6 +735,39 @@ impl Processor<'_> {
     }
 }
 
+impl Processor<'_> {
+    /// A reply of a backend that several listeners share, without a reply
+    /// entry: it was evicted, or the flow began while the backend had one
+    /// listener (before a reload), when flows record no reply entry. The
+    /// forward entries decide: the first listener reaching the backend
+    /// whose forward entry for this client holds a live flow to it. Found,
+    /// the reply entry is recorded again. (Only this miss path pays for
+    /// the extra lookups, one per listener of the backend.)
+    #[inline(never)]
+    fn reply_without_entry(&self, p: &Parsed, b: u32, reply: &Probe) -> Option<&ListenerEntry> {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let be = &snap.backends[b as usize];
+        for &l in snap.listeners_reaching(b) {
+            let l = &snap.listeners[l as usize];
+            let Some(v) = t.flows.lookup(&reply_forward_key(p, l), self.now) else {
+                continue;
+            };
+            if v.backend == be.id && v.listener == l.id {
+                let value = FlowValue::new(l.id, be.id);
+                if let Upsert::Evicted(_) =
+                    t.flows
+                        .upsert_probe(reply, value, self.now, t.flow_timeout, true)
+                {
+                    WorkerStats::add(&self.stats.core.flows_evicted, 1);
+                }
+                return Some(l);
+            }
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The decisions the offline fixtures (tests/replay.rs) cannot reach with
@@ -666,7 +778,7 @@ mod tests {
     use crate::config::Config;
     use crate::control::ids::Ids;
     use crate::control::snapshot::{Inputs, Links};
-    use crate::util::Mac;
+    use crate::util::{map_v4, Mac};
     use etherparse::PacketBuilder;
     use std::net::IpAddr;
     use std::sync::Arc;
@@ -742,26 +854,33 @@ protocol = "udp"
         shared: Shared,
     }
 
+    /// The snapshot of config `text`, with ids from `ids` (kept across
+    /// reloads, as the control plane does).
+    fn snapshot(text: &str, ids: &mut Ids, gateway_known: bool) -> (Snapshot, Config) {
+        let config = Config::from_str(text, "unit.toml").expect("valid config");
+        let local: [IpAddr; 1] = [LOCAL.parse().unwrap()];
+        let snapshot = Snapshot::build(
+            ids,
+            &Inputs {
+                config: &config,
+                generation: 1,
+                links: Links {
+                    client_if_mac: CLIENT_IF,
+                    backend_if_mac: BACKEND_IF,
+                    gateway_mac: gateway_known.then_some(GATEWAY),
+                },
+                local: &local,
+                mac_of: &|_| Some(SERVER_MAC),
+                is_up: &|_, _, _| true,
+            },
+        )
+        .expect("snapshot");
+        (snapshot, config)
+    }
+
     impl Rig {
         fn new(gateway_known: bool) -> Rig {
-            let config = Config::from_str(CONFIG, "unit.toml").expect("valid config");
-            let local: [IpAddr; 1] = [LOCAL.parse().unwrap()];
-            let snapshot = Snapshot::build(
-                &mut Ids::default(),
-                &Inputs {
-                    config: &config,
-                    generation: 1,
-                    links: Links {
-                        client_if_mac: CLIENT_IF,
-                        backend_if_mac: BACKEND_IF,
-                        gateway_mac: gateway_known.then_some(GATEWAY),
-                    },
-                    local: &local,
-                    mac_of: &|_| Some(SERVER_MAC),
-                    is_up: &|_, _, _| true,
-                },
-            )
-            .expect("snapshot");
+            let (snapshot, config) = snapshot(CONFIG, &mut Ids::default(), gateway_known);
             let stats = Arc::new(WorkerStats::new());
             Rig {
                 snapshot,
@@ -965,6 +1084,57 @@ protocol = "udp"
             rig.process(&mut cut, 1),
             Verdict::Drop(DropReason::Malformed)
         );
+    }
+
+    /// A flow to a server of one listener records no reply entry. When a
+    /// reload puts a second listener in front of that server's service, the
+    /// server's replies still find the flow (through its forward entry), and
+    /// the reply entry is recorded then.
+    #[test]
+    fn a_flow_begun_before_its_server_was_shared_is_answered_after_the_reload() {
+        let mut ids = Ids::default();
+        let mut rig = Rig::new(true);
+        (rig.snapshot, _) = snapshot(CONFIG, &mut ids, true);
+        let client = ("198.18.4.7", 40000);
+        let vip = ("198.18.100.1", 80);
+        let server = ("198.18.2.11", 8080);
+        let syn = Pkt::from_client(client, vip);
+        expect(
+            &rig,
+            1,
+            syn,
+            Verdict::Tx(Port::Backend),
+            Some(syn.to_server(server)),
+        );
+        assert_eq!(rig.tables.flows.count_live(1), 1, "no reply entry");
+
+        let shared = format!(
+            "{CONFIG}
+[[listener]]
+name = \"web-alt\"
+vip = \"198.18.100.2\"
+protocol = \"tcp\"
+port = 80
+backend_service = \"web\"
+"
+        );
+        (rig.snapshot, _) = snapshot(&shared, &mut ids, true);
+        let web = rig
+            .snapshot
+            .backend(&map_v4([198, 18, 2, 11]), 8080, PROTO_TCP);
+        assert_eq!(rig.snapshot.sole_listener(web.unwrap()), None, "now shared");
+        let reply = Pkt::from_server(server, client);
+        expect(
+            &rig,
+            2,
+            reply,
+            Verdict::Tx(Port::Client),
+            Some(reply.to_client(vip)),
+        );
+        assert_eq!(rig.tables.flows.count_live(2), 2, "the reply entry is back");
+        // A client with no flow still gets nothing.
+        let stranger = Pkt::from_server(server, ("198.18.4.8", 40000));
+        expect(&rig, 2, stranger, Verdict::Drop(DropReason::NoFlow), None);
     }
 
     #[test]

@@ -52,6 +52,14 @@ impl Frames for UmemFrames<'_> {
         let mut data = xsk::frame_mut(self.umem, &mut self.descs[i]);
         f(data.contents_mut())
     }
+    #[inline]
+    fn prefetch(&self, i: usize) {
+        if let Some(desc) = self.descs.get(i) {
+            if let Some(b) = xsk::frame(self.umem, desc).contents().first() {
+                crate::util::prefetch(b);
+            }
+        }
+    }
 }
 
 /// Frames waiting for one TX ring.

@@ -178,6 +178,14 @@ pub fn rx_burst(port: &mut XskPort, out: &mut [FrameDesc]) -> usize {
     unsafe { port.rx.consume(out) }
 }
 
+/// The frame bytes of a descriptor the worker holds, read-only.
+#[inline]
+pub fn frame<'a>(umem: &'a Umem, desc: &'a FrameDesc) -> xsk_rs::umem::frame::Data<'a> {
+    // SAFETY: as for `frame_mut`; nothing writes the frame while this
+    // shared view lives (the worker only prefetches through it).
+    unsafe { umem.data(desc) }
+}
+
 /// The frame bytes of a descriptor the worker holds.
 #[inline]
 pub fn frame_mut<'a>(umem: &'a Umem, desc: &'a mut FrameDesc) -> xsk_rs::umem::frame::DataMut<'a> {

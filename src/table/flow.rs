@@ -4,9 +4,10 @@
 //! * forward flow (client addr:port → VIP:port, protocol) → listener and
 //!   backend: an established flow keeps its backend even when the scheduler
 //!   would now choose another (reload, weight change);
-//! * reply flow (backend addr:port → client addr:port) → listener: when one
-//!   backend service serves several listeners, the reply's tuple alone does
-//!   not say which VIP:port it must come from;
+//! * reply flow (backend addr:port → client addr:port) → listener: only
+//!   for backends that several listeners reach, where the reply's tuple
+//!   alone does not say which VIP:port it must come from (a backend of one
+//!   listener answers through the forward entry);
 //! * persistence (backend service, client address) → backend, in its own
 //!   table instance.
 //!
