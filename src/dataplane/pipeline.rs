@@ -67,8 +67,9 @@ pub struct Processor<'a> {
 pub struct Meta {
     frame: Frame,
     class: Class,
-    /// Forward: the forward key's; reverse: the reply key's.
-    flow: Hint,
+    /// Forward: the forward key and its hash; reverse: the key of the entry
+    /// the reply looks up (the forward entry's, or the reply entry's).
+    flow: Probe,
     /// Forward: stage 2 found no live entry for the flow (probably new).
     new: bool,
     /// Forward, probably new, with persistence: the persistence key's
@@ -96,7 +97,7 @@ impl Default for Meta {
         Meta {
             frame: Frame::NotIp,
             class: Class::Other,
-            flow: Hint::default(),
+            flow: Probe::default(),
             new: false,
             persist: None,
             reply: None,
@@ -295,8 +296,8 @@ impl Processor<'_> {
             }
         }
         for m in metas.iter() {
-            if let Some(h) = m.reply {
-                self.tables.flows.prefetch_slot(h, self.now);
+            if let Some(mut h) = m.reply {
+                self.tables.flows.prefetch_slot(&mut h, self.now);
             }
         }
         for (i, (m, v)) in metas.iter().zip(verdicts.iter_mut()).enumerate() {
@@ -321,17 +322,17 @@ impl Processor<'_> {
         if let Frame::L4(p) = &m.frame {
             if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
                 m.class = Class::Forward(l);
-                m.flow = t.flows.hint(&forward_key(p).words());
-                t.flows.prefetch(m.flow);
+                m.flow = t.flows.probe(&forward_key(p));
+                t.flows.prefetch(m.flow.hint);
             } else if let Some(b) = snap.backend(&p.src, p.sport, p.proto) {
                 m.class = Class::Reverse(b);
                 m.flow = match snap.sole_listener(b) {
                     Some(l) => t
                         .flows
-                        .hint(&reply_forward_key(p, &snap.listeners[l as usize]).words()),
-                    None => t.flows.hint(&reply_key(p).words()),
+                        .probe(&reply_forward_key(p, &snap.listeners[l as usize])),
+                    None => t.flows.probe(&reply_key(p)),
                 };
-                t.flows.prefetch(m.flow);
+                t.flows.prefetch(m.flow.hint);
             }
         }
     }
@@ -343,7 +344,7 @@ impl Processor<'_> {
         let t = self.tables;
         match (m.class, &m.frame) {
             (Class::Forward(l), Frame::L4(p)) => {
-                if t.flows.prefetch_slot(m.flow, self.now) {
+                if t.flows.prefetch_slot(&mut m.flow.hint, self.now) {
                     return;
                 }
                 m.new = true;
@@ -364,7 +365,7 @@ impl Processor<'_> {
                 }
             }
             (Class::Reverse(_), _) => {
-                t.flows.prefetch_slot(m.flow, self.now);
+                t.flows.prefetch_slot(&mut m.flow.hint, self.now);
             }
             _ => {}
         }
@@ -378,7 +379,7 @@ impl Processor<'_> {
         let (Class::Forward(l), Frame::L4(p)) = (m.class, &m.frame) else {
             return;
         };
-        if let Some(h) = m.persist {
+        if let Some(h) = &mut m.persist {
             if t.persist.prefetch_slot(h, self.now) {
                 // A returning client: its backend is in the slot being
                 // loaded; no guess.
@@ -481,20 +482,18 @@ impl Processor<'_> {
         let svc = le.service;
         let se = &snap.services[svc as usize];
         let flags = tcp_flags(frame, p);
-        let fkey = forward_key(p);
-        let fprobe = Probe::new(&fkey, m.flow);
-        let pkey = persist_key(se, p);
+        let fprobe = &m.flow;
         // Hashed in stage 2 for probably new flows; established packets
         // hash it only when they need it (once a second, to refresh).
         let pprobe = || match m.persist {
-            Some(h) => Probe::new(&pkey, h),
-            None => t.persist.probe(&pkey),
+            Some(h) => Probe::new(&persist_key(se, p), h),
+            None => t.persist.probe(&persist_key(se, p)),
         };
 
         // An established flow keeps its backend while that backend is up
         // and still in the service (whatever its weight: 0 drains).
         let mut chosen = None;
-        if let Some((v, touched)) = t.flows.lookup_probe(&fprobe, self.now) {
+        if let Some((v, touched)) = t.flows.lookup_probe(fprobe, self.now) {
             let reopened = v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             if let Some(b) = snap.backend_of_id(v.backend) {
                 if v.listener == le.id && snap.keeps(svc, b) && !reopened {
@@ -533,12 +532,12 @@ impl Processor<'_> {
                 if snap.backends[b as usize].mac.is_none() {
                     return Verdict::Drop(DropReason::NoNeighbour);
                 }
-                self.record_new(p, se, le.id, b, &fprobe, &pprobe, persisted);
+                self.record_new(p, se, le.id, b, fprobe, &pprobe, persisted);
                 b
             }
         };
         let be = &snap.backends[b as usize];
-        if flags & (TCP_FIN | TCP_RST) != 0 && t.flows.mark_closed(&fkey, self.now) {
+        if flags & (TCP_FIN | TCP_RST) != 0 && t.flows.mark_closed(&forward_key(p), self.now) {
             self.stats.conn_closed(be.id);
         }
         let Some(mac) = be.mac else {
@@ -677,8 +676,7 @@ impl Processor<'_> {
             // entry, and looking it up refreshes it.
             Some(l) => {
                 let l = &snap.listeners[l as usize];
-                let fprobe = Probe::new(&reply_forward_key(p, l), m.flow);
-                let Some((v, _)) = t.flows.lookup_probe(&fprobe, self.now) else {
+                let Some((v, _)) = t.flows.lookup_probe(&m.flow, self.now) else {
                     return Verdict::Drop(DropReason::NoFlow);
                 };
                 // The flow must be this backend's (it moves to another
@@ -690,15 +688,15 @@ impl Processor<'_> {
             }
             // Shared by several listeners: the reply entry says which.
             None => {
-                let probe = Probe::new(&reply_key(p), m.flow);
-                match t.flows.lookup_probe(&probe, self.now) {
+                let probe = &m.flow;
+                match t.flows.lookup_probe(probe, self.now) {
                     Some((v, touched)) => {
                         let Some(l) = snap.listener_of_id(v.listener) else {
                             return Verdict::Drop(DropReason::NoFlow);
                         };
                         (&snap.listeners[l as usize], touched)
                     }
-                    None => match self.reply_without_entry(p, b, &probe) {
+                    None => match self.reply_without_entry(p, b, probe) {
                         Some(l) => (l, false),
                         None => return Verdict::Drop(DropReason::NoFlow),
                     },

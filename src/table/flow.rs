@@ -213,10 +213,13 @@ struct Slot {
 pub struct Hint {
     bucket: u32,
     tag: u8,
+    /// 1 + the slot [`FlowTable::prefetch_slot`] found the key's tag live
+    /// in (0: not looked): where a lookup looks first.
+    slot: u8,
 }
 
 /// A key (as words) with its [`Hint`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Probe {
     pub words: [u64; 5],
     pub hint: Hint,
@@ -342,6 +345,7 @@ impl FlowTable {
         Hint {
             bucket: (h as usize & self.mask) as u32,
             tag: tag + (tag == 0) as u8,
+            slot: 0,
         }
     }
 
@@ -362,9 +366,10 @@ impl FlowTable {
     /// loading the slot the key is probably in: the first slot whose tag
     /// matches, else the slot an insert would take (a free or expired one,
     /// else the one closest to expiry). Returns whether a tag matched (the
-    /// key is probably present). Only a hint: nothing is decided here.
+    /// key is probably present), and records that slot in the hint, where
+    /// the lookup will look first. Only a hint: nothing is decided here.
     #[inline]
-    pub fn prefetch_slot(&self, h: Hint, now: u32) -> bool {
+    pub fn prefetch_slot(&self, h: &mut Hint, now: u32) -> bool {
         let b = h.bucket as usize;
         let header = &self.buckets[b];
         let tags = header.tags.load(Ordering::Relaxed);
@@ -372,6 +377,7 @@ impl FlowTable {
         for i in flagged(hits) {
             if live_at(header.expires[i].load(Ordering::Relaxed), now) {
                 prefetch(&self.slots[b * WINDOW + i]);
+                h.slot = i as u8 + 1;
                 return true;
             }
         }
@@ -431,6 +437,15 @@ impl FlowTable {
     /// forwarding on every lookup.)
     #[inline(always)]
     fn find(&self, p: &Probe, now: u32) -> Option<(usize, Entry)> {
+        // The slot the burst pipeline saw the tag in, first: most lookups
+        // end here without reading the header's tags again.
+        if let Some(i) = (p.hint.slot as usize).checked_sub(1) {
+            if let Some(e) = self.read(p.bucket(), i & (WINDOW - 1)) {
+                if same(&e.key, &p.words) && live_at(e.expires, now) {
+                    return Some((i & (WINDOW - 1), e));
+                }
+            }
+        }
         let header = &self.buckets[p.bucket()];
         let tags = header.tags.load(Ordering::Acquire);
         let hits = zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS));
@@ -698,6 +713,54 @@ mod tests {
         closed: false,
     };
     const T: u32 = 300;
+
+    /// The slot `prefetch_slot` records is only where a lookup looks
+    /// first: a hint naming another key's slot (that key moved in between
+    /// the stages) still finds the right entry, or none.
+    #[test]
+    fn a_lookup_with_a_stale_slot_hint_still_finds_the_right_entry() {
+        let t = FlowTable::new(64);
+        // Two keys of one bucket.
+        let a = key(1, 1);
+        let pa = t.probe(&a);
+        let b = (2..)
+            .map(|c| key(c, 1))
+            .find(|k| t.probe(k).hint.bucket == pa.hint.bucket)
+            .expect("a second key of the bucket");
+        let w = FlowValue::new(4, 9);
+        assert!(matches!(
+            t.upsert(&a, V, 1, T, true),
+            Upsert::Inserted(None)
+        ));
+        assert!(matches!(
+            t.upsert(&b, w, 1, T, true),
+            Upsert::Inserted(None)
+        ));
+
+        let mut hb = t.probe(&b).hint;
+        assert!(t.prefetch_slot(&mut hb, 1), "b's tag is live");
+        assert_ne!(hb.slot, 0, "and its slot recorded");
+        let mut pa = t.probe(&a);
+        assert!(t.prefetch_slot(&mut pa.hint, 1));
+        assert_ne!(pa.hint.slot, hb.slot);
+        assert_eq!(t.lookup_probe(&pa, 1).map(|(v, _)| v), Some(V));
+
+        // a's probe pointing at b's slot.
+        pa.hint.slot = hb.slot;
+        assert_eq!(t.lookup_probe(&pa, 1).map(|(v, _)| v), Some(V));
+        // An absent key pointing at b's slot.
+        let c = (b.client_port + 1..)
+            .map(|port| key(1, port))
+            .find(|k| t.probe(k).hint.bucket == pa.hint.bucket)
+            .expect("a third key of the bucket");
+        let mut pc = t.probe(&c);
+        pc.hint.slot = hb.slot;
+        assert_eq!(t.lookup_probe(&pc, 1), None);
+        // And b, expired, is not found through its own slot either.
+        let mut pb = t.probe(&b);
+        pb.hint = hb;
+        assert_eq!(t.lookup_probe(&pb, 1 + T + 1), None);
+    }
 
     #[test]
     fn inserted_flow_is_found_and_others_are_not() {
