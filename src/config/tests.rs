@@ -1721,21 +1721,35 @@ port = 80
 
 // ----- files -----
 
-fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("l4lb-config-test-{}", std::process::id()));
+/// A file in a directory of its own, both removed when dropped (even when
+/// the test fails).
+struct TempFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_file(name: &str, contents: &[u8]) -> TempFile {
+    let dir = std::env::temp_dir().join(format!("l4lb-config-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
-    path
+    TempFile { dir, path }
 }
 
 #[test]
 fn from_file_reads_and_names_the_file() {
-    let path = temp_file("good.toml", DEFAULT_CONFIG.as_bytes());
-    assert_eq!(Config::from_file(&path).unwrap(), ok(DEFAULT_CONFIG));
+    let good = temp_file("good.toml", DEFAULT_CONFIG.as_bytes());
+    assert_eq!(Config::from_file(&good.path).unwrap(), ok(DEFAULT_CONFIG));
 
-    let path = temp_file("bad.toml", MANY_ERRORS.as_bytes());
-    let err = Config::from_file(&path).unwrap_err();
+    let bad = temp_file("bad.toml", MANY_ERRORS.as_bytes());
+    let path = &bad.path;
+    let err = Config::from_file(path).unwrap_err();
     let first = err.to_string().lines().next().unwrap().to_string();
     assert_eq!(
         first,
@@ -1762,8 +1776,9 @@ fn from_file_io_errors() {
 fn from_file_rejects_invalid_utf8_with_location() {
     let mut bytes = b"[instance]\nname = \"a".to_vec();
     bytes.extend_from_slice(&[0xff, b'"', b'\n']);
-    let path = temp_file("latin1.toml", &bytes);
-    let err = Config::from_file(&path).unwrap_err();
+    let file = temp_file("latin1.toml", &bytes);
+    let path = &file.path;
+    let err = Config::from_file(path).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!("{}:2:10: the file is not valid UTF-8", path.display())
