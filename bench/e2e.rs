@@ -33,6 +33,8 @@ mod bpf;
 mod common;
 #[path = "e2e/fwd.rs"]
 mod fwd;
+#[path = "e2e/icount.rs"]
+mod icount;
 #[path = "e2e/micro.rs"]
 mod micro;
 #[path = "e2e/netns.rs"]
@@ -78,6 +80,16 @@ enum Cmd {
         /// epoch): those of the current run.
         #[arg(long, default_value_t = 0)]
         since: u64,
+    },
+    /// The pipeline benchmark's workloads in a plain loop, for counting
+    /// instructions per packet under valgrind (`scripts/bench.sh icount`).
+    PipelineLoop {
+        /// "established" or "new-session".
+        #[arg(long)]
+        workload: String,
+        /// Bursts of 64 frames, after one untimed round.
+        #[arg(long)]
+        bursts: usize,
     },
 }
 
@@ -173,6 +185,7 @@ fn main() {
             Ok(())
         }
         Cmd::MicroReport { dir, since } => micro::report(&dir, since).map(|r| print!("{r}")),
+        Cmd::PipelineLoop { workload, bursts } => icount::run(&workload, bursts),
     };
     if let Err(e) = r {
         eprintln!("l4lb-bench: {e:#}");

@@ -7,6 +7,11 @@
 #   scripts/bench.sh micro            the criterion micro-benchmarks (pipeline,
 #                                     flow table, Maglev), then their table
 #   scripts/bench.sh all [OPTIONS]    both
+#   scripts/bench.sh icount           instructions per packet of the pipeline
+#                                     benchmark's workloads, counted by
+#                                     valgrind (installs it; no root needed
+#                                     beyond that): unlike times, these do
+#                                     not move between runs
 #
 # OPTIONS go to `l4lb-bench run` (see `target/release/l4lb-bench run --help`),
 # e.g. a quick check: scripts/bench.sh e2e --runs 2 --secs 3
@@ -21,7 +26,7 @@ cd "$(dirname "$0")/.."
 
 mode=e2e
 case "${1:-}" in
-e2e | micro | all)
+e2e | micro | all | icount)
     mode=$1
     shift
     ;;
@@ -33,7 +38,7 @@ die() {
     exit 1
 }
 
-if [[ $mode != micro ]]; then
+if [[ $mode == e2e || $mode == all ]]; then
     [[ ${EUID} -eq 0 ]] || die "run as root (network namespaces, XDP, BPF_PROG_RUN)"
     scripts/install-deps.sh >&2
     # What the benchmark needs beyond the build and test dependencies:
@@ -83,9 +88,40 @@ micro() {
     "$BIN/l4lb-bench" micro-report --since "$since" "$TARGET/criterion"
 }
 
+# Instructions per packet: valgrind's count for 2N bursts minus N bursts,
+# over N × 64 frames, so that set-up cancels out.
+icount() {
+    if ! command -v valgrind >/dev/null 2>&1; then
+        echo "bench.sh: installing valgrind" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+    fi
+    cargo build --release --quiet --bin l4lb-bench
+    local n=2048 workload a b
+    echo "### Instructions per packet"
+    echo
+    echo "- Command: \`$invocation\` (valgrind $(valgrind --version | sed 's/^valgrind-//'), \`--tool=callgrind\` on \`l4lb-bench pipeline-loop --bursts $n\` and \`$((2 * n))\`)"
+    echo "- Machine: $(nproc) × $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), Linux $(uname -r); $(date -u '+%Y-%m-%d %H:%M UTC'); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo
+    echo "| workload (as in bench/pipeline.rs) | instructions per packet |"
+    echo "|---|---:|"
+    for workload in established new-session; do
+        a=$(count "$workload" "$n")
+        b=$(count "$workload" $((2 * n)))
+        echo "| $workload | $(((b - a) / (n * 64))) |"
+    done
+}
+count() {
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        "$BIN/l4lb-bench" pipeline-loop --workload "$1" --bursts "$2" 2>&1 |
+        sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
+}
+
 case $mode in
 e2e) e2e "$@" ;;
 micro) micro ;;
+icount) icount ;;
 all)
     micro
     echo

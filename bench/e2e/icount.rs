@@ -1,0 +1,90 @@
+//! `l4lb-bench pipeline-loop`: the pipeline benchmark's workloads in a
+//! plain loop, for counting instructions under valgrind
+//! (`scripts/bench.sh icount`).
+//!
+//! Times on this VM move by 10-30 % between runs; the number of
+//! instructions a packet takes does not. `scripts/bench.sh icount` runs
+//! this loop under `valgrind --tool=callgrind` for N and 2N bursts and
+//! divides the difference by N × 64 frames, so set-up cancels out.
+//!
+//! The workloads are those of bench/pipeline.rs: the same config (3
+//! backends per service, persistence 300 s), 64-byte IPv4 UDP frames, 64 per
+//! burst through `Processor::process_burst`, each burst restored from a
+//! pristine copy first:
+//! * `established`: one burst of 64 established flows, over and over
+//!   (`pipeline/established_udp_hot`);
+//! * `new-session`: 1024 bursts of 65,536 client addresses in turn, the
+//!   clock moving past both timeouts after each round, so that every frame
+//!   creates its session (`pipeline/new_session_udp`).
+
+use anyhow::{bail, Result};
+use l4lb::dataplane::pipeline::{Chunks, Meta};
+use l4lb::dataplane::{Port, Verdict};
+use l4lb::replay::{Replayer, CLIENT_IF_MAC};
+
+use crate::common::{self, client_addr, client_frame, Proto, FIRST_CLIENT_PORT, FRAME_LEN};
+
+const BURST: usize = 64;
+
+pub fn run(workload: &str, bursts: usize) -> Result<()> {
+    let pool_bursts = match workload {
+        "established" => 1,
+        "new-session" => common::MAX_CLIENT_ADDRS as usize / BURST,
+        other => bail!("unknown workload {other:?}: established or new-session"),
+    };
+    let (cfg, _) = common::offline_config();
+    let r = Replayer::new(&cfg)?;
+    let mut pool = Vec::with_capacity(pool_bursts * BURST * FRAME_LEN);
+    for k in 0..(pool_bursts * BURST) as u32 {
+        pool.extend_from_slice(&client_frame(
+            Proto::Udp,
+            CLIENT_IF_MAC,
+            client_addr(k),
+            FIRST_CLIENT_PORT,
+        ));
+    }
+    let mut work = vec![0u8; BURST * FRAME_LEN];
+    let mut metas = [Meta::default(); BURST];
+    let mut verdicts = [Verdict::Pass; BURST];
+    let mut now = 1_000_000;
+    let mut forwarded = 0usize;
+    // One untimed round first: the established flows exist, and every
+    // later round of new sessions finds its clients expired.
+    for i in 0..pool_bursts + bursts {
+        let at = (i % pool_bursts) * BURST * FRAME_LEN;
+        work.copy_from_slice(&pool[at..at + BURST * FRAME_LEN]);
+        r.processor(now).process_burst(
+            &mut Chunks {
+                buf: &mut work,
+                frame_len: FRAME_LEN,
+            },
+            &mut metas,
+            &mut verdicts,
+        );
+        forwarded += verdicts
+            .iter()
+            .filter(|v| **v == Verdict::Tx(Port::Backend))
+            .count();
+        if workload == "new-session" && (i + 1) % pool_bursts == 0 {
+            now += 1000;
+        }
+    }
+    let frames = (pool_bursts + bursts) * BURST;
+    if forwarded != frames {
+        bail!("{forwarded} of {frames} frames forwarded: the workload is broken");
+    }
+    let created = r
+        .stats
+        .core
+        .flows_created
+        .load(std::sync::atomic::Ordering::Relaxed) as usize;
+    let want = if workload == "new-session" {
+        frames
+    } else {
+        BURST
+    };
+    if created != want {
+        bail!("{created} flows created, expected {want}");
+    }
+    Ok(())
+}
