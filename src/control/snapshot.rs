@@ -516,9 +516,26 @@ impl Snapshot {
     /// the one function both the data plane and `l4lb simulate` call.
     #[inline]
     pub fn schedule(&self, service: u32, client: &[u8], st: &dyn SchedState) -> Option<u32> {
+        self.schedule_with(service, client, None, st)
+    }
+
+    /// [`Snapshot::schedule`], given the client's hash
+    /// ([`client_hash_bytes`] of `client`) when it is already known (the
+    /// burst pipeline computes it a stage ahead).
+    #[inline]
+    pub fn schedule_with(
+        &self,
+        service: u32,
+        client: &[u8],
+        client_hash: Option<u64>,
+        st: &dyn SchedState,
+    ) -> Option<u32> {
         let svc = &self.services[service as usize];
         match svc.scheduler {
-            Scheduler::WeightedSourceIp => self.pick(service, client),
+            Scheduler::WeightedSourceIp => self.pick_hashed(
+                service,
+                client_hash.unwrap_or_else(|| client_hash_bytes(client)),
+            ),
             Scheduler::WeightedRoundRobin => {
                 if svc.wrr.is_empty() {
                     return None;

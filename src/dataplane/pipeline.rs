@@ -525,7 +525,7 @@ impl Processor<'_> {
             }
             None => {
                 let pprobe = pprobe();
-                let Some((b, persisted)) = self.choose(p, svc, &pprobe) else {
+                let Some((b, persisted)) = self.choose(p, svc, &pprobe, m.client_hash) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
                 // Nothing is recorded for a flow that cannot be sent.
@@ -562,7 +562,13 @@ impl Processor<'_> {
     /// it may still take clients, else the scheduler's choice. Returns the
     /// backend index and whether it came from persistence.
     #[inline]
-    fn choose(&self, p: &Parsed, svc: u32, pprobe: &Probe) -> Option<(u32, bool)> {
+    fn choose(
+        &self,
+        p: &Parsed,
+        svc: u32,
+        pprobe: &Probe,
+        client_hash: Option<u64>,
+    ) -> Option<(u32, bool)> {
         let snap = self.snapshot;
         let se = &snap.services[svc as usize];
         if se.persistence_timeout > 0 {
@@ -577,7 +583,8 @@ impl Processor<'_> {
                 }
             }
         }
-        snap.schedule(svc, p.src_wire(), self).map(|b| (b, false))
+        snap.schedule_with(svc, p.src_wire(), client_hash, self)
+            .map(|b| (b, false))
     }
 
     /// Records a new flow to backend `b`: persistence (when newly
