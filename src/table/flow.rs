@@ -720,12 +720,17 @@ mod tests {
     #[test]
     fn a_lookup_with_a_stale_slot_hint_still_finds_the_right_entry() {
         let t = FlowTable::new(64);
-        // Two keys of one bucket.
+        // Two keys of one bucket, with different tags (the hash is seeded
+        // per process; with equal tags stage 2 would point both at the
+        // first slot, which is also correct but not what is tested here).
         let a = key(1, 1);
         let pa = t.probe(&a);
         let b = (2..)
             .map(|c| key(c, 1))
-            .find(|k| t.probe(k).hint.bucket == pa.hint.bucket)
+            .find(|k| {
+                let h = t.probe(k).hint;
+                h.bucket == pa.hint.bucket && h.tag != pa.hint.tag
+            })
             .expect("a second key of the bucket");
         let w = FlowValue::new(4, 9);
         assert!(matches!(
