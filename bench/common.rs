@@ -180,7 +180,16 @@ pub struct ConfigSpec<'a> {
     pub persistence_timeout: Option<u32>,
     /// Extra `[instance]` lines (keys newer versions accept).
     pub extra_instance: &'a str,
+    /// More UDP listeners, each with a backend service of its own (the
+    /// memory test: every client gets a session with each): listener `k`
+    /// on VIP port [`MEMORY_FIRST_VIP_PORT`] + k, its servers on port
+    /// [`MEMORY_FIRST_BACKEND_PORT`] + k.
+    pub memory_services: u16,
 }
+
+/// The memory test's listeners and servers (see `ConfigSpec`).
+pub const MEMORY_FIRST_VIP_PORT: u16 = 5300;
+pub const MEMORY_FIRST_BACKEND_PORT: u16 = 9100;
 
 impl ConfigSpec<'_> {
     pub fn render(&self) -> String {
@@ -225,20 +234,39 @@ impl ConfigSpec<'_> {
                 fmt_mac(&(self.backend_mac)(i))
             );
         }
-        for proto in [Proto::Udp, Proto::Tcp] {
+        // (name, protocol, VIP port, server port)
+        let mut services: Vec<(String, Proto, u16, u16)> = [Proto::Udp, Proto::Tcp]
+            .into_iter()
+            .map(|p| {
+                (
+                    format!("bench-{}", p.name()),
+                    p,
+                    p.vip_port(),
+                    p.backend_port(),
+                )
+            })
+            .collect();
+        for k in 0..self.memory_services {
+            services.push((
+                format!("mem-{k}"),
+                Proto::Udp,
+                MEMORY_FIRST_VIP_PORT + k,
+                MEMORY_FIRST_BACKEND_PORT + k,
+            ));
+        }
+        for (name, proto, vip_port, _) in &services {
             let n = proto.name();
             let _ = writeln!(
                 s,
-                "\n[[listener]]\nname = \"bench-{n}\"\nvip = \"{}\"\nprotocol = \"{n}\"\nport = {}\nbackend_service = \"bench-{n}\"",
+                "\n[[listener]]\nname = \"{name}\"\nvip = \"{}\"\nprotocol = \"{n}\"\nport = {vip_port}\nbackend_service = \"{name}\"",
                 fmt_ip(VIP),
-                proto.vip_port()
             );
         }
-        for proto in [Proto::Udp, Proto::Tcp] {
+        for (name, proto, _, server_port) in &services {
             let n = proto.name();
             let _ = writeln!(
                 s,
-                "\n[[backend_service]]\nname = \"bench-{n}\"\nprotocol = \"{n}\"\nscheduler = \"weighted_source_ip\""
+                "\n[[backend_service]]\nname = \"{name}\"\nprotocol = \"{n}\"\nscheduler = \"weighted_source_ip\""
             );
             if let Some(t) = self.persistence_timeout {
                 let _ = writeln!(s, "persistence_timeout = {t}");
@@ -252,7 +280,7 @@ impl ConfigSpec<'_> {
                     s,
                     "  [[backend_service.server]]\n  address = \"{}\"\n  port = {}\n  weight = 100",
                     fmt_ip(backend_addr(i)),
-                    proto.backend_port()
+                    server_port
                 );
             }
         }
@@ -283,6 +311,7 @@ pub fn offline_config_with(persistence: bool) -> (l4lb::config::Config, String) 
         backend_mac: &mac,
         persistence_timeout: Some(300),
         extra_instance: "",
+        memory_services: 0,
     };
     let with = spec.render();
     if persistence {

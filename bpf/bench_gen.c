@@ -20,7 +20,10 @@
 // eqn. 3), so every frame on the wire has valid checksums.
 //
 // Client i (0 <= i < addrs * ports) is address first_client + i % addrs,
-// port first_port + i / addrs. A CPU emits clients cpu, cpu + stride,
+// port first_port + i / addrs: its source port, or with dst_ports set its
+// destination port (one listener per port, for the memory test, so that
+// each client has a session with each of many services).
+// A CPU emits clients cpu, cpu + stride,
 // cpu + 2 * stride, ... so that generator threads pinned to CPUs
 // 0..stride-1 send disjoint sets of clients.
 
@@ -39,7 +42,8 @@ struct gen_cfg {
 	__u32 ports;        // distinct source ports per address, >= 1
 	__u32 stride;       // generator threads, >= 1
 	__u16 first_port;   // host byte order
-	__u16 pad;
+	__u16 dst_ports;    // 0: the ports are source ports; 1: destination
+	                    // ports (one listener per port: the memory test)
 };
 
 struct {
@@ -145,7 +149,7 @@ int bench_gen(struct xdp_md *ctx)
 	__u32 flows = cfg->addrs * cfg->ports;
 	__u32 i = (n * cfg->stride + cpu % cfg->stride) % flows;
 	__u32 saddr = bpf_htonl(cfg->first_client + i % cfg->addrs);
-	__u16 sport = bpf_htons((__u16)(cfg->first_port + i / cfg->addrs));
+	__u16 port = bpf_htons((__u16)(cfg->first_port + i / cfg->addrs));
 
 	__u32 old_saddr = ip->saddr;
 	ip->check = csum_replace4(ip->check, old_saddr, saddr);
@@ -155,22 +159,24 @@ int bench_gen(struct xdp_md *ctx)
 		struct udphdr *udp = (void *)(ip + 1);
 		if ((void *)(udp + 1) > data_end)
 			return reject();
-		__u16 old_sport = udp->source;
+		__u16 *field = cfg->dst_ports ? &udp->dest : &udp->source;
+		__u16 old_port = *field;
 		// RFC 768: an IPv4 UDP checksum of 0 means "none"; keep it so.
 		if (udp->check) {
 			__u16 c = csum_replace4(udp->check, old_saddr, saddr);
-			c = csum_replace2(c, old_sport, sport);
+			c = csum_replace2(c, old_port, port);
 			udp->check = c ? c : 0xffff;
 		}
-		udp->source = sport;
+		*field = port;
 	} else if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *tcp = (void *)(ip + 1);
 		if ((void *)(tcp + 1) > data_end)
 			return reject();
-		__u16 old_sport = tcp->source;
+		__u16 *field = cfg->dst_ports ? &tcp->dest : &tcp->source;
+		__u16 old_port = *field;
 		__u16 c = csum_replace4(tcp->check, old_saddr, saddr);
-		tcp->check = csum_replace2(c, old_sport, sport);
-		tcp->source = sport;
+		tcp->check = csum_replace2(c, old_port, port);
+		*field = port;
 	} else {
 		return reject();
 	}

@@ -241,7 +241,8 @@ struct GenCfg {
     ports: u32,
     stride: u32,
     first_port: u16,
-    pad: u16,
+    /// 0: the ports vary the source port; 1: the destination port.
+    dst_ports: u16,
 }
 
 /// One generator run.
@@ -291,7 +292,28 @@ impl Generator {
             ports,
             stride: threads as u32,
             first_port: crate::common::FIRST_CLIENT_PORT,
-            pad: 0,
+            dst_ports: 0,
+        };
+        update(self.cfg, 0, &c)
+    }
+
+    /// Like [`Generator::configure`], but client `i` sends to destination
+    /// port `first_port + i / addrs` (from the template's source port):
+    /// one listener per port.
+    pub fn configure_dst_ports(
+        &self,
+        addrs: u32,
+        first_port: u16,
+        ports: u32,
+        threads: usize,
+    ) -> Result<()> {
+        let c = GenCfg {
+            first_client: u32::from_be_bytes(crate::common::FIRST_CLIENT),
+            addrs,
+            ports,
+            stride: threads as u32,
+            first_port,
+            dst_ports: 1,
         };
         update(self.cfg, 0, &c)
     }
