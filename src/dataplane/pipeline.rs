@@ -253,15 +253,16 @@ impl Processor<'_> {
 
     /// Processes a burst in stages, DPDK style, so that the table cache
     /// misses of different frames overlap instead of queueing:
-    /// 1. parse and classify every frame, hash its table keys, prefetch
-    ///    their bucket headers;
-    /// 2. from each header, prefetch the slot the key is probably in (or
-    ///    the slot its insert will take); for a probably new flow, hash its
-    ///    persistence key and prefetch that bucket, and under the source-IP
-    ///    scheduler hash the client and prefetch its Maglev slot;
+    /// 1. parse and classify every frame (prefetching frames 8 ahead),
+    ///    hash its table keys, prefetch their bucket headers;
+    /// 2. from each header, prefetch the slot the key is probably in (and
+    ///    remember it for the lookup), or the slot its insert will take;
+    ///    for a probably new flow, hash its persistence key and prefetch
+    ///    that bucket, and under the source-IP scheduler hash the client
+    ///    and prefetch its Maglev slot;
     /// 3. prefetch the persistence slot; unless the client is probably a
-    ///    returning one, guess the backend and prefetch its reply key's
-    ///    bucket;
+    ///    returning one, guess the backend and, if its flows keep reply
+    ///    entries, prefetch the reply key's bucket;
     /// 4. prefetch the reply entry's slot;
     /// 5. decide, record and rewrite each frame, in arrival order.
     ///
@@ -306,7 +307,7 @@ impl Processor<'_> {
     }
 
     /// Stage 1: parse, find the listener, hash the keys, prefetch. Writes
-    /// `m` in place: returned by value, the 100-byte `Meta` was copied out
+    /// `m` in place: returned by value, the `Meta` (100 bytes then) was copied out
     /// with wide loads right after being written with narrow stores, which
     /// stalls store forwarding (measured: a third of the stage).
     #[inline]
