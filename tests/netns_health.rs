@@ -211,6 +211,49 @@ fn twenty_reloads_under_traffic_lose_nothing_and_keep_established_flows() {
     assert_eq!(after, before);
 }
 
+/// A reload that puts a second listener in front of a service in use: its
+/// servers become shared, and their flows then need reply entries, which
+/// flows begun before the reload do not have. Held UDP flows are answered
+/// after the reload, and the new listener answers from its own VIP. (Here
+/// the client speaks first after the hold, which records the reply entry;
+/// a server speaking first is covered by the pipeline's unit test
+/// `a_flow_begun_before_its_server_was_shared_is_answered_after_the_reload`.)
+#[test]
+fn flows_survive_a_reload_that_shares_their_servers_with_a_new_listener() {
+    const ECHO_ALT: &str = "198.18.100.2:53";
+    let mut t = Topology::up("share", N_SOURCES);
+    let base = t.config_text(fast_checks);
+    t.start_lb(&base);
+    let held = t.drive_spawn(
+        &[],
+        &[ECHO],
+        "198.18.4.1-198.18.4.200",
+        1,
+        &["--hold-ms", "3000", "--parallel", "200"],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let shared = format!(
+        "{base}\n[[listener]]\nname = \"echo-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"udp\"\nport = 53\nbackend_service = \"echo\"\n"
+    );
+    t.apply(&shared);
+    let held = Topology::drive_wait(held);
+    assert_eq!(
+        held.failures,
+        0,
+        "held flows broke:\n{}",
+        held.failures_text()
+    );
+    assert_eq!(held.results.len(), 200);
+
+    let d = t.drive(&[], &[ECHO, ECHO_ALT], "198.18.5.1-198.18.5.40", 2);
+    assert_eq!(d.failures, 0, "failed:\n{}", d.failures_text());
+    assert_eq!(d.results.len(), 2 * 2 * 40);
+    for r in &d.results {
+        assert_eq!(r.reply_from.as_deref(), Some(r.target.as_str()), "{r:?}");
+    }
+    assert_no_drops(&t);
+}
+
 #[test]
 fn an_invalid_reload_changes_nothing_and_names_the_line() {
     let mut t = Topology::up("reload-bad", 200);
