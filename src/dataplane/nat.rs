@@ -93,6 +93,24 @@ fn rewrite_v4(
     let ipsum = update(ipsum, addr_delta + TTL_DELTA);
     hdr[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
 
+    // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
+    rewrite_l4(seg, p, side, port, addr_delta, true);
+}
+
+/// The TCP/UDP header `seg` of the frame `p` describes: sets the `side`
+/// port and updates the checksum by the port's and the address's
+/// (`addr_delta`) share. `zero_is_none`: a UDP checksum of 0 means "none"
+/// (IPv4) and stays 0; otherwise (IPv6, where it is mandatory) it is
+/// updated like any other.
+#[inline(always)]
+fn rewrite_l4(
+    seg: &mut [u8],
+    p: &Parsed,
+    side: Side,
+    port: u16,
+    addr_delta: u32,
+    zero_is_none: bool,
+) {
     let udp = p.proto == PROTO_UDP;
     let csum_at = l4_checksum_at(p);
     let l4h = &mut seg[..csum_at + 2];
@@ -103,13 +121,13 @@ fn rewrite_v4(
     let old_port = u16::from_be_bytes([l4h[port_at], l4h[port_at + 1]]);
     l4h[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
     let l4sum = u16::from_be_bytes([l4h[csum_at], l4h[csum_at + 1]]);
-    // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
-    if udp && l4sum == 0 {
+    if zero_is_none && udp && l4sum == 0 {
         return;
     }
     let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
     if udp && sum == 0 {
-        // A computed UDP checksum of zero is sent as all ones (RFC 768).
+        // A computed UDP checksum of zero is sent as all ones (RFC 768,
+        // RFC 8200 §8.1).
         sum = 0xffff;
     }
     l4h[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
@@ -127,40 +145,22 @@ fn rewrite_v6(
     src_mac: &Mac,
     dst_mac: &Mac,
 ) {
-    frame[eth::DST].copy_from_slice(dst_mac);
-    frame[eth::SRC].copy_from_slice(src_mac);
+    let (head, seg) = frame.split_at_mut(p.l4);
+    head[eth::DST].copy_from_slice(dst_mac);
+    head[eth::SRC].copy_from_slice(src_mac);
 
-    let l3 = p.l3;
-    let l4o = p.l4;
-    let csum_off = l4o + l4_checksum_at(p);
-    let l4sum = read16(frame, csum_off);
-    let at = l3
+    let at = p.l3
         + match side {
             Side::Dst => ipv6::DST.start,
             Side::Src => ipv6::SRC.start,
         };
-    let field: &mut [u8; 16] = (&mut frame[at..at + 16]).try_into().expect("16 bytes");
+    let field: &mut [u8; 16] = (&mut head[at..at + 16]).try_into().expect("16 bytes");
     let addr_delta = delta(field, addr);
     *field = *addr;
-    frame[l3 + ipv6::HOP_LIMIT] -= 1;
+    head[p.l3 + ipv6::HOP_LIMIT] -= 1;
 
-    let port_at = match side {
-        Side::Dst => l4o + l4::DST_PORT.start,
-        Side::Src => l4o + l4::SRC_PORT.start,
-    };
-    let old_port = read16(frame, port_at);
-    frame[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
     // IPv6 UDP checksums are mandatory (RFC 8200 §8.1): always updated.
-    let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
-    if p.proto == PROTO_UDP && sum == 0 {
-        sum = 0xffff;
-    }
-    frame[csum_off..csum_off + 2].copy_from_slice(&sum.to_be_bytes());
-}
-
-#[inline(always)]
-fn read16(frame: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([frame[at], frame[at + 1]])
+    rewrite_l4(seg, p, side, port, addr_delta, false);
 }
 
 #[cfg(test)]
