@@ -10,8 +10,9 @@
 #   scripts/bench.sh icount           instructions per packet of the pipeline
 #                                     benchmark's workloads, counted by
 #                                     valgrind (installs it; no root needed
-#                                     beyond that): unlike times, these do
-#                                     not move between runs
+#                                     beyond that): unlike times, these
+#                                     move by at most one between runs of
+#                                     one build
 #
 # OPTIONS go to `l4lb-bench run` (see `target/release/l4lb-bench run --help`),
 # e.g. a quick check: scripts/bench.sh e2e --runs 2 --secs 3

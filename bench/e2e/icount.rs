@@ -3,7 +3,9 @@
 //! (`scripts/bench.sh icount`).
 //!
 //! Times on this VM move by 10-30 % between runs; the number of
-//! instructions a packet takes does not. `scripts/bench.sh icount` runs
+//! instructions a packet takes moves by at most one (the tables' hash is
+//! seeded per process), though a change elsewhere in this binary can move
+//! it by a few, through inlining. `scripts/bench.sh icount` runs
 //! this loop under `valgrind --tool=callgrind` for N and 2N bursts and
 //! divides the difference by N × 64 frames, so set-up cancels out.
 //!
