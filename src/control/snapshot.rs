@@ -154,7 +154,9 @@ pub struct Snapshot {
     backend_by_id: Box<[u32]>,
     /// Per backend index: the only listener whose service has it as a
     /// member (any weight, any health), or [`NO_LISTENER`] when several
-    /// listeners share it. See [`Snapshot::sole_listener`].
+    /// listeners share it. See [`Snapshot::sole_listener`]. Derived from
+    /// `reaching` at build time and kept flat for the packet path (one
+    /// load, where `reaching` takes two).
     sole_listener: Box<[u32]>,
     /// Per backend index: every listener whose service has it as a member.
     reaching: Box<[Box<[u32]>]>,
@@ -731,11 +733,12 @@ protocol = "tcp"
 "#;
         let c = Config::from_str(text, "t.toml").expect("valid");
         let s = snap(&c, &[]);
+        let backend = |d: u8, port: u16| {
+            s.backend(&addr16(&crate::util::v4(198, 18, 2, d)), port, 6)
+                .expect("a backend")
+        };
         let sole = |d: u8, port: u16| {
-            let b = s
-                .backend(&addr16(&crate::util::v4(198, 18, 2, d)), port, 6)
-                .expect("a backend");
-            s.sole_listener(b)
+            s.sole_listener(backend(d, port))
                 .map(|l| s.listeners[l as usize].name.as_str())
         };
         // In "a" and in "unused" (which no listener uses): "a" alone.
@@ -748,10 +751,7 @@ protocol = "tcp"
         // No listener reaches it.
         assert_eq!(sole(14, 8080), None);
         let reaching = |d: u8, port: u16| {
-            let b = s
-                .backend(&addr16(&crate::util::v4(198, 18, 2, d)), port, 6)
-                .expect("a backend");
-            s.listeners_reaching(b)
+            s.listeners_reaching(backend(d, port))
                 .iter()
                 .map(|&l| s.listeners[l as usize].name.as_str())
                 .collect::<Vec<_>>()

@@ -886,7 +886,13 @@ protocol = "udp"
 
     impl Rig {
         fn new(gateway_known: bool) -> Rig {
-            let (snapshot, config) = snapshot(CONFIG, &mut Ids::default(), gateway_known);
+            Rig::with_ids(gateway_known, &mut Ids::default())
+        }
+
+        /// A rig whose snapshot takes its ids from `ids`, so that a test
+        /// can build the next snapshot of a reload with the same ids.
+        fn with_ids(gateway_known: bool, ids: &mut Ids) -> Rig {
+            let (snapshot, config) = snapshot(CONFIG, ids, gateway_known);
             let stats = Arc::new(WorkerStats::new());
             Rig {
                 snapshot,
@@ -1099,8 +1105,7 @@ protocol = "udp"
     #[test]
     fn a_flow_begun_before_its_server_was_shared_is_answered_after_the_reload() {
         let mut ids = Ids::default();
-        let mut rig = Rig::new(true);
-        (rig.snapshot, _) = snapshot(CONFIG, &mut ids, true);
+        let mut rig = Rig::with_ids(true, &mut ids);
         let client = ("198.18.4.7", 40000);
         let vip = ("198.18.100.1", 80);
         let server = ("198.18.2.11", 8080);
