@@ -128,6 +128,20 @@ pub fn frame(
     out
 }
 
+/// `n` client frames back to back, as the pipeline benchmarks and
+/// `l4lb-bench pipeline-loop` feed them: client k is address k % 65536
+/// (from [`FIRST_CLIENT`]), port [`FIRST_CLIENT_PORT`] + k / 65536, to
+/// l4lb's client-side MAC `lb_mac`.
+pub fn client_frames(proto: Proto, lb_mac: Mac, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n * FRAME_LEN);
+    for k in 0..n as u32 {
+        let addr = client_addr(k % MAX_CLIENT_ADDRS);
+        let port = FIRST_CLIENT_PORT + (k / MAX_CLIENT_ADDRS) as u16;
+        out.extend_from_slice(&client_frame(proto, lb_mac, addr, port));
+    }
+    out
+}
+
 /// Client `i`'s frame to the VIP, as the gateway delivers it to l4lb's
 /// client interface (whose MAC is `lb_mac`).
 pub fn client_frame(proto: Proto, lb_mac: Mac, client: [u8; 4], sport: u16) -> Vec<u8> {

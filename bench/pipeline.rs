@@ -41,22 +41,16 @@ use l4lb::replay::{Replayer, CLIENT_IF_MAC};
 
 #[path = "common.rs"]
 mod common;
-use common::{client_addr, client_frame, reply_frame, Proto, FIRST_CLIENT_PORT, FRAME_LEN};
+use common::{reply_frame, Proto, FRAME_LEN};
 
 const BURST: usize = 64;
 const BURST_BYTES: usize = BURST * FRAME_LEN;
 const NOW: u32 = 1_000_000;
 
-/// `n` bursts of forward frames from clients `first..first + n * 64`:
-/// client k is address k % 65536, port FIRST_CLIENT_PORT + k / 65536.
+/// `n` bursts of forward frames from clients `0..n * 64`
+/// ([`common::client_frames`]).
 fn forward_bursts(proto: Proto, n: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(n * BURST_BYTES);
-    for k in 0..(n * BURST) as u32 {
-        let addr = client_addr(k % common::MAX_CLIENT_ADDRS);
-        let port = FIRST_CLIENT_PORT + (k / common::MAX_CLIENT_ADDRS) as u16;
-        out.extend_from_slice(&client_frame(proto, CLIENT_IF_MAC, addr, port));
-    }
-    out
+    common::client_frames(proto, CLIENT_IF_MAC, n * BURST)
 }
 
 /// Processes one burst in place, as the worker does

@@ -24,7 +24,7 @@ use l4lb::dataplane::pipeline::{Chunks, Meta};
 use l4lb::dataplane::{Port, Verdict};
 use l4lb::replay::{Replayer, CLIENT_IF_MAC};
 
-use crate::common::{self, client_addr, client_frame, Proto, FIRST_CLIENT_PORT, FRAME_LEN};
+use crate::common::{self, Proto, FRAME_LEN};
 
 const BURST: usize = 64;
 
@@ -36,15 +36,7 @@ pub fn run(workload: &str, bursts: usize) -> Result<()> {
     };
     let (cfg, _) = common::offline_config();
     let r = Replayer::new(&cfg)?;
-    let mut pool = Vec::with_capacity(pool_bursts * BURST * FRAME_LEN);
-    for k in 0..(pool_bursts * BURST) as u32 {
-        pool.extend_from_slice(&client_frame(
-            Proto::Udp,
-            CLIENT_IF_MAC,
-            client_addr(k),
-            FIRST_CLIENT_PORT,
-        ));
-    }
+    let pool = common::client_frames(Proto::Udp, CLIENT_IF_MAC, pool_bursts * BURST);
     let mut work = vec![0u8; BURST * FRAME_LEN];
     let mut metas = [Meta::default(); BURST];
     let mut verdicts = [Verdict::Pass; BURST];
