@@ -140,7 +140,12 @@ pub fn collect(s: &Sources) -> Stats {
         .map(|l| {
             let (packets, bytes) = sum(&|w| w.listeners[l.id as usize].read());
             CounterReport {
-                name: format!("{} {}:{}/{}", l.name, l.vip, l.port, l.protocol),
+                name: format!(
+                    "{} {}/{}",
+                    l.name,
+                    std::net::SocketAddr::new(l.vip, l.port),
+                    l.protocol
+                ),
                 packets,
                 bytes,
             }
@@ -152,10 +157,7 @@ pub fn collect(s: &Sources) -> Stats {
         .iter()
         .map(|b| {
             let (packets, bytes) = sum(&|w| w.backends[b.id as usize].read());
-            let addr = match b.address {
-                std::net::IpAddr::V4(a) => format!("{a}:{}", b.port),
-                std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
-            };
+            let addr = std::net::SocketAddr::new(b.address, b.port);
             let key = TargetKey {
                 addr: b.address,
                 port: b.port,
