@@ -14,8 +14,9 @@
 //     fragmented, bad IHL), so that user space counts them as malformed
 //     instead of the kernel dropping them silently;
 //   * frames from a backend address to an address that is not one of this
-//     host's own: replies of NAT'ed flows. Replies to the host itself (its
-//     health checks, ssh, ...) stay with the kernel.
+//     host's own, nor a group (multicast, broadcast) address: replies of
+//     NAT'ed flows. Replies to the host itself (its health checks, ssh,
+//     ...) and a server's neighbour solicitations stay with the kernel.
 // Everything else (ARP, neighbour discovery, other ports on a VIP, the host's
 // own traffic) is passed to the kernel.
 //
@@ -114,6 +115,24 @@ static __always_inline void map_v4(struct addr_key *k, __be32 a)
 	__builtin_memcpy(&k->addr[12], &a, 4);
 }
 
+// A group address: IPv6 multicast, IPv4 multicast or the IPv4 limited
+// broadcast (= util::is_group). Never a reply of a NAT'ed flow; IPv6
+// neighbour solicitations from a server go to one.
+static __always_inline int is_group(const struct addr_key *a)
+{
+	if (a->addr[0] == 0xff)
+		return 1;
+	for (int i = 0; i < 10; i++)
+		if (a->addr[i])
+			return 0;
+	if (a->addr[10] != 0xff || a->addr[11] != 0xff)
+		return 0;
+	if ((a->addr[12] & 0xf0) == 0xe0)
+		return 1;
+	return a->addr[12] == 0xff && a->addr[13] == 0xff && a->addr[14] == 0xff &&
+	       a->addr[15] == 0xff;
+}
+
 // Decide for a frame whose L3 addresses are known. `l4` points at the L4
 // header or is NULL when it cannot be read (truncated or a fragment).
 static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struct addr_key *src,
@@ -133,7 +152,8 @@ static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struc
 			return redirect(ctx);
 		return pass();
 	}
-	if (bpf_map_lookup_elem(&l4lb_backends, src) && !bpf_map_lookup_elem(&l4lb_local, dst))
+	if (bpf_map_lookup_elem(&l4lb_backends, src) && !is_group(dst) &&
+	    !bpf_map_lookup_elem(&l4lb_local, dst))
 		return redirect(ctx);
 	return pass();
 }

@@ -86,6 +86,19 @@ pub fn ip_from16(a: &Addr16) -> IpAddr {
     }
 }
 
+/// Whether `a` (16-byte form) is a group address: IPv6 multicast
+/// (ff00::/8), IPv4 multicast (224.0.0.0/4) or the IPv4 limited broadcast.
+/// Such packets are never replies of a NAT'ed flow: IPv6 neighbour discovery
+/// from a server, for one, goes to a solicited-node multicast address.
+#[inline]
+pub fn is_group(a: &Addr16) -> bool {
+    if a[0] == 0xff {
+        return true;
+    }
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        && (a[12] & 0xf0 == 0xe0 || a[12..] == [0xff; 4])
+}
+
 /// IPv4 address bytes into the 16-byte form.
 #[inline]
 pub fn map_v4(b: [u8; 4]) -> Addr16 {
@@ -234,6 +247,30 @@ pub fn prefetch<T>(t: &T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_addresses_are_multicast_and_the_limited_broadcast() {
+        let group = |s: &str| is_group(&addr16(&s.parse().unwrap()));
+        for g in [
+            "ff02::1:ff00:1",
+            "ff05::2",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+        ] {
+            assert!(group(g), "{g}");
+        }
+        for u in [
+            "2001:2::1",
+            "fe80::1",
+            "198.18.0.1",
+            "223.255.255.255",
+            "240.0.0.1",
+            "::1",
+        ] {
+            assert!(!group(u), "{u}");
+        }
+    }
 
     #[test]
     fn addr16_round_trips_both_families() {

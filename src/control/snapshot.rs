@@ -10,7 +10,7 @@
 use crate::config::{AllDown, Config, Protocol, Scheduler};
 use crate::control::ids::{Ids, MAX_ID};
 use crate::sched::{client_hash_bytes, Maglev, MaglevBackend, DEFAULT_TABLE_SIZE};
-use crate::util::{addr16, addr_words, Addr16, FxMap, Mac, WordIndex};
+use crate::util::{addr16, addr_words, is_group, Addr16, FxMap, Mac, WordIndex};
 use std::net::IpAddr;
 
 /// (address, port, protocol) in the form used by the data plane's lookups.
@@ -480,6 +480,15 @@ impl Snapshot {
     #[inline]
     pub fn is_local(&self, addr: &Addr16) -> bool {
         self.local.get(&addr_key(addr)).is_some()
+    }
+
+    /// Whether a packet to `addr` from a server host is the kernel's: to one
+    /// of this host's addresses (health check replies, ssh, ...) or to a
+    /// group address (neighbour discovery, ...). The steering program
+    /// decides the same way.
+    #[inline]
+    pub fn is_for_host(&self, addr: &Addr16) -> bool {
+        is_group(addr) || self.is_local(addr)
     }
 
     /// The weighted source-IP scheduler: the backend index for a new flow

@@ -429,14 +429,14 @@ impl Processor<'_> {
                 // ICMP to a VIP is the kernel's; from a backend to a client
                 // (an error about a NAT'ed flow) it would need its inner
                 // header translated, which l4lb does not do.
-                if !snap.is_vip(&dst) && snap.is_backend_host(&src) && !snap.is_local(&dst) {
+                if !snap.is_vip(&dst) && snap.is_backend_host(&src) && !snap.is_for_host(&dst) {
                     Verdict::Drop(DropReason::Unsupported)
                 } else {
                     Verdict::Pass
                 }
             }
             Frame::Unusable { src, dst, why } => {
-                if snap.is_vip(&dst) || (snap.is_backend_host(&src) && !snap.is_local(&dst)) {
+                if snap.is_vip(&dst) || (snap.is_backend_host(&src) && !snap.is_for_host(&dst)) {
                     Verdict::Drop(why)
                 } else {
                     Verdict::Pass
@@ -445,14 +445,14 @@ impl Processor<'_> {
             Frame::L4(ref p) => match m.class {
                 Class::Forward(l) => self.forward(frame, p, l, m),
                 Class::Reverse(b) => {
-                    if snap.is_local(&p.dst) {
+                    if snap.is_for_host(&p.dst) {
                         Verdict::Pass
                     } else {
                         self.reverse(frame, p, b, m)
                     }
                 }
                 Class::Other => {
-                    if snap.is_backend_host(&p.src) && !snap.is_local(&p.dst) {
+                    if snap.is_backend_host(&p.src) && !snap.is_for_host(&p.dst) {
                         // A backend host talking to a client from a port
                         // that is no backend: not a flow of ours.
                         Verdict::Drop(DropReason::NoFlow)
@@ -785,8 +785,8 @@ mod tests {
     use crate::control::ids::Ids;
     use crate::control::snapshot::{Inputs, Links};
     use crate::util::{map_v4, Mac};
-    use etherparse::PacketBuilder;
-    use std::net::IpAddr;
+    use etherparse::{Icmpv6Type, PacketBuilder};
+    use std::net::{IpAddr, Ipv6Addr};
     use std::sync::Arc;
 
     const CLIENT_IF: Mac = [0x02, 0, 0, 0, 0, 0x01];
@@ -1057,6 +1057,54 @@ protocol = "udp"
         let v = rig.process(&mut frame, 1);
         assert_eq!(v, Verdict::Drop(DropReason::Unsupported));
         assert_eq!(frame, before);
+        assert_eq!(rig.stats.drops(DropReason::Unsupported), 1);
+    }
+
+    /// A server resolving this host's IPv6 address sends a neighbour
+    /// solicitation from its own address to a solicited-node multicast
+    /// group: the kernel's, or the server can never answer anything.
+    #[test]
+    fn server_traffic_to_a_group_address_is_the_kernels() {
+        let rig = Rig::new(true);
+        let mut ns = Vec::new();
+        let server: Ipv6Addr = SERVER6.0.parse().unwrap();
+        let group: Ipv6Addr = "ff02::1:ff00:1".parse().unwrap();
+        PacketBuilder::ethernet2(SERVER_MAC, [0x33, 0x33, 0xff, 0, 0, 1])
+            .ipv6(server.octets(), group.octets(), 255)
+            .icmpv6(Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            })
+            .write(&mut ns, &[0; 16])
+            .unwrap();
+        assert_eq!(rig.process(&mut ns, 1), Verdict::Pass);
+        // From a server's port, to a group: not a reply of a flow.
+        for dst in [
+            ("ff02::fb", 5353),
+            ("224.0.0.251", 5353),
+            ("255.255.255.255", 68),
+        ] {
+            let src = if dst.0.contains(':') {
+                SERVER6
+            } else {
+                ("198.18.2.11", 8080)
+            };
+            expect(
+                &rig,
+                1,
+                Pkt::from_server(src, dst).udp(),
+                Verdict::Pass,
+                None,
+            );
+        }
+        // The same to a client is still dropped.
+        let mut to_client = ns.clone();
+        to_client[38..54].copy_from_slice(&CLIENT6.0.parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(
+            rig.process(&mut to_client, 1),
+            Verdict::Drop(DropReason::Unsupported)
+        );
         assert_eq!(rig.stats.drops(DropReason::Unsupported), 1);
     }
 
