@@ -3,13 +3,18 @@
 #
 #   l4lb-client                l4lb-lb                   l4lb-sw            l4lb-bK
 #   cl0 198.18.0.2/24 ---- lb-c 198.18.0.1/24
+#       2001:2::2/64            2001:2::1/64
 #   + N /32 sources             lb-b 198.18.2.1/24 ---- sw-lb ]
-#     from 198.18.4.0/22                                       [ br0 ]-- sw-bK ---- eth0 198.18.2.1K/24
-#   198.18.100.0/24 (VIPs)
-#     via 198.18.0.1
+#     from 198.18.4.0/22             2001:2:0:2::1/64          [ br0 ]-- sw-bK ---- eth0 198.18.2.1K/24
+#   + N /128 sources                                                                     2001:2:0:2::1K/64
+#     from 2001:2:0:4::1
+#   198.18.100.0/24 and 2001:2:0:100::/64 (VIPs)
+#     via 198.18.0.1 and 2001:2::1
 #
 # Everything lives inside namespaces named l4lb-*, on 198.18.0.0/15 (RFC 2544)
-# only; nothing in the host's own namespace is created or changed.
+# and 2001:2::/48 (RFC 5180) only; nothing in the host's own namespace is
+# created or changed. Duplicate address detection is off in the namespaces,
+# so IPv6 addresses are usable at once.
 #
 # Usage: scripts/netns.sh up [--clients N] [--queues Q] | down | status
 set -euo pipefail
@@ -121,12 +126,25 @@ no_offload() {
         die "ethtool -K ${dev} ($*) failed in ${ns}"
 }
 
+# Source i (0-based) is 198.18.(4 + i/254).(1 + i%254) and 2001:2:0:4::(i+1).
 client_addr_batch() {
     local n=$1 i third fourth
     for ((i = 0; i < n; i++)); do
         third=$((4 + i / 254))
         fourth=$((1 + i % 254))
         echo "address add 198.18.${third}.${fourth}/32 dev cl0"
+        printf 'address add 2001:2:0:4::%x/128 dev cl0 nodad\n' $((i + 1))
+    done
+}
+
+# Before any interface exists in the namespace: new interfaces take the
+# "default" settings. No duplicate address detection (addresses would stay
+# tentative for a second), no router solicitations or autoconfiguration.
+ipv6_quiet() {
+    local ns=$1 key
+    for key in accept_dad=0 dad_transmits=0 router_solicitations=0 accept_ra=0 autoconf=0; do
+        ip netns exec "${ns}" sysctl -qw "net.ipv6.conf.all.${key}" "net.ipv6.conf.default.${key}" ||
+            die "sysctl net.ipv6.conf.*.${key} failed in ${ns}"
     done
 }
 
@@ -158,6 +176,12 @@ do_up() {
     for k in "${BACKENDS[@]}"; do
         ip netns add "l4lb-b${k}"
     done
+    for ns in "${NS_CLIENT}" "${NS_LB}" "${NS_SW}"; do
+        ipv6_quiet "${ns}"
+    done
+    for k in "${BACKENDS[@]}"; do
+        ipv6_quiet "l4lb-b${k}"
+    done
 
     # Create each veth pair inside a namespace directly (never in the host's).
     # With --queues N every veth has N RX and N TX queues: a sending veth
@@ -173,6 +197,7 @@ do_up() {
     # Client.
     ip -n "${NS_CLIENT}" link set lo up
     ip -n "${NS_CLIENT}" addr add 198.18.0.2/24 dev cl0
+    ip -n "${NS_CLIENT}" addr add 2001:2::2/64 dev cl0 nodad
     if ((clients > 0)); then
         client_addr_batch "${clients}" | ip -n "${NS_CLIENT}" -batch -
     fi
@@ -184,6 +209,8 @@ do_up() {
     ip -n "${NS_LB}" link set lo up
     ip -n "${NS_LB}" addr add 198.18.0.1/24 dev lb-c
     ip -n "${NS_LB}" addr add 198.18.2.1/24 dev lb-b
+    ip -n "${NS_LB}" addr add 2001:2::1/64 dev lb-c nodad
+    ip -n "${NS_LB}" addr add 2001:2:0:2::1/64 dev lb-b nodad
     no_offload "${NS_LB}" lb-c rx off tx off
     no_offload "${NS_LB}" lb-b rx off tx off
     ip -n "${NS_LB}" link set lb-c up
@@ -192,7 +219,9 @@ do_up() {
 
     # Switch.
     ip -n "${NS_SW}" link set lo up
-    ip -n "${NS_SW}" link add br0 type bridge stp_state 0 forward_delay 0
+    # No multicast snooping: neighbour solicitations are flooded to every
+    # port whatever MLD reports the bridge has or has not seen.
+    ip -n "${NS_SW}" link add br0 type bridge stp_state 0 forward_delay 0 mcast_snooping 0
     ip -n "${NS_SW}" link set br0 up
     ip -n "${NS_SW}" link set sw-lb master br0
     ip -n "${NS_SW}" link set sw-lb up
@@ -206,6 +235,7 @@ do_up() {
         ns="l4lb-b${k}"
         ip -n "${ns}" link set lo up
         ip -n "${ns}" addr add "198.18.2.1${k}/24" dev eth0
+        ip -n "${ns}" addr add "2001:2:0:2::1${k}/64" dev eth0 nodad
         no_offload "${ns}" eth0 tx off
         ip -n "${ns}" link set eth0 up
         ip -n "${ns}" route add default via 198.18.2.1
@@ -220,14 +250,24 @@ do_up() {
         wait_link_up "${NS_SW}" "sw-b${k}"
         wait_link_up "l4lb-b${k}" eth0
     done
+
+    # IPv6 routes via a gateway need the link's carrier (the prefix route
+    # appears only then), so they come after the links are up.
+    ip -n "${NS_CLIENT}" route add 2001:2:0:100::/64 via 2001:2::1
+    ip -n "${NS_LB}" route add 2001:2:0:4::/64 via 2001:2::2
+    for k in "${BACKENDS[@]}"; do
+        ip -n "l4lb-b${k}" route add default via 2001:2:0:2::1
+    done
     trap - EXIT
 
-    local last="none"
+    local last="none" last6="none"
     if ((clients > 0)); then
         local i=$((clients - 1))
         last="198.18.4.1-198.18.$((4 + i / 254)).$((1 + i % 254))"
+        last6=$(printf '2001:2:0:4::1-2001:2:0:4::%x' "${clients}")
     fi
     echo "l4lb netns up: client 198.18.0.2 (${clients} sources: ${last}) -> lb 198.18.0.1 | 198.18.2.1 -> br0 -> backends 198.18.2.11-13; VIPs 198.18.100.0/24"
+    echo "               client 2001:2::2 (${clients} sources: ${last6}) -> lb 2001:2::1 | 2001:2:0:2::1 -> br0 -> backends 2001:2:0:2::11-13; VIPs 2001:2:0:100::/64"
 }
 
 main() {

@@ -84,6 +84,17 @@ fn check_prints_a_one_line_summary_of_a_valid_config() {
     assert_eq!(stderr(&o), "");
 }
 
+#[test]
+fn the_dual_stack_example_config_is_valid() {
+    let o = l4lb(&["check", "-c", "config/dual-stack.toml"], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "config/dual-stack.toml: ok: dual-stack: 4 listeners, 3 backend services, 8 servers, \
+         1 worker, nat mode on lb-c/lb-b\n"
+    );
+}
+
 /// Four problems, each on a line of its own: an unknown backend service, a
 /// duplicate listener, a weight out of range, a server of the wrong family.
 const BROKEN: &str = r#"[instance]

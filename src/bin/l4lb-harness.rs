@@ -1,7 +1,7 @@
 //! Test and demo helper for the network-namespace harness (`scripts/netns.sh`).
 //!
 //! * `serve` runs in a backend namespace: a minimal HTTP/1.1 server and a UDP
-//!   echo, both answering with the backend's name and the client address the
+//!   echo, on IPv4 and IPv6, both answering with the backend's name and the client address the
 //!   backend saw, so that a driver can tell which backend a load-balanced
 //!   request reached and whether the client address survived the trip.
 //! * `drive` runs in the client namespace: it sends requests to the VIPs from
@@ -14,7 +14,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::{self, BufWriter, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener,
+    TcpStream, UdpSocket,
+};
 use std::os::fd::{AsRawFd, RawFd};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -86,13 +89,14 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct DriveArgs {
-    /// TCP targets (HTTP), comma-separated IP:PORT.
+    /// TCP targets (HTTP), comma-separated IP:PORT ([IPV6]:PORT for IPv6).
     #[arg(long, value_delimiter = ',')]
-    vip_tcp: Vec<SocketAddrV4>,
-    /// UDP targets (echo), comma-separated IP:PORT.
+    vip_tcp: Vec<SocketAddr>,
+    /// UDP targets (echo), comma-separated IP:PORT ([IPV6]:PORT for IPv6).
     #[arg(long, value_delimiter = ',')]
-    vip_udp: Vec<SocketAddrV4>,
-    /// Inclusive source address range FIRST-LAST (addresses ending in .0 or .255 are skipped).
+    vip_udp: Vec<SocketAddr>,
+    /// Inclusive source address range FIRST-LAST, IPv4 or IPv6 (IPv4
+    /// addresses ending in .0 or .255 are skipped); of the targets' family.
     #[arg(long, value_parser = parse_source_range)]
     sources: SourceRange,
     /// Requests per source and target.
@@ -160,36 +164,66 @@ fn main() -> ExitCode {
 // Addresses
 // ---------------------------------------------------------------------------
 
-/// 198.18.0.0/15 (RFC 2544): the only range the harness may send to or from.
-fn in_test_range(ip: Ipv4Addr) -> bool {
-    u32::from(ip) & 0xfffe_0000 == u32::from(Ipv4Addr::new(198, 18, 0, 0))
+/// The test ranges, the only addresses the harness may send to or from:
+/// 198.18.0.0/15 (RFC 2544) and 2001:2::/48 (RFC 5180).
+const TEST_RANGES: &str = "198.18.0.0/15 or 2001:2::/48";
+
+fn in_test_range(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => u32::from(a) & 0xfffe_0000 == u32::from(Ipv4Addr::new(198, 18, 0, 0)),
+        IpAddr::V6(a) => a.segments()[..3] == [0x2001, 2, 0],
+    }
 }
+
+/// Most addresses one source range may hold: netns.sh configures 1016 of
+/// each family, and a range is expanded into a list before the run.
+const MAX_SOURCES: u128 = 65_536;
 
 #[derive(Clone, Debug, PartialEq)]
 struct SourceRange {
-    first: Ipv4Addr,
-    last: Ipv4Addr,
+    first: IpAddr,
+    last: IpAddr,
 }
 
 impl SourceRange {
-    /// The usable addresses: .0 and .255 are network/broadcast addresses of
-    /// the client's /24s and are never configured by netns.sh.
-    fn addresses(&self) -> Vec<Ipv4Addr> {
-        (u32::from(self.first)..=u32::from(self.last))
-            .map(Ipv4Addr::from)
-            .filter(|ip| !matches!(ip.octets()[3], 0 | 255))
-            .collect()
+    /// The usable addresses. For IPv4, .0 and .255 are network/broadcast
+    /// addresses of the client's /24s and are never configured by netns.sh.
+    fn addresses(&self) -> Vec<IpAddr> {
+        match (self.first, self.last) {
+            (IpAddr::V4(first), IpAddr::V4(last)) => (u32::from(first)..=u32::from(last))
+                .map(Ipv4Addr::from)
+                .filter(|ip| !matches!(ip.octets()[3], 0 | 255))
+                .map(IpAddr::V4)
+                .collect(),
+            (IpAddr::V6(first), IpAddr::V6(last)) => (u128::from(first)..=u128::from(last))
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a)))
+                .collect(),
+            // parse_source_range accepts one family only.
+            _ => Vec::new(),
+        }
     }
 }
 
 fn parse_source_range(s: &str) -> Result<SourceRange, String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
-    let first: Ipv4Addr = a.trim().parse().map_err(|_| format!("bad address '{a}'"))?;
-    let last: Ipv4Addr = b.trim().parse().map_err(|_| format!("bad address '{b}'"))?;
-    if first > last {
-        return Err(format!("{first} comes after {last}"));
+    let first: IpAddr = a.trim().parse().map_err(|_| format!("bad address '{a}'"))?;
+    let last: IpAddr = b.trim().parse().map_err(|_| format!("bad address '{b}'"))?;
+    let count = match (first, last) {
+        (IpAddr::V4(f), IpAddr::V4(l)) => u128::from(u32::from(l)).checked_sub(u32::from(f).into()),
+        (IpAddr::V6(f), IpAddr::V6(l)) => u128::from(l).checked_sub(u128::from(f)),
+        _ => {
+            return Err(format!(
+                "{first} and {last} are of different address families"
+            ))
+        }
+    };
+    match count {
+        None => Err(format!("{first} comes after {last}")),
+        Some(n) if n >= MAX_SOURCES => Err(format!(
+            "{first}-{last} holds more than {MAX_SOURCES} addresses"
+        )),
+        Some(_) => Ok(SourceRange { first, last }),
     }
-    Ok(SourceRange { first, last })
 }
 
 // ---------------------------------------------------------------------------
@@ -204,21 +238,37 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     exit_on_termination_signals()?;
 
-    let listener = tcp_listener(args.tcp_port)?;
-    let udp = udp_echo_socket(args.udp_port)?;
     let name: Arc<str> = Arc::from(args.name.as_str());
-
-    let udp_name = Arc::clone(&name);
-    thread::Builder::new()
-        .name("udp-echo".into())
-        .spawn(move || udp_echo_loop(&udp, &udp_name))
-        .context("spawning the UDP thread")?;
+    // One socket per family and protocol (IPv6 ones are IPv6-only), so
+    // that peers are reported in their own family, never IPv4-mapped.
+    let tcp4 = tcp_listener(Domain::IPV4, args.tcp_port)?;
+    let tcp6 = tcp_listener(Domain::IPV6, args.tcp_port)?;
+    let slots = Arc::new(Slots {
+        free: Mutex::new(MAX_CONNS),
+        freed: Condvar::new(),
+    });
+    for (family, domain) in [("4", Domain::IPV4), ("6", Domain::IPV6)] {
+        let udp = udp_echo_socket(domain, args.udp_port)?;
+        let udp_name = Arc::clone(&name);
+        thread::Builder::new()
+            .name(format!("udp-echo{family}"))
+            .spawn(move || udp_echo_loop(&udp, &udp_name))
+            .context("spawning a UDP thread")?;
+    }
+    {
+        let (name, slots) = (Arc::clone(&name), Arc::clone(&slots));
+        let status = args.http_status;
+        thread::Builder::new()
+            .name("accept6".into())
+            .spawn(move || accept_loop(&tcp6, &name, &slots, status))
+            .context("spawning the IPv6 accept thread")?;
+    }
 
     eprintln!(
-        "serving {} on tcp/{} udp/{}",
+        "serving {} on tcp/{} udp/{}, IPv4 and IPv6",
         name, args.tcp_port, args.udp_port
     );
-    accept_loop(&listener, &name, args.http_status)
+    accept_loop(&tcp4, &name, &slots, args.http_status)
 }
 
 /// SIGTERM/SIGINT end the process at once with status 0. The server holds no
@@ -245,9 +295,27 @@ fn exit_on_termination_signals() -> Result<()> {
     Ok(())
 }
 
-fn tcp_listener(port: u16) -> Result<TcpListener> {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+/// The wildcard address of `domain`'s family.
+fn unspecified(domain: Domain, port: u16) -> SocketAddr {
+    if domain == Domain::IPV6 {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+    }
+}
+
+/// A socket of `domain`; IPv6 ones take IPv6 only.
+fn server_socket(domain: Domain, ty: Type, proto: Protocol) -> Result<Socket> {
+    let sock = Socket::new(domain, ty, Some(proto))?;
+    if domain == Domain::IPV6 {
+        sock.set_only_v6(true)?;
+    }
+    Ok(sock)
+}
+
+fn tcp_listener(domain: Domain, port: u16) -> Result<TcpListener> {
+    let addr = unspecified(domain, port);
+    let sock = server_socket(domain, Type::STREAM, Protocol::TCP)?;
     // Restarting a backend must not wait for its old connections' TIME_WAIT.
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())
@@ -257,15 +325,25 @@ fn tcp_listener(port: u16) -> Result<TcpListener> {
     Ok(sock.into())
 }
 
-fn udp_echo_socket(port: u16) -> Result<UdpSocket> {
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+fn udp_echo_socket(domain: Domain, port: u16) -> Result<UdpSocket> {
+    let addr = unspecified(domain, port);
+    let sock = server_socket(domain, Type::DGRAM, Protocol::UDP)?;
     sock.set_reuse_address(true)?;
     sock.bind(&addr.into())
-        .with_context(|| format!("binding udp/{port}"))?;
+        .with_context(|| format!("binding udp/{addr}"))?;
     let sock: UdpSocket = sock.into();
-    set_int_opt(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
-        .context("setting IP_PKTINFO")?;
+    if domain == Domain::IPV6 {
+        set_int_opt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVPKTINFO,
+            1,
+        )
+        .context("setting IPV6_RECVPKTINFO")?;
+    } else {
+        set_int_opt(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+            .context("setting IP_PKTINFO")?;
+    }
     Ok(sock)
 }
 
@@ -297,11 +375,9 @@ impl Drop for SlotGuard {
     }
 }
 
-fn accept_loop(listener: &TcpListener, name: &Arc<str>, status: u16) -> Result<()> {
-    let slots = Arc::new(Slots {
-        free: Mutex::new(MAX_CONNS),
-        freed: Condvar::new(),
-    });
+/// Serves `listener` for ever; the connection cap `slots` is shared by the
+/// IPv4 and IPv6 listeners.
+fn accept_loop(listener: &TcpListener, name: &Arc<str>, slots: &Arc<Slots>, status: u16) -> ! {
     loop {
         // Take the slot before accepting, so that excess connections wait in
         // the kernel's backlog instead of being accepted and starved.
@@ -411,7 +487,7 @@ fn udp_echo_loop(sock: &UdpSocket, name: &str) {
                 continue;
             }
         };
-        let reply = identity(name, SocketAddr::V4(peer));
+        let reply = identity(name, peer);
         // Reply from the address the datagram was sent to: a wildcard-bound
         // socket would otherwise pick a source by routing, and the client
         // rightly rejects a reply that does not come from its target.
@@ -448,34 +524,86 @@ fn set_int_opt(
     }
 }
 
-fn sockaddr_in(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
+/// Room for one IP_PKTINFO or IPV6_PKTINFO control message; u64 elements
+/// keep it aligned for `cmsghdr`.
+type ControlBuf = [u64; 8];
+
+/// A socket address in the kernel's layout, either family.
+fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// The socket address the kernel wrote into `storage`, if it is IPv4 or IPv6.
+fn sockaddr_from(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                0,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
     }
 }
 
-/// Room for one IP_PKTINFO control message; u64 elements keep it aligned
-/// for `cmsghdr`.
-type ControlBuf = [u64; 8];
-
-/// recvmsg() with IP_PKTINFO: returns the sender and the local address the
-/// datagram was addressed to.
-fn recv_with_local_addr(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddrV4, Option<Ipv4Addr>)> {
-    // SAFETY: all-zero is a valid sockaddr_in and msghdr.
-    let mut src: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+/// recvmsg() with IP_PKTINFO or IPV6_PKTINFO: returns the sender and the
+/// local address the datagram was addressed to.
+fn recv_with_local_addr(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddr, Option<IpAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+    let mut src: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     let mut control: ControlBuf = [0; 8];
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&mut src as *mut libc::sockaddr_in).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_name = (&mut src as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
@@ -485,27 +613,26 @@ fn recv_with_local_addr(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddrV4, 
     if unsafe { libc::recvmsg(fd, &mut msg, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    if libc::c_int::from(src.sin_family) != libc::AF_INET {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "non-IPv4 sender",
-        ));
-    }
-    let peer = SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(src.sin_addr.s_addr)),
-        u16::from_be(src.sin_port),
-    );
+    let peer = sockaddr_from(&src)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "sender not IPv4 or IPv6"))?;
 
     let mut local = None;
     // SAFETY: the CMSG_* walk stays within msg_controllen as set by the
     // kernel; the payload is read unaligned because CMSG_DATA need not be
-    // aligned for in_pktinfo.
+    // aligned for in_pktinfo / in6_pktinfo.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+            let (level, ty) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            if level == libc::IPPROTO_IP && ty == libc::IP_PKTINFO {
                 let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                local = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            } else if level == libc::IPPROTO_IPV6 && ty == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
@@ -514,14 +641,15 @@ fn recv_with_local_addr(fd: RawFd, buf: &mut [u8]) -> io::Result<(SocketAddrV4, 
     // that address: let routing choose.
     Ok((
         peer,
-        local.filter(|ip| !ip.is_broadcast() && !ip.is_multicast()),
+        local.filter(|ip| !ip.is_multicast() && !matches!(ip, IpAddr::V4(a) if a.is_broadcast())),
     ))
 }
 
-/// sendmsg() with IP_PKTINFO's ipi_spec_dst set, to fix the reply's source
-/// address.
-fn send_from(fd: RawFd, payload: &[u8], to: SocketAddrV4, from: Ipv4Addr) -> io::Result<()> {
-    let dst = sockaddr_in(to);
+/// sendmsg() with IP_PKTINFO's ipi_spec_dst or IPV6_PKTINFO's ipi6_addr
+/// set, to fix the reply's source address. `to` and `from` are of the
+/// socket's family.
+fn send_from(fd: RawFd, payload: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<()> {
+    let (dst, dst_len) = sockaddr_of(to);
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
@@ -529,28 +657,48 @@ fn send_from(fd: RawFd, payload: &[u8], to: SocketAddrV4, from: Ipv4Addr) -> io:
     let mut control: ControlBuf = [0; 8];
     // SAFETY: all-zero is a valid msghdr.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&dst as *const libc::sockaddr_in as *mut libc::sockaddr_in).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_name = (&dst as *const libc::sockaddr_storage as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = dst_len;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    let info_len = std::mem::size_of::<libc::in_pktinfo>() as libc::c_uint;
-    // SAFETY: CMSG_SPACE(in_pktinfo) = 32 bytes fits the 64-byte, 8-aligned
-    // control buffer; the header and payload are written inside it.
+    // SAFETY: CMSG_SPACE of in_pktinfo (12 bytes) or in6_pktinfo (20 bytes)
+    // is at most 40 bytes, inside the 64-byte, 8-aligned control buffer; the
+    // header and payload are written inside it.
+    let info_len = match from {
+        IpAddr::V4(_) => std::mem::size_of::<libc::in_pktinfo>(),
+        IpAddr::V6(_) => std::mem::size_of::<libc::in6_pktinfo>(),
+    } as libc::c_uint;
     let sent = unsafe {
+        // CMSG_FIRSTHDR needs the length set to find the first header.
         msg.msg_controllen = libc::CMSG_SPACE(info_len) as _;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::IPPROTO_IP;
-        (*cmsg).cmsg_type = libc::IP_PKTINFO;
         (*cmsg).cmsg_len = libc::CMSG_LEN(info_len) as _;
-        let info = libc::in_pktinfo {
-            ipi_ifindex: 0,
-            ipi_spec_dst: libc::in_addr {
-                s_addr: u32::from(from).to_be(),
-            },
-            ipi_addr: libc::in_addr { s_addr: 0 },
-        };
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+        match from {
+            IpAddr::V4(from) => {
+                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(from).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            }
+            IpAddr::V6(from) => {
+                (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+                (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: from.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            }
+        }
         libc::sendmsg(fd, &msg, 0)
     };
     if sent < 0 {
@@ -588,15 +736,15 @@ impl Serialize for Proto {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Target {
     proto: Proto,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
 }
 
 /// One request's outcome; the JSON output has one per request.
 #[derive(Debug, Serialize)]
 struct Record {
-    source: Ipv4Addr,
+    source: IpAddr,
     proto: Proto,
-    target: SocketAddrV4,
+    target: SocketAddr,
     /// Name the backend put in its reply.
     backend: Option<String>,
     /// Client address as the backend saw it.
@@ -631,9 +779,9 @@ fn drive(args: DriveArgs) -> Result<()> {
         return Err(usage_error("give at least one of --vip-tcp, --vip-udp"));
     }
     for t in &targets {
-        if !in_test_range(*t.addr.ip()) || t.addr.port() == 0 {
+        if !in_test_range(t.addr.ip()) || t.addr.port() == 0 {
             return Err(usage_error(format!(
-                "target {} must be in 198.18.0.0/15 with a non-zero port",
+                "target {} must be in {TEST_RANGES} with a non-zero port",
                 t.addr
             )));
         }
@@ -641,8 +789,17 @@ fn drive(args: DriveArgs) -> Result<()> {
     let range = &args.sources;
     if !in_test_range(range.first) || !in_test_range(range.last) {
         return Err(usage_error(format!(
-            "sources {}-{} are not inside 198.18.0.0/15",
+            "sources {}-{} are not inside {TEST_RANGES}",
             range.first, range.last
+        )));
+    }
+    if let Some(t) = targets
+        .iter()
+        .find(|t| t.addr.is_ipv4() != range.first.is_ipv4())
+    {
+        return Err(usage_error(format!(
+            "target {} and sources {}-{} are of different address families",
+            t.addr, range.first, range.last
         )));
     }
     let sources = range.addresses();
@@ -707,7 +864,7 @@ struct Timing {
 }
 
 fn run_workers(
-    sources: &[Ipv4Addr],
+    sources: &[IpAddr],
     targets: &[Target],
     conns: u32,
     parallel: u32,
@@ -751,7 +908,7 @@ fn run_workers(
     Ok(per_source.into_iter().flat_map(|(_, r)| r).collect())
 }
 
-fn requests_from(source: Ipv4Addr, targets: &[Target], conns: u32, timing: Timing) -> Vec<Record> {
+fn requests_from(source: IpAddr, targets: &[Target], conns: u32, timing: Timing) -> Vec<Record> {
     let mut out = Vec::with_capacity(targets.len() * conns as usize);
     for target in targets {
         for _ in 0..conns {
@@ -765,7 +922,7 @@ fn requests_from(source: Ipv4Addr, targets: &[Target], conns: u32, timing: Timin
 }
 
 impl Record {
-    fn new(source: Ipv4Addr, proto: Proto, target: SocketAddrV4) -> Self {
+    fn new(source: IpAddr, proto: Proto, target: SocketAddr) -> Self {
         Record {
             source,
             proto,
@@ -811,14 +968,16 @@ fn remaining(deadline: Instant, step: &str) -> Result<Duration, String> {
     }
 }
 
-fn bound_socket(source: Ipv4Addr, ty: Type, proto: Protocol) -> Result<Socket, String> {
-    let sock = Socket::new(Domain::IPV4, ty, Some(proto)).map_err(|e| io_error("socket", &e))?;
-    sock.bind(&SockAddr::from(SocketAddrV4::new(source, 0)))
+fn bound_socket(source: IpAddr, ty: Type, proto: Protocol) -> Result<Socket, String> {
+    let local = SocketAddr::new(source, 0);
+    let sock = Socket::new(Domain::for_address(local), ty, Some(proto))
+        .map_err(|e| io_error("socket", &e))?;
+    sock.bind(&SockAddr::from(local))
         .map_err(|e| io_error("bind", &e))?;
     Ok(sock)
 }
 
-fn tcp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record {
+fn tcp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
     let deadline = Instant::now() + timing.timeout + timing.hold;
     let mut rec = Record::new(source, Proto::Tcp, target);
     let reply = tcp_exchange(source, target, deadline, timing.hold, &mut rec.reply_from);
@@ -828,8 +987,8 @@ fn tcp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record
 
 /// Connect, send the request, read the reply to EOF; all within `deadline`.
 fn tcp_exchange(
-    source: Ipv4Addr,
-    target: SocketAddrV4,
+    source: IpAddr,
+    target: SocketAddr,
     deadline: Instant,
     hold: Duration,
     reply_from: &mut Option<SocketAddr>,
@@ -922,7 +1081,7 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-fn udp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record {
+fn udp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
     let deadline = Instant::now() + timing.timeout + timing.hold;
     let mut rec = Record::new(source, Proto::Udp, target);
     let reply = udp_exchange(source, target, deadline, timing.hold);
@@ -931,7 +1090,7 @@ fn udp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record
             rec.reply_from = Some(from);
             // A reply from anywhere but VIP:port means the return path was
             // not translated back; the client's stack would drop it.
-            if from == SocketAddr::V4(target) {
+            if from == target {
                 Ok(payload)
             } else {
                 Err(format!("reply from {from}, not the target"))
@@ -943,8 +1102,8 @@ fn udp_request(source: Ipv4Addr, target: SocketAddrV4, timing: Timing) -> Record
 }
 
 fn udp_exchange(
-    source: Ipv4Addr,
-    target: SocketAddrV4,
+    source: IpAddr,
+    target: SocketAddr,
     deadline: Instant,
     hold: Duration,
 ) -> Result<(SocketAddr, Vec<u8>), String> {
@@ -1018,7 +1177,7 @@ fn summary(targets: &[Target], results: &[Record]) -> String {
         let recs = by_target.get(t).map(Vec::as_slice).unwrap_or_default();
         let failures = recs.iter().filter(|r| !r.ok).count();
         let mut backends: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut per_source: HashMap<Ipv4Addr, HashSet<&str>> = HashMap::new();
+        let mut per_source: HashMap<IpAddr, HashSet<&str>> = HashMap::new();
         let mut sources = HashSet::new();
         let mut errors: HashMap<&str, usize> = HashMap::new();
         let mut target_mismatch = 0usize;
@@ -1036,7 +1195,7 @@ fn summary(targets: &[Target], results: &[Record]) -> String {
             }
             if let (true, Some(peer)) = (r.ok, r.seen_peer) {
                 peer_checked += 1;
-                if peer.ip() != std::net::IpAddr::V4(r.source) {
+                if peer.ip() != r.source {
                     peer_mismatch += 1;
                     target_mismatch += 1;
                     mismatch_example.get_or_insert((r.source, peer));
@@ -1131,19 +1290,77 @@ mod tests {
         );
         assert_eq!(
             parse_source_range("198.18.4.7").unwrap().addresses(),
-            [Ipv4Addr::new(198, 18, 4, 7)]
+            [IpAddr::V4(Ipv4Addr::new(198, 18, 4, 7))]
         );
-        assert!(parse_source_range("198.18.4.9-198.18.4.1").is_err());
+        assert_eq!(
+            parse_source_range("198.18.4.9-198.18.4.1").unwrap_err(),
+            "198.18.4.9 comes after 198.18.4.1"
+        );
         assert!(parse_source_range("198.18.4.1-x").is_err());
     }
 
     #[test]
-    fn test_range_is_198_18_slash_15() {
-        assert!(in_test_range(Ipv4Addr::new(198, 18, 0, 0)));
-        assert!(in_test_range(Ipv4Addr::new(198, 19, 255, 255)));
-        assert!(!in_test_range(Ipv4Addr::new(198, 20, 0, 1)));
-        assert!(!in_test_range(Ipv4Addr::new(198, 17, 255, 255)));
-        assert!(!in_test_range(Ipv4Addr::new(10, 0, 0, 1)));
+    fn ipv6_source_range_keeps_every_address() {
+        let r = parse_source_range("2001:2:0:4::fe-2001:2:0:4::101").unwrap();
+        let got: Vec<String> = r.addresses().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            got,
+            [
+                "2001:2:0:4::fe",
+                "2001:2:0:4::ff",
+                "2001:2:0:4::100",
+                "2001:2:0:4::101"
+            ]
+        );
+        assert_eq!(
+            parse_source_range("198.18.4.1-2001:2:0:4::1").unwrap_err(),
+            "198.18.4.1 and 2001:2:0:4::1 are of different address families"
+        );
+        assert_eq!(
+            parse_source_range("2001:2:0:4::1-2001:2:0:5::1").unwrap_err(),
+            "2001:2:0:4::1-2001:2:0:5::1 holds more than 65536 addresses"
+        );
+        assert_eq!(
+            parse_source_range("2001:2:0:4::1-2001:2:0:4::1:0")
+                .unwrap()
+                .addresses()
+                .len(),
+            65_536
+        );
+    }
+
+    #[test]
+    fn test_ranges_are_198_18_slash_15_and_2001_2_slash_48() {
+        let ok = |s: &str| in_test_range(s.parse().unwrap());
+        assert!(ok("198.18.0.0"));
+        assert!(ok("198.19.255.255"));
+        assert!(!ok("198.20.0.1"));
+        assert!(!ok("198.17.255.255"));
+        assert!(!ok("10.0.0.1"));
+        assert!(ok("2001:2::"));
+        assert!(ok("2001:2:0:ffff:ffff:ffff:ffff:ffff"));
+        assert!(!ok("2001:2:1::1"));
+        assert!(!ok("2001:db8::1"));
+        assert!(!ok("::ffff:198.18.0.1"));
+    }
+
+    #[test]
+    fn ipv6_peer_round_trip() {
+        let peer: SocketAddr = "[2001:2:0:4::3e8]:40212".parse().unwrap();
+        let reply = http_response(200, &identity("b2", peer));
+        let body = http_body(reply.as_bytes()).unwrap();
+        assert_eq!(parse_identity(body).unwrap(), ("b2".to_string(), peer));
+    }
+
+    #[test]
+    fn socket_addresses_survive_the_kernel_layout() {
+        for s in ["198.18.4.1:53", "[2001:2:0:2::11]:9053"] {
+            let a: SocketAddr = s.parse().unwrap();
+            let (storage, len) = sockaddr_of(a);
+            assert_eq!(sockaddr_from(&storage), Some(a));
+            let want = if a.is_ipv4() { 16 } else { 28 };
+            assert_eq!(len, want, "{s}");
+        }
     }
 
     #[test]
@@ -1168,14 +1385,14 @@ mod tests {
 
     #[test]
     fn summary_counts_stickiness_and_peers() {
-        let target: SocketAddrV4 = "198.18.100.1:80".parse().unwrap();
+        let target: SocketAddr = "198.18.100.1:80".parse().unwrap();
         let rec = |src: [u8; 4], backend: &str, peer: &str| Record {
-            source: Ipv4Addr::from(src),
+            source: IpAddr::from(src),
             proto: Proto::Tcp,
             target,
             backend: Some(backend.into()),
             seen_peer: Some(peer.parse().unwrap()),
-            reply_from: Some(SocketAddr::V4(target)),
+            reply_from: Some(target),
             ok: true,
             error: None,
         };

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 pub const L4LB: &str = env!("CARGO_BIN_EXE_l4lb");
 pub const HARNESS: &str = env!("CARGO_BIN_EXE_l4lb-harness");
 pub const SOURCES: &str = "198.18.4.1-198.18.7.238";
+/// The same 1000 clients' IPv6 addresses (scripts/netns.sh numbers them
+/// 2001:2:0:4::1 up, in hex).
+pub const SOURCES6: &str = "2001:2:0:4::1-2001:2:0:4::3e8";
 pub const N_SOURCES: usize = 1000;
 
 /// The namespaces are global: one test at a time uses them.
@@ -190,8 +193,14 @@ impl Topology {
 
     /// The demo config with this test's control socket, plus `edit`.
     pub fn config_text(&self, edit: impl Fn(String) -> String) -> String {
+        self.config_file_text("l4lb.toml", edit)
+    }
+
+    /// `config/<file>` with this test's control socket, plus `edit`.
+    pub fn config_file_text(&self, file: &str, edit: impl Fn(String) -> String) -> String {
+        let path = root().join("config").join(file);
         let base =
-            std::fs::read_to_string(root().join("config/l4lb.toml")).expect("config/l4lb.toml");
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let with_socket = base.replacen(
             "[instance]\n",
             &format!(
@@ -467,4 +476,9 @@ impl Drop for Topology {
 /// Backend name (b1..b3) → its address in the harness.
 pub fn backend_addr(name: &str, port: u16) -> String {
     format!("198.18.2.1{}:{port}", &name[1..])
+}
+
+/// Backend name (b1..b3) → its IPv6 address in the harness.
+pub fn backend_addr6(name: &str, port: u16) -> String {
+    format!("[2001:2:0:2::1{}]:{port}", &name[1..])
 }
