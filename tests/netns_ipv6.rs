@@ -80,13 +80,15 @@ fn assert_shares(d: &Drive, target: &str, want: [f64; 3]) {
     }
 }
 
+/// No drop of any reason, and every worker sent every frame it received.
 fn assert_no_drops(t: &Topology) -> serde_json::Value {
     let st = t.stats();
     for (reason, n) in st["drops"].as_object().expect("drops") {
         assert_eq!(n.as_u64(), Some(0), "drop counter {reason}: {st}");
     }
-    let w = &st["workers"][0];
-    assert_eq!(w["rx"], w["tx"], "every received frame was sent: {w}");
+    for w in st["workers"].as_array().expect("workers") {
+        assert_eq!(w["rx"], w["tx"], "every received frame was sent: {w}");
+    }
     st
 }
 
@@ -173,4 +175,36 @@ fn forwards_ipv6_tcp_and_udp_next_to_ipv4_and_fails_over() {
         }
     }
     assert_no_drops(&t);
+}
+
+/// Two workers in native attach mode on two-queue veths: an IPv6 client's
+/// packets and its server's replies hash to either queue, and whichever
+/// worker gets them finds the flow.
+#[test]
+fn ipv6_on_two_workers_whichever_queue_a_packet_lands_on() {
+    let mut t = Topology::up_with_queues("ipv6-two-workers", N_SOURCES, 2);
+    let cfg = t.config_file_text("dual-stack.toml", |c| {
+        c.replace("workers = [0]", "workers = [0, 1]")
+            .replace("attach = \"skb\"", "attach = \"native\"")
+    });
+    assert!(cfg.contains("workers = [0, 1]") && cfg.contains("attach = \"native\""));
+    t.start_lb(&cfg);
+
+    let d = t.drive(&[WEB6], &[ECHO6], SOURCES6, 3);
+    assert_all_answered_through_nat(&d, N_SOURCES * 2 * 3, "IPv6 on two workers");
+    let got = sticky(&d, WEB6);
+    let clients: Vec<String> = got.keys().cloned().collect();
+    let predicted = t.simulate(&t.config, "web6", &clients);
+    for (src, b) in &got {
+        assert_eq!(predicted.get(src), Some(&backend_addr6(b, 8080)), "{src}");
+    }
+    sticky(&d, ECHO6);
+
+    let st = assert_no_drops(&t);
+    let workers = st["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2);
+    for w in workers {
+        assert!(w["rx"].as_u64().unwrap() > 1000, "worker idle: {w}");
+        assert_eq!(w["rx"], w["tx"], "{w}");
+    }
 }
