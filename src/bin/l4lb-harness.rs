@@ -117,6 +117,18 @@ struct DriveArgs {
     #[arg(long, default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     hold_ms: u64,
+    /// UDP: connect the socket to the target, so that an ICMP error about
+    /// the request (e.g. port unreachable, translated by l4lb) fails the
+    /// receive with its error, "Connection refused", rather than a timeout.
+    /// (A connected socket also discards replies from other addresses.)
+    #[arg(long, conflicts_with = "udp_send_only")]
+    udp_connect: bool,
+    /// UDP: send each request and close the socket at once, without waiting
+    /// for the reply: the reply then finds no socket, and this host's kernel
+    /// answers it with ICMP port unreachable, to the VIP. A request counts
+    /// as done when sent.
+    #[arg(long)]
+    udp_send_only: bool,
     /// Print one JSON object with every request's result to stdout.
     #[arg(long)]
     json: bool,
@@ -816,6 +828,13 @@ fn drive(args: DriveArgs) -> Result<()> {
     let timing = Timing {
         timeout: Duration::from_millis(args.timeout_ms),
         hold: Duration::from_millis(args.hold_ms),
+        udp: if args.udp_send_only {
+            UdpMode::SendOnly
+        } else if args.udp_connect {
+            UdpMode::Connected
+        } else {
+            UdpMode::Unconnected
+        },
     };
     let started = Instant::now();
     let results = run_workers(&sources, &targets, args.conns, args.parallel, timing)?;
@@ -856,11 +875,21 @@ fn drive(args: DriveArgs) -> Result<()> {
 
 /// Runs every request and returns the records in (source, target, n) order,
 /// whatever order the workers finished in.
-/// Per-request time limits.
+/// Per-request time limits and UDP socket handling.
 #[derive(Clone, Copy)]
 struct Timing {
     timeout: Duration,
     hold: Duration,
+    udp: UdpMode,
+}
+
+/// How a UDP request uses its socket (see `--udp-connect`,
+/// `--udp-send-only`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UdpMode {
+    Unconnected,
+    Connected,
+    SendOnly,
 }
 
 fn run_workers(
@@ -1084,7 +1113,15 @@ fn truncate(s: &str, max: usize) -> &str {
 fn udp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
     let deadline = Instant::now() + timing.timeout + timing.hold;
     let mut rec = Record::new(source, Proto::Udp, target);
-    let reply = udp_exchange(source, target, deadline, timing.hold);
+    if timing.udp == UdpMode::SendOnly {
+        if let Err(e) = udp_send_and_close(source, target) {
+            rec.error = Some(e);
+        } else {
+            rec.ok = true;
+        }
+        return rec;
+    }
+    let reply = udp_exchange(source, target, deadline, timing);
     let body = match reply {
         Ok((from, payload)) => {
             rec.reply_from = Some(from);
@@ -1101,15 +1138,27 @@ fn udp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
     rec.finish(body)
 }
 
+fn udp_send_and_close(source: IpAddr, target: SocketAddr) -> Result<(), String> {
+    let sock: UdpSocket = bound_socket(source, Type::DGRAM, Protocol::UDP)?.into();
+    sock.send_to(UDP_PING, target)
+        .map_err(|e| io_error("send", &e))?;
+    Ok(())
+}
+
 fn udp_exchange(
     source: IpAddr,
     target: SocketAddr,
     deadline: Instant,
-    hold: Duration,
+    timing: Timing,
 ) -> Result<(SocketAddr, Vec<u8>), String> {
-    // Not connected: a connected socket would silently discard a reply from
-    // the wrong address, and that is exactly what must be reported.
+    let hold = timing.hold;
+    // Not connected unless asked: a connected socket would silently discard
+    // a reply from the wrong address, and that is exactly what must be
+    // reported.
     let sock: UdpSocket = bound_socket(source, Type::DGRAM, Protocol::UDP)?.into();
+    if timing.udp == UdpMode::Connected {
+        sock.connect(target).map_err(|e| io_error("connect", &e))?;
+    }
     let ping = |sock: &UdpSocket| -> Result<(SocketAddr, Vec<u8>), String> {
         sock.send_to(UDP_PING, target)
             .map_err(|e| io_error("send", &e))?;
