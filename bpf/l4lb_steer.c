@@ -13,6 +13,9 @@
 //   * frames to a VIP address whose L4 header cannot be read (truncated,
 //     fragmented, bad IHL), so that user space counts them as malformed
 //     instead of the kernel dropping them silently;
+//   * ICMP and ICMPv6 errors to a VIP (unreachable, packet too big, time
+//     exceeded, parameter problem): user space translates those about a
+//     flow and sends them on to its server;
 //   * frames from a backend address to an address that is not one of this
 //     host's own, nor a group (multicast, broadcast) address: replies of
 //     NAT'ed flows. Replies to the host itself (its health checks, ssh,
@@ -133,14 +136,30 @@ static __always_inline int is_group(const struct addr_key *a)
 	       a->addr[15] == 0xff;
 }
 
+// Whether an ICMP or ICMPv6 message of type `type` is an error, which quotes
+// the packet that caused it (= dataplane::icmp::is_error_type).
+static __always_inline int is_icmp_error(__u8 proto, __u8 type)
+{
+	if (proto == IPPROTO_ICMPV6)
+		return type >= 1 && type <= 4; // unreachable, too big, time, parameter
+	return type == 3 || type == 11 || type == 12; // unreachable, time, parameter
+}
+
 // Decide for a frame whose L3 addresses are known. `l4` points at the L4
 // header or is NULL when it cannot be read (truncated or a fragment).
 static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struct addr_key *src,
 				 __u8 proto, void *l4, void *data_end)
 {
 	if (bpf_map_lookup_elem(&l4lb_vips, dst)) {
+		if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
+			// Errors may be about a flow: user space translates them.
+			// Echo and the rest are the kernel's business.
+			if (l4 && l4 + 1 <= data_end && is_icmp_error(proto, *(__u8 *)l4))
+				return redirect(ctx);
+			return pass();
+		}
 		if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-			return pass(); // ICMP etc. to a VIP: the kernel's business
+			return pass(); // other protocols to a VIP: the kernel's business
 		if (!l4 || l4 + 4 > data_end)
 			return redirect(ctx); // malformed: user space counts it
 		struct l4_key lk;
@@ -193,7 +212,7 @@ int l4lb_steer(struct xdp_md *ctx)
 		if (nh == IPPROTO_TCP || nh == IPPROTO_UDP)
 			return steer(ctx, &dst, &src, nh, (void *)(ip6 + 1), data_end);
 		if (nh == IPPROTO_ICMPV6)
-			return steer(ctx, &dst, &src, nh, NULL, data_end);
+			return steer(ctx, &dst, &src, nh, (void *)(ip6 + 1), data_end);
 		// Extension headers are not followed: such frames to a VIP reach
 		// user space without ports and are counted there as unsupported.
 		return steer(ctx, &dst, &src, IPPROTO_TCP, NULL, data_end);

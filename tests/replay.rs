@@ -523,10 +523,13 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
     let (server, _) = simulated(&r, "web", CLIENT);
     let stranger = Hop::from_server(server, 8080, [198, 18, 4, 99], 41000);
     let from_other_port = Hop::from_server(server, 2222, CLIENT, 40000);
-    let mut icmp_from_server = icmp_echo(&Hop::from_server(server, 0, CLIENT, 0));
-    icmp_from_server[14 + 20] = 3; // destination unreachable
-    icmp_from_server[14 + 20 + 1] = 3; // port unreachable
+    let mut echo_reply = icmp_echo(&Hop::from_server(server, 0, CLIENT, 0));
+    echo_reply[14 + 20] = 0; // echo reply (the checksum is not looked at)
     let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let refused = port_unreachable(
+        &Hop::from_server(server, 0, CLIENT, 0),
+        &tcp_syn(&c.to_server(server, 8080)),
+    );
     let s = Hop::from_server(server, 8080, CLIENT, 40000);
 
     run(
@@ -543,9 +546,14 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
                 Verdict::Drop(DropReason::NoFlow),
             ),
             kept(
-                "ICMP from a server to a client (not translated)",
-                icmp_from_server,
+                "an ICMP echo reply from a server to a client (no error: nothing to translate)",
+                echo_reply,
                 Verdict::Drop(DropReason::Unsupported),
+            ),
+            kept(
+                "an ICMP error from a server about a packet of no flow",
+                refused,
+                Verdict::Drop(DropReason::NoFlow),
             ),
             kept(
                 "TTL 1 to the VIP",
@@ -575,6 +583,61 @@ fn server_traffic_without_a_flow_and_expiring_ttls_are_dropped() {
         1,
         "a frame dropped for its TTL records no flow"
     );
+}
+
+/// ICMP errors about a flow are translated as the flow is: the server's
+/// "port unreachable" reaches the client from the VIP, about the packet
+/// the client sent; a router's "fragmentation needed" about a reply (sent
+/// to the VIP) reaches the server, about the packet it sent. Every
+/// checksum is as a fresh build of the expected frame has it.
+#[test]
+fn icmp_errors_about_a_flow_are_translated_both_ways() {
+    let r = replayer();
+    for listener in ["web", "echo"] {
+        let (server, port) = simulated(&r, listener, CLIENT);
+        let (vport, cport, udp_flow) = if listener == "echo" {
+            (53, 50000, true)
+        } else {
+            (80, 40000, false)
+        };
+        let c = Hop::from_client(CLIENT, cport, VIP, vport);
+        let s = Hop::from_server(server, port, CLIENT, cport);
+        let packet = |h: &Hop| {
+            if udp_flow {
+                udp(h, b"query")
+            } else {
+                tcp_syn(h)
+            }
+        };
+        let error_from_server = Hop::from_server(server, 0, CLIENT, 0);
+        let router = [198, 18, 0, 9];
+        let error_to_vip = Hop::from_client(router, 0, VIP, 0);
+        let vip_error_to_server = error_to_vip.to_server(server, 0);
+        run(
+            &r,
+            &[
+                tx(
+                    "the flow starts",
+                    packet(&c),
+                    FORWARD,
+                    packet(&c.to_server(server, port)),
+                ),
+                tx(
+                    "the server refuses the client's packet",
+                    port_unreachable(&error_from_server, &packet(&c.to_server(server, port))),
+                    REPLY,
+                    port_unreachable(&error_from_server.to_client(VIP, 0), &packet(&c.ttl(63))),
+                ),
+                tx(
+                    "a router cannot forward the server's reply to the client",
+                    fragmentation_needed(&error_to_vip, &packet(&s.to_client(VIP, vport))),
+                    FORWARD,
+                    fragmentation_needed(&vip_error_to_server, &packet(&s.ttl(63))),
+                ),
+            ],
+        );
+    }
+    assert_eq!(r.stats.core.icmp.load(Relaxed), 4);
 }
 
 /// A server that one listener alone reaches (the echo service) answers
@@ -860,6 +923,9 @@ fn ipv4_checksums_ok(f: &[u8]) -> Option<(bool, bool)> {
 /// Checks what a forwarded frame must be, whatever the input was.
 fn check_tx(r: &Replayer, v: Verdict, input: &[u8], out: &[u8], what: &str) {
     assert_eq!(out.len(), input.len(), "{what}: length changed");
+    if let Frame::OtherProto { .. } = parse(input) {
+        return check_icmp_tx(input, out, what);
+    }
     let Frame::L4(p) = parse(out) else {
         panic!(
             "{what}: {v:?} output does not parse as TCP/UDP: {}",
@@ -1038,6 +1104,15 @@ fn garbage_and_mutated_frames_never_panic_and_forwarded_ones_are_well_formed() {
         udp_without_checksum(&uc, b"query"),
         udp_without_checksum(&us, b"answer!"),
         icmp_echo(&Hop::from_client(CLIENT, 0, VIP, 0)),
+        // ICMP errors about the TCP flow, both ways.
+        port_unreachable(
+            &Hop::from_server(server, 0, CLIENT, 0),
+            &tcp_syn(&c.to_server(server, 8080)),
+        ),
+        fragmentation_needed(
+            &Hop::from_client([198, 18, 0, 9], 0, VIP, 0),
+            &tcp_syn_ack(&s.to_client(VIP, 80)),
+        ),
         arp_request(VIP),
         ipv6_tcp_syn(
             [0x20, 0x01, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
@@ -1071,6 +1146,30 @@ fn garbage_and_mutated_frames_never_panic_and_forwarded_ones_are_well_formed() {
         tx - random_tx
     );
     assert!(n.replied > 100, "replies: {}", n.replied);
+    let icmp = r.stats.core.icmp.load(Relaxed);
+    assert!(icmp > 100, "ICMP errors translated: {icmp}");
+}
+
+/// A translated ICMP error (IPv4): still ICMP, its own header checksum
+/// still as valid as it came in, its ICMP checksum valid, one hop later.
+fn check_icmp_tx(input: &[u8], out: &[u8], what: &str) {
+    use l4lb::dataplane::checksum::checksum;
+    let ihl = usize::from(out[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([out[16], out[17]]));
+    assert_eq!(out[14 + 9], 1, "{what}: no longer ICMP");
+    assert_eq!(out[14 + 8], input[14 + 8] - 1, "{what}: TTL");
+    let header_ok = |f: &[u8]| checksum(&f[14..14 + ihl]) == 0;
+    assert_eq!(
+        header_ok(out),
+        header_ok(input),
+        "{what}: IPv4 header checksum"
+    );
+    assert_eq!(
+        checksum(&out[14 + ihl..14 + total]),
+        0,
+        "{what}: ICMP checksum: {}",
+        hex(out)
+    );
 }
 
 const WRR_UDP: &str = r#"

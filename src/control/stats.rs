@@ -57,6 +57,8 @@ pub struct WorkerReport {
     pub tx: u64,
     pub forwarded: u64,
     pub replied: u64,
+    /// ICMP errors translated (part of forwarded and replied).
+    pub icmp: u64,
     pub flows_created: u64,
     pub flows_evicted: u64,
     pub flows_rebound: u64,
@@ -121,6 +123,7 @@ pub fn collect(s: &Sources) -> Stats {
             tx: c.tx.load(Relaxed),
             forwarded: c.forwarded.load(Relaxed),
             replied: c.replied.load(Relaxed),
+            icmp: c.icmp.load(Relaxed),
             flows_created: c.flows_created.load(Relaxed),
             flows_evicted: c.flows_evicted.load(Relaxed),
             flows_rebound: c.flows_rebound.load(Relaxed),
@@ -233,13 +236,14 @@ pub fn render(st: &Stats) -> String {
     for w in &st.workers {
         let _ = writeln!(
             o,
-            "  {} (core {}): rx {} tx {} forwarded {} replied {} drops {} flows created {} evicted {} rebound {}",
+            "  {} (core {}): rx {} tx {} forwarded {} replied {} (icmp {}) drops {} flows created {} evicted {} rebound {}",
             w.worker,
             w.core,
             w.rx,
             w.tx,
             w.forwarded,
             w.replied,
+            w.icmp,
             w.drops,
             w.flows_created,
             w.flows_evicted,

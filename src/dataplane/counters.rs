@@ -20,8 +20,8 @@ pub enum DropReason {
     /// IPv4 fragment to a VIP: an L4 balancer without reassembly cannot route
     /// it by port. Normal: 0 unless clients send oversized UDP.
     Fragment,
-    /// IPv6 extension headers, or ICMP from a backend to a client.
-    /// Normal: near 0.
+    /// IPv6 extension headers; ICMP from a backend to a client that is not
+    /// an error; an ICMP error quoting neither TCP nor UDP. Normal: near 0.
     Unsupported,
     /// The listener's backend service has no server with weight > 0 that is
     /// up. Normal: 0; non-zero means an outage.
@@ -32,7 +32,8 @@ pub enum DropReason {
     /// TTL / hop limit would reach 0. Normal: 0 (routing loop otherwise).
     TtlExceeded,
     /// A backend's packet to a client with no flow: the flow aged out, or
-    /// the backend talks to clients on its own. Normal: small.
+    /// the backend talks to clients on its own; or an ICMP error about no
+    /// flow. Normal: small.
     NoFlow,
     /// A frame that is the kernel's (ARP, other ports) reached the socket;
     /// user space cannot hand it back. Normal: 0 (the XDP program filters
@@ -118,6 +119,9 @@ pub struct Core {
     pub tx: AtomicU64,
     pub forwarded: AtomicU64,
     pub replied: AtomicU64,
+    /// ICMP errors translated and sent on (also counted in `forwarded` or
+    /// `replied`).
+    pub icmp: AtomicU64,
     pub passed: AtomicU64,
     pub flows_created: AtomicU64,
     pub flows_evicted: AtomicU64,

@@ -12,6 +12,7 @@
 
 pub mod checksum;
 pub mod counters;
+pub mod icmp;
 pub mod nat;
 pub mod packet;
 pub mod pipeline;

@@ -8,6 +8,7 @@
 use crate::config::Scheduler;
 use crate::control::snapshot::{BackendEntry, ListenerEntry, SchedState, ServiceEntry, Snapshot};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
+use crate::dataplane::icmp::{self, Icmp, Toward};
 use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
 use crate::sched::client_hash_bytes;
@@ -327,12 +328,7 @@ impl Processor<'_> {
                 t.flows.prefetch(m.flow.hint);
             } else if let Some(b) = snap.backend(&p.src, p.sport, p.proto) {
                 m.class = Class::Reverse(b);
-                m.flow = match snap.sole_listener(b) {
-                    Some(l) => t
-                        .flows
-                        .probe(&reply_forward_key(p, &snap.listeners[l as usize])),
-                    None => t.flows.probe(&reply_key(p)),
-                };
+                m.flow = self.reply_probe(p, b);
                 t.flows.prefetch(m.flow.hint);
             }
         }
@@ -426,11 +422,12 @@ impl Processor<'_> {
         match m.frame {
             Frame::NotIp | Frame::Truncated => Verdict::Pass,
             Frame::OtherProto { src, dst } => {
-                // ICMP to a VIP is the kernel's; from a backend to a client
-                // (an error about a NAT'ed flow) it would need its inner
-                // header translated, which l4lb does not do.
-                if !snap.is_vip(&dst) && snap.is_backend_host(&src) && !snap.is_for_host(&dst) {
-                    Verdict::Drop(DropReason::Unsupported)
+                // ICMP errors about flows are translated both ways; other
+                // ICMP to a VIP is the kernel's.
+                if snap.is_vip(&dst) {
+                    self.icmp(frame, Toward::Server)
+                } else if snap.is_backend_host(&src) && !snap.is_for_host(&dst) {
+                    self.icmp(frame, Toward::Client)
                 } else {
                     Verdict::Pass
                 }
@@ -676,40 +673,8 @@ impl Processor<'_> {
         let snap = self.snapshot;
         let t = self.tables;
         let be = &snap.backends[b as usize];
-        let sole = snap.sole_listener(b);
-        // The listener the flow came in on, and whether the forward entry
-        // still needs refreshing.
-        let (l, refresh) = match sole {
-            // The backend's only listener: the reply names its forward
-            // entry, and looking it up refreshes it.
-            Some(l) => {
-                let l = &snap.listeners[l as usize];
-                let Some((v, _)) = t.flows.lookup_probe(&m.flow, self.now) else {
-                    return Verdict::Drop(DropReason::NoFlow);
-                };
-                // The flow must be this backend's (it moves to another
-                // while its backend is down) and this listener's.
-                if v.backend != be.id || v.listener != l.id {
-                    return Verdict::Drop(DropReason::NoFlow);
-                }
-                (l, false)
-            }
-            // Shared by several listeners: the reply entry says which.
-            None => {
-                let probe = &m.flow;
-                match t.flows.lookup_probe(probe, self.now) {
-                    Some((v, touched)) => {
-                        let Some(l) = snap.listener_of_id(v.listener) else {
-                            return Verdict::Drop(DropReason::NoFlow);
-                        };
-                        (&snap.listeners[l as usize], touched)
-                    }
-                    None => match self.reply_without_entry(p, b, probe) {
-                        Some(l) => (l, false),
-                        None => return Verdict::Drop(DropReason::NoFlow),
-                    },
-                }
-            }
+        let Some((l, refresh)) = self.reply_listener(p, b, &m.flow) else {
+            return Verdict::Drop(DropReason::NoFlow);
         };
         if p.ttl <= 1 {
             return Verdict::Drop(DropReason::TtlExceeded);
@@ -742,6 +707,152 @@ impl Processor<'_> {
 }
 
 impl Processor<'_> {
+    /// The probe of the flow-table entry that backend `b`'s reply `p`
+    /// names: the forward entry when one listener alone reaches `b`, else
+    /// the reply entry.
+    #[inline(always)]
+    fn reply_probe(&self, p: &Parsed, b: u32) -> Probe {
+        let snap = self.snapshot;
+        match snap.sole_listener(b) {
+            Some(l) => self
+                .tables
+                .flows
+                .probe(&reply_forward_key(p, &snap.listeners[l as usize])),
+            None => self.tables.flows.probe(&reply_key(p)),
+        }
+    }
+
+    /// The listener whose flow backend `b`'s reply `p` belongs to (`probe`
+    /// from [`Processor::reply_probe`]), and whether the forward entry
+    /// still needs refreshing; `None` if there is no such flow.
+    #[inline(always)]
+    fn reply_listener(&self, p: &Parsed, b: u32, probe: &Probe) -> Option<(&ListenerEntry, bool)> {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let be = &snap.backends[b as usize];
+        match snap.sole_listener(b) {
+            // The backend's only listener: the reply names its forward
+            // entry, and looking it up refreshes it.
+            Some(l) => {
+                let l = &snap.listeners[l as usize];
+                let (v, _) = t.flows.lookup_probe(probe, self.now)?;
+                // The flow must be this backend's (it moves to another
+                // while its backend is down) and this listener's.
+                (v.backend == be.id && v.listener == l.id).then_some((l, false))
+            }
+            // Shared by several listeners: the reply entry says which.
+            None => match t.flows.lookup_probe(probe, self.now) {
+                Some((v, touched)) => {
+                    let l = snap.listener_of_id(v.listener)?;
+                    Some((&snap.listeners[l as usize], touched))
+                }
+                None => self.reply_without_entry(p, b, probe).map(|l| (l, false)),
+            },
+        }
+    }
+
+    /// An ICMP message to a VIP (`Toward::Server`) or from a server host to
+    /// a client (`Toward::Client`). Errors about a live flow are translated
+    /// (see `dataplane::icmp`) and sent on; other messages to a VIP are the
+    /// kernel's; other messages from a server to a client are dropped.
+    #[cold]
+    #[inline(never)]
+    fn icmp(&self, frame: &mut [u8], toward: Toward) -> Verdict {
+        let e = match icmp::parse(frame) {
+            Icmp::Error(e) => e,
+            Icmp::NotError => {
+                return match toward {
+                    Toward::Server => Verdict::Pass,
+                    Toward::Client => Verdict::Drop(DropReason::Unsupported),
+                }
+            }
+            Icmp::Bad(why) => return Verdict::Drop(why),
+        };
+        if e.ttl <= 1 {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        }
+        let snap = self.snapshot;
+        let verdict = match toward {
+            Toward::Server => {
+                // The quote is a reply, VIP:port -> client; its flow's
+                // forward entry is client -> VIP:port.
+                let Some(l) = snap.listener(&e.src, e.sport, e.proto) else {
+                    return Verdict::Drop(DropReason::NoFlow);
+                };
+                let le = &snap.listeners[l as usize];
+                let key = ForwardKey {
+                    proto: e.proto,
+                    client: e.dst,
+                    client_port: e.dport,
+                    vip: e.src,
+                    vip_port: e.sport,
+                };
+                let Some(b) = self
+                    .tables
+                    .flows
+                    .lookup(&key, self.now)
+                    .filter(|v| v.listener == le.id)
+                    .and_then(|v| snap.backend_of_id(v.backend))
+                else {
+                    return Verdict::Drop(DropReason::NoFlow);
+                };
+                let be = &snap.backends[b as usize];
+                let Some(mac) = be.mac else {
+                    return Verdict::Drop(DropReason::NoNeighbour);
+                };
+                let links = &snap.links;
+                icmp::translate(
+                    frame,
+                    &e,
+                    toward,
+                    &be.addr16,
+                    be.port,
+                    &links.backend_if_mac,
+                    &mac,
+                );
+                Verdict::Tx(Port::Backend)
+            }
+            Toward::Client => {
+                // The quote is the client's packet, client -> server:port:
+                // the flow is the one the server's reply would belong to.
+                let Some(b) = snap.backend(&e.dst, e.dport, e.proto) else {
+                    return Verdict::Drop(DropReason::NoFlow);
+                };
+                let reply = Parsed {
+                    v6: e.v6,
+                    l3: 0,
+                    l4: 0,
+                    proto: e.proto,
+                    src: e.dst,
+                    dst: e.src,
+                    sport: e.dport,
+                    dport: e.sport,
+                    ttl: e.ttl,
+                };
+                let probe = self.reply_probe(&reply, b);
+                let Some((l, _)) = self.reply_listener(&reply, b, &probe) else {
+                    return Verdict::Drop(DropReason::NoFlow);
+                };
+                let Some(gw) = snap.links.gateway_mac else {
+                    return Verdict::Drop(DropReason::NoNeighbour);
+                };
+                let links = &snap.links;
+                icmp::translate(
+                    frame,
+                    &e,
+                    toward,
+                    &l.vip16,
+                    l.port,
+                    &links.client_if_mac,
+                    &gw,
+                );
+                Verdict::Tx(Port::Client)
+            }
+        };
+        WorkerStats::add(&self.stats.core.icmp, 1);
+        verdict
+    }
+
     /// A reply of a backend that several listeners share, without a reply
     /// entry: it was evicted, or the flow began while the backend had one
     /// listener (before a reload), when flows record no reply entry. The
@@ -1058,6 +1169,156 @@ protocol = "udp"
         assert_eq!(v, Verdict::Drop(DropReason::Unsupported));
         assert_eq!(frame, before);
         assert_eq!(rig.stats.drops(DropReason::Unsupported), 1);
+    }
+
+    /// An ICMP(v6) error frame from `src` to `dst` with hop limit `ttl`,
+    /// quoting `quote`: "port unreachable", or when `too_big`,
+    /// "fragmentation needed" / "packet too big" with MTU 1400.
+    fn icmp_error(
+        eth: (Mac, Mac),
+        src: &str,
+        dst: &str,
+        ttl: u8,
+        too_big: bool,
+        quote: &[u8],
+    ) -> Vec<u8> {
+        use etherparse::{icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type};
+        let b = PacketBuilder::ethernet2(eth.0, eth.1);
+        let mut out = Vec::new();
+        match (
+            src.parse::<IpAddr>().unwrap(),
+            dst.parse::<IpAddr>().unwrap(),
+        ) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let h = if too_big {
+                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
+                } else {
+                    DestUnreachableHeader::Port
+                };
+                b.ipv4(s.octets(), d.octets(), ttl)
+                    .icmpv4(Icmpv4Type::DestinationUnreachable(h))
+                    .write(&mut out, quote)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let ty = if too_big {
+                    Icmpv6Type::PacketTooBig { mtu: 1400 }
+                } else {
+                    Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+                };
+                b.ipv6(s.octets(), d.octets(), ttl)
+                    .icmpv6(ty)
+                    .write(&mut out, quote)
+            }
+            _ => panic!("mixed families"),
+        }
+        .unwrap();
+        out
+    }
+
+    /// ICMP errors about a flow are translated both ways, byte for byte as
+    /// if the endpoint had sent them through the VIP; about no flow they
+    /// are dropped; an echo request to a VIP is the kernel's.
+    #[test]
+    fn icmp_errors_about_a_flow_are_translated_both_ways() {
+        let v4 = (
+            ("198.18.4.7", 40000),
+            ("198.18.100.1", 80),
+            ("198.18.2.11", 8080),
+        );
+        let v6 = (CLIENT6, ("2001:2::100", 53), ("2001:2::11", 9053));
+        for ((client, vip, server), udp, router) in
+            [(v4, false, "198.18.0.9"), (v6, true, "2001:2::9")]
+        {
+            let rig = Rig::new(true);
+            let pkt = |p: Pkt| if udp { p.udp() } else { p };
+            let ip_of = |p: Pkt| p.build()[14..].to_vec();
+            let first = pkt(Pkt::from_client(client, vip));
+            let reply = pkt(Pkt::from_server(server, client));
+
+            // The server refuses the client's packet as it received it.
+            let refused = |quote: &[u8]| {
+                icmp_error(
+                    (SERVER_MAC, BACKEND_IF),
+                    server.0,
+                    client.0,
+                    64,
+                    false,
+                    quote,
+                )
+            };
+            let mut early = refused(&ip_of(first.to_server(server)));
+            assert_eq!(
+                rig.process(&mut early, 1),
+                Verdict::Drop(DropReason::NoFlow),
+                "no flow yet"
+            );
+
+            expect(
+                &rig,
+                1,
+                first,
+                Verdict::Tx(Port::Backend),
+                Some(first.to_server(server)),
+            );
+            let mut f = refused(&ip_of(first.to_server(server)));
+            assert_eq!(rig.process(&mut f, 1), Verdict::Tx(Port::Client));
+            // The client hears it from the VIP, about the packet it sent
+            // (as the server saw it: TTL 63).
+            let sent = Pkt { ttl: 63, ..first };
+            let want = icmp_error(
+                (CLIENT_IF, GATEWAY),
+                vip.0,
+                client.0,
+                63,
+                false,
+                &ip_of(sent),
+            );
+            assert!(f == want, "\n got  {f:02x?}\n want {want:02x?}");
+
+            // A router on the client's side cannot forward the server's
+            // reply as the client would have received it.
+            let mut too_big = icmp_error(
+                (GATEWAY, CLIENT_IF),
+                router,
+                vip.0,
+                64,
+                true,
+                &ip_of(reply.to_client(vip)),
+            );
+            assert_eq!(rig.process(&mut too_big, 1), Verdict::Tx(Port::Backend));
+            let sent = Pkt { ttl: 63, ..reply };
+            let want = icmp_error(
+                (BACKEND_IF, SERVER_MAC),
+                router,
+                server.0,
+                63,
+                true,
+                &ip_of(sent),
+            );
+            assert!(too_big == want, "\n got  {too_big:02x?}\n want {want:02x?}");
+            assert_eq!(
+                rig.stats
+                    .core
+                    .icmp
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                2
+            );
+
+            // About another client port: no flow.
+            let other = pkt(Pkt::from_client((client.0, 40001), vip));
+            let mut f = refused(&ip_of(other.to_server(server)));
+            assert_eq!(rig.process(&mut f, 1), Verdict::Drop(DropReason::NoFlow));
+        }
+
+        // An echo request to a VIP stays the kernel's.
+        let rig = Rig::new(true);
+        let mut echo = Vec::new();
+        PacketBuilder::ethernet2(GATEWAY, CLIENT_IF)
+            .ipv4([198, 18, 4, 7], [198, 18, 100, 1], 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut echo, b"ping")
+            .unwrap();
+        assert_eq!(rig.process(&mut echo, 1), Verdict::Pass);
     }
 
     /// A server resolving this host's IPv6 address sends a neighbour

@@ -13,8 +13,9 @@
 // Each test crate that includes this module uses a different subset of it.
 #![allow(dead_code)]
 
+use etherparse::icmpv4::DestUnreachableHeader;
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpHeaders, IpNumber, Ipv4Header,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, IpHeaders, IpNumber, Ipv4Header,
     Ipv4Options, PacketBuilder, TcpHeader, TcpOptionElement,
 };
 use l4lb::replay::{BACKEND_IF_MAC, CLIENT_IF_MAC};
@@ -235,6 +236,35 @@ pub fn icmp_echo(h: &Hop) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.size(payload.len()));
     b.write(&mut out, payload).expect("build ICMP frame");
     out
+}
+
+/// An ICMP error of type `ty` along `h` (its ports unused), quoting the IP
+/// packet of `frame` (an Ethernet frame: its first 14 bytes are skipped).
+pub fn icmp_error(h: &Hop, ty: Icmpv4Type, frame: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(h.eth_src, h.eth_dst)
+        .ip(IpHeaders::Ipv4(
+            h.ipv4(IpNumber::ICMP, &[]),
+            Default::default(),
+        ))
+        .icmpv4(ty);
+    let quote = &frame[14..];
+    let mut out = Vec::with_capacity(b.size(quote.len()));
+    b.write(&mut out, quote).expect("build ICMP error");
+    out
+}
+
+/// "Port unreachable", quoting `frame`.
+pub fn port_unreachable(h: &Hop, frame: &[u8]) -> Vec<u8> {
+    let ty = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    icmp_error(h, ty, frame)
+}
+
+/// "Fragmentation needed" with a next-hop MTU of 1400, quoting `frame`.
+pub fn fragmentation_needed(h: &Hop, frame: &[u8]) -> Vec<u8> {
+    let ty = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+        next_hop_mtu: 1400,
+    });
+    icmp_error(h, ty, frame)
 }
 
 /// The gateway asking who has `target`, broadcast.
