@@ -730,6 +730,52 @@ fn a_reply_from_a_server_the_flow_is_not_on_is_dropped_as_no_flow() {
     );
 }
 
+/// A server of a shared service without a reply entry for a client makes
+/// l4lb look at the client's forward entries; one that names another
+/// server must not be kept alive by that look. The flow, last used at NOW,
+/// is gone 300 s later however often the wrong server writes in between.
+#[test]
+fn a_wrong_servers_packet_does_not_keep_the_clients_flow_alive() {
+    let r = replayer();
+    let (server, _) = simulated(&r, "web", CLIENT);
+    let other_client = client_of_another_server(&r, "web", CLIENT);
+    let (other, _) = simulated(&r, "web", other_client);
+    assert_ne!(server, other);
+    let c = Hop::from_client(CLIENT, 40000, VIP, 80);
+    let s = Hop::from_server(server, 8080, CLIENT, 40000);
+    let o = Hop::from_server(other, 8080, CLIENT, 40000);
+    run_at(
+        &r,
+        NOW,
+        &[tx(
+            "the flow starts",
+            tcp_syn(&c),
+            FORWARD,
+            tcp_syn(&c.to_server(server, 8080)),
+        )],
+    );
+    for t in [NOW + 100, NOW + 200, NOW + 299] {
+        run_at(
+            &r,
+            t,
+            &[kept(
+                "another web server writes to the client's port",
+                tcp_syn_ack(&o),
+                Verdict::Drop(DropReason::NoFlow),
+            )],
+        );
+    }
+    run_at(
+        &r,
+        NOW + 301,
+        &[kept(
+            "the flow's own server, after the idle timeout",
+            tcp_syn_ack(&s),
+            Verdict::Drop(DropReason::NoFlow),
+        )],
+    );
+}
+
 /// A UDP length field below 8 or past the IP payload (RFC 768) makes the
 /// datagram malformed, like the TCP and IPv4 length errors above. (Once a
 /// gap: such datagrams used to be forwarded.)

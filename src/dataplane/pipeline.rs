@@ -787,10 +787,14 @@ impl Processor<'_> {
                     vip: e.src,
                     vip_port: e.sport,
                 };
+                // Peeked: anyone on the client's path may send an error
+                // to a VIP, and that must not keep the flow alive. (An
+                // error from the server itself refreshes the flow below,
+                // as any packet of the server's does.)
                 let Some(b) = self
                     .tables
                     .flows
-                    .lookup(&key, self.now)
+                    .peek(&key, self.now)
                     .filter(|v| v.listener == le.id)
                     .and_then(|v| snap.backend_of_id(v.backend))
                 else {
@@ -867,10 +871,15 @@ impl Processor<'_> {
         let be = &snap.backends[b as usize];
         for &l in snap.listeners_reaching(b) {
             let l = &snap.listeners[l as usize];
-            let Some(v) = t.flows.lookup(&reply_forward_key(p, l), self.now) else {
+            let key = reply_forward_key(p, l);
+            // Peeked, not refreshed: this client's flow on another
+            // listener, or on another server, must not be kept alive by
+            // this server's packet.
+            let Some(v) = t.flows.peek(&key, self.now) else {
                 continue;
             };
             if v.backend == be.id && v.listener == l.id {
+                t.flows.lookup(&key, self.now);
                 let value = FlowValue::new(l.id, be.id);
                 if let Upsert::Evicted(_) =
                     t.flows

@@ -477,6 +477,15 @@ impl FlowTable {
         }
     }
 
+    /// Looks an entry up without refreshing its idle timer: for callers
+    /// that only want to know about a flow (an ICMP error about it, a
+    /// candidate that may turn out not to match), not keep it alive.
+    #[inline]
+    pub fn peek(&self, key: &impl TableKey, now: u32) -> Option<FlowValue> {
+        self.find(&self.probe(key), now)
+            .map(|(_, e)| FlowValue::unpack(e.value))
+    }
+
     /// Looks an entry up, refreshing its idle timer on a hit.
     #[inline]
     pub fn lookup(&self, key: &impl TableKey, now: u32) -> Option<FlowValue> {
