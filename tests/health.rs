@@ -23,6 +23,7 @@ fn key(port: u16, proto: u8) -> TargetKey {
         addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
         port,
         proto,
+        check: 0,
     }
 }
 

@@ -136,6 +136,71 @@ fn http_503_and_a_closed_udp_port_take_servers_out() {
     assert_no_drops(&t);
 }
 
+/// Two services share the three web servers and check them differently:
+/// `web` over HTTP, `web-tcp` by a TCP connect. b1 answers HTTP with 503:
+/// it leaves `web` only, and `web-tcp` keeps sending it clients (who get
+/// b1's 503). Each service decides on its own check.
+#[test]
+fn a_shared_server_is_out_only_of_the_service_whose_check_fails() {
+    const WEB_TCP: &str = "198.18.100.3:80";
+    let mut t = Topology::up("health-per-service", N_SOURCES);
+    let cfg = t.config_text(|c| {
+        fast_checks(c)
+            + &format!(
+                r#"
+[[listener]]
+name = "web-tcp"
+vip = "198.18.100.3"
+protocol = "tcp"
+port = 80
+backend_service = "web-tcp"
+
+[[backend_service]]
+name = "web-tcp"
+protocol = "tcp"
+  [backend_service.health_check]
+  type = "tcp"
+{FAST}
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.13"
+  port = 8080
+"#
+            )
+    });
+    t.start_lb(&cfg);
+    t.start_backend("b1", &["--http-status", "503"]);
+    t.wait_backend_up("198.18.2.11:8080/tcp", false, Duration::from_secs(8));
+    assert_eq!(
+        t.backend_stats("198.18.2.11:8080/tcp")["health"],
+        "check 1: status 503; check 2: ok"
+    );
+
+    let web = assignment(&t.drive(&[WEB], &[], SOURCES, 1), WEB);
+    assert!(web.values().all(|b| b != "b1"), "web no longer uses b1");
+    let d = t.drive(&[WEB_TCP], &[], SOURCES, 1);
+    let mut on_b1 = 0;
+    for r in d.results.iter().filter(|r| r.target == WEB_TCP) {
+        match r.error.as_deref() {
+            // Only b1 answers 503: the client reached it.
+            Some("http status 503") => on_b1 += 1,
+            None => assert_ne!(r.backend.as_deref(), Some("b1")),
+            Some(e) => panic!("{WEB_TCP}: {r:?}: {e}"),
+        }
+    }
+    // web-tcp weighs its servers equally: about a third of its clients.
+    assert!(
+        (250..=420).contains(&on_b1),
+        "{WEB_TCP}: {on_b1} of {N_SOURCES} clients on b1"
+    );
+    assert_no_drops(&t);
+}
+
 /// The demo config with b3's weight in the web service set, or b3 removed.
 fn web_variant(base: &str, b3: Option<u8>) -> String {
     let spare = "[[availability_group]]\nname = \"web-spare\"\n\n  [[availability_group.server]]\n  address = \"198.18.2.13\"\n  port = 8080\n  weight = 20";

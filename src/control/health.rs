@@ -1,7 +1,8 @@
 //! Health checks: decides which servers receive new clients.
 //!
 //! The control plane owns one [`HealthMonitor`], hands it the set of targets
-//! (one per server and service protocol) with [`HealthMonitor::set_targets`]
+//! (one per server, service protocol and distinct check) with
+//! [`HealthMonitor::set_targets`]
 //! on start and on every reload, and calls [`HealthMonitor::poll`] from its
 //! loop. `poll` never blocks: it starts the probes that are due, collects the
 //! ones that finished and returns the state changes, which the control plane
@@ -134,9 +135,10 @@ impl CheckSpec {
     }
 }
 
-/// One checked server: its address, its own port and the service protocol
-/// (6 = TCP, 17 = UDP). The same server in a TCP and a UDP service is two
-/// targets.
+/// One checked server: its address, its own port, the service protocol
+/// (6 = TCP, 17 = UDP) and which of its checks. The same server in a TCP
+/// and a UDP service is two targets; so is the same server in two services
+/// whose checks differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetKey {
     pub addr: IpAddr,
@@ -144,6 +146,10 @@ pub struct TargetKey {
     pub port: u16,
     /// IP protocol number of the service: 6 or 17.
     pub proto: u8,
+    /// Which of the distinct checks of this server (address, port,
+    /// protocol), in the order the configuration first uses them: 0 for
+    /// the first. Services whose checks are identical share one target.
+    pub check: u8,
 }
 
 impl fmt::Display for TargetKey {
@@ -153,7 +159,11 @@ impl fmt::Display for TargetKey {
             17 => "udp".to_string(),
             p => format!("proto {p}"),
         };
-        write!(f, "{}/{proto}", SocketAddr::new(self.addr, self.port))
+        write!(f, "{}/{proto}", SocketAddr::new(self.addr, self.port))?;
+        if self.check > 0 {
+            write!(f, " (check {})", u16::from(self.check) + 1)?;
+        }
+        Ok(())
     }
 }
 
@@ -176,7 +186,7 @@ pub fn first_probe_offset(key: &TargetKey, interval: Duration) -> Duration {
     if span == 0 {
         return Duration::ZERO;
     }
-    let mut bytes = [0u8; 19];
+    let mut bytes = [0u8; 20];
     let v6 = match key.addr {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
         IpAddr::V6(a) => a,
@@ -184,7 +194,11 @@ pub fn first_probe_offset(key: &TargetKey, interval: Duration) -> Duration {
     bytes[..16].copy_from_slice(&v6.octets());
     bytes[16..18].copy_from_slice(&key.port.to_be_bytes());
     bytes[18] = key.proto;
-    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, OFFSET_SEED);
+    bytes[19] = key.check;
+    // A server's first check hashes 19 bytes, as before checks were told
+    // apart: its offset did not move.
+    let len = if key.check == 0 { 19 } else { 20 };
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes[..len], OFFSET_SEED);
     // span < 2^64 ns (584 years) for any sane interval; the u128 keeps the
     // modulo exact anyway.
     Duration::from_nanos((u128::from(h) % span) as u64)
@@ -855,6 +869,7 @@ mod tests {
             addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)),
             port,
             proto: 6,
+            check: 0,
         }
     }
 
@@ -931,6 +946,7 @@ mod tests {
                 addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
                 port: 80,
                 proto: 6,
+                check: 0,
             };
             let o = first_probe_offset(&k, interval);
             assert_eq!(o, first_probe_offset(&k, interval));
@@ -946,18 +962,19 @@ mod tests {
             buckets.iter().all(|&b| (150..=250).contains(&b)),
             "{buckets:?}"
         );
-        // Port and protocol are part of the key.
+        // Port, protocol and check are part of the key.
         let a = key(1, 80);
-        let b = TargetKey { proto: 17, ..a };
-        let c = TargetKey { port: 81, ..a };
-        assert_ne!(
-            first_probe_offset(&a, interval),
-            first_probe_offset(&b, interval)
-        );
-        assert_ne!(
-            first_probe_offset(&a, interval),
-            first_probe_offset(&c, interval)
-        );
+        for other in [
+            TargetKey { proto: 17, ..a },
+            TargetKey { port: 81, ..a },
+            TargetKey { check: 1, ..a },
+        ] {
+            assert_ne!(
+                first_probe_offset(&a, interval),
+                first_probe_offset(&other, interval),
+                "{other:?}"
+            );
+        }
         let v6 = TargetKey {
             addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
             ..a
@@ -1067,6 +1084,7 @@ mod tests {
             addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port,
             proto: 17,
+            check: 0,
         };
         let spec = CheckSpec {
             probe: Probe::Udp {
@@ -1129,6 +1147,7 @@ mod tests {
                     addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
                     port: 1000 + i,
                     proto: 17,
+                    check: 0,
                 };
                 (k, spec.clone())
             })
@@ -1250,7 +1269,10 @@ mod tests {
             addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
             port: 53,
             proto: 17,
+            check: 0,
         };
         assert_eq!(k.to_string(), "[::1]:53/udp");
+        let second = TargetKey { check: 1, ..k };
+        assert_eq!(second.to_string(), "[::1]:53/udp (check 2)");
     }
 }

@@ -22,7 +22,7 @@ pub mod snapshot;
 pub mod stats;
 pub mod xdp;
 
-use crate::config::{AttachMode, BindMode, Config, Protocol, WhenFull};
+use crate::config::{AttachMode, BindMode, Config, HealthCheck, Protocol, WhenFull};
 use crate::dataplane::counters::{Shared, WorkerStats};
 use crate::dataplane::pipeline::Tables;
 use crate::dataplane::worker::Worker;
@@ -127,6 +127,69 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         .collect()
 }
 
+/// A server endpoint: address, port, IP protocol number.
+type Endpoint = (IpAddr, u16, u8);
+
+/// The health check targets of a configuration, and each server's distinct
+/// checks (see [`Plane::targets`]).
+struct Targets {
+    /// In configuration order, each server's distinct checks numbered from
+    /// 0 ([`TargetKey::check`]).
+    list: Vec<(TargetKey, CheckSpec)>,
+    /// Endpoint → indices into `list`.
+    by_server: HashMap<Endpoint, Vec<usize>>,
+}
+
+impl Targets {
+    fn of(config: &Config) -> Targets {
+        let mut t = Targets {
+            list: Vec::new(),
+            by_server: HashMap::new(),
+        };
+        for svc in &config.services {
+            let proto = proto_number(svc.protocol);
+            for s in &svc.servers {
+                let spec = CheckSpec::from_config(&svc.health_check, s.port);
+                let known = t.by_server.entry((s.address, s.port, proto)).or_default();
+                if known.iter().any(|&i| t.list[i].1 == spec) {
+                    continue;
+                }
+                let key = TargetKey {
+                    addr: s.address,
+                    port: s.port,
+                    proto,
+                    // One per service using the server with a check of its
+                    // own; past 255 (no real configuration) they share the
+                    // last key.
+                    check: u8::try_from(known.len()).unwrap_or(u8::MAX),
+                };
+                known.push(t.list.len());
+                t.list.push((key, spec));
+            }
+        }
+        t
+    }
+
+    /// The target of server `addr`:`port` of a `proto` service checked by
+    /// `hc`; check 0 if it is not there.
+    fn key(&self, addr: IpAddr, port: u16, proto: Protocol, hc: &HealthCheck) -> TargetKey {
+        let proto = proto_number(proto);
+        let spec = CheckSpec::from_config(hc, port);
+        self.by_server
+            .get(&(addr, port, proto))
+            .and_then(|known| known.iter().find(|&&i| self.list[i].1 == spec))
+            .map_or(
+                TargetKey {
+                    addr,
+                    port,
+                    proto,
+                    check: 0,
+                },
+                |&i| self.list[i].0,
+            )
+    }
+}
+
 /// The control plane's state.
 struct Plane {
     config: Config,
@@ -143,23 +206,12 @@ struct Plane {
 }
 
 impl Plane {
-    /// Health check targets: one per backend endpoint. A server used by two
-    /// services is checked once, with the first service's check.
+    /// Health check targets: one per server endpoint and distinct check.
+    /// A server used by two services is checked once if their checks are
+    /// the same, and once by each if they differ: each service then takes
+    /// the server out on its own check's say.
     fn targets(&self) -> Vec<(TargetKey, CheckSpec)> {
-        let mut out: Vec<(TargetKey, CheckSpec)> = Vec::new();
-        for svc in &self.config.services {
-            for s in &svc.servers {
-                let key = TargetKey {
-                    addr: s.address,
-                    port: s.port,
-                    proto: proto_number(svc.protocol),
-                };
-                if !out.iter().any(|(k, _)| *k == key) {
-                    out.push((key, CheckSpec::from_config(&svc.health_check, s.port)));
-                }
-            }
-        }
-        out
+        Targets::of(&self.config).list
     }
 
     fn build(&mut self, generation: u64) -> Result<Snapshot> {
@@ -168,12 +220,9 @@ impl Plane {
             .nb
             .get(self.client_idx, &self.config.instance.client_gateway);
         let (b, nb, health) = (self.backend_idx, &self.nb, &self.health);
-        let is_up = |addr: &IpAddr, port: u16, p: Protocol| {
-            health.is_up(&TargetKey {
-                addr: *addr,
-                port,
-                proto: proto_number(p),
-            })
+        let targets = Targets::of(&self.config);
+        let is_up = |addr: &IpAddr, port: u16, p: Protocol, hc: &HealthCheck| {
+            health.is_up(&targets.key(*addr, port, p, hc))
         };
         Snapshot::build(
             &mut self.ids,
@@ -548,4 +597,54 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
     drop(ctl);
     let _ = plane.config_name;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Services that check a shared server the same way share one target;
+    /// a service that checks it differently gets a target of its own,
+    /// numbered in file order. Protocols are kept apart.
+    #[test]
+    fn a_server_gets_one_target_per_distinct_check() {
+        let service = |name: &str, proto: &str, check: &str| {
+            format!(
+                "[[backend_service]]\nname = \"{name}\"\nprotocol = \"{proto}\"\n\
+                 [backend_service.health_check]\n{check}\n\
+                 [[backend_service.server]]\naddress = \"198.18.2.11\"\nport = 8080\n"
+            )
+        };
+        let text = [
+            "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\nclient_gateway = \"198.18.0.2\"\n".to_string(),
+            service("a", "tcp", "type = \"http\"\npath = \"/a\""),
+            service("b", "tcp", "type = \"http\"\npath = \"/a\""),
+            service("c", "tcp", "type = \"http\"\npath = \"/c\""),
+            service("d", "udp", "type = \"udp\""),
+        ]
+        .concat();
+        let config = Config::from_str(&text, "t.toml").expect("valid");
+        let targets = Targets::of(&config);
+        let keys: Vec<String> = targets.list.iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(
+            keys,
+            [
+                "198.18.2.11:8080/tcp",
+                "198.18.2.11:8080/tcp (check 2)",
+                "198.18.2.11:8080/udp"
+            ]
+        );
+        // Each service finds its own.
+        let svc = |name: &str| config.services.iter().find(|s| s.name == name).unwrap();
+        let ip = crate::util::v4(198, 18, 2, 11);
+        let check_of = |name: &str| {
+            let s = svc(name);
+            targets.key(ip, 8080, s.protocol, &s.health_check).check
+        };
+        assert_eq!(
+            ["a", "b", "c", "d"].map(check_of),
+            [0, 0, 1, 0],
+            "a and b share, c has its own, d is UDP"
+        );
+    }
 }

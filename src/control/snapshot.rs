@@ -7,7 +7,7 @@
 //! stable id (see [`crate::control::ids`]), which is what flow entries and
 //! counters hold.
 
-use crate::config::{AllDown, Config, Protocol, Scheduler};
+use crate::config::{AllDown, Config, HealthCheck, Protocol, Scheduler};
 use crate::control::ids::{Ids, MAX_ID};
 use crate::sched::{client_hash_bytes, Maglev, MaglevBackend, DEFAULT_TABLE_SIZE};
 use crate::util::{addr16, addr_words, is_group, Addr16, FxMap, Mac, WordIndex};
@@ -137,7 +137,7 @@ pub struct Inputs<'a> {
     pub local: &'a [IpAddr],
     pub mac_of: &'a dyn Fn(&IpAddr) -> Option<Mac>,
     /// Health: whether (address, port, protocol) is up.
-    pub is_up: &'a dyn Fn(&IpAddr, u16, Protocol) -> bool,
+    pub is_up: &'a dyn Fn(&IpAddr, u16, Protocol, &HealthCheck) -> bool,
 }
 
 #[derive(Debug, Clone)]
@@ -239,7 +239,10 @@ impl Snapshot {
         for svc in &config.services {
             let proto = proto_number(svc.protocol);
             let mut members: Vec<(u32, u8)> = Vec::with_capacity(svc.servers.len());
+            // Whether each member passes this service's health check.
+            let mut member_up: Vec<bool> = Vec::with_capacity(svc.servers.len());
             for s in &svc.servers {
+                let up = (inp.is_up)(&s.address, s.port, svc.protocol, &svc.health_check);
                 let key = L4Key {
                     addr: addr16(&s.address),
                     port: s.port,
@@ -255,29 +258,34 @@ impl Snapshot {
                             port: s.port,
                             protocol: svc.protocol,
                             mac: (inp.mac_of)(&s.address),
-                            up: (inp.is_up)(&s.address, s.port, svc.protocol),
+                            up,
                         });
                         let i = (backends.len() - 1) as u32;
                         backend_index.insert(key, i);
                         i
                     }
                 };
+                // Up for the endpoint: by every service's check.
+                backends[idx as usize].up &= up;
                 members.push((idx, s.weight));
+                member_up.push(up);
             }
             service_members.push(members.iter().map(|(i, _)| *i).collect());
-            let any_up = members.iter().any(|(i, _)| backends[*i as usize].up);
+            let any_up = member_up.iter().any(|&up| up);
             let fail_open = !any_up && svc.on_all_down == AllDown::FailOpen;
-            let usable = |i: u32| fail_open || backends[i as usize].up;
+            let usable = |k: usize| fail_open || member_up[k];
             let mut eligible: Vec<(u32, u8)> = members
                 .iter()
-                .copied()
-                .filter(|(i, w)| *w > 0 && usable(*i))
+                .enumerate()
+                .filter(|&(k, (_, w))| *w > 0 && usable(k))
+                .map(|(_, m)| *m)
                 .collect();
             eligible.sort_unstable();
             let mut keep: Vec<u32> = members
                 .iter()
-                .map(|(i, _)| *i)
-                .filter(|i| usable(*i))
+                .enumerate()
+                .filter(|&(k, _)| usable(k))
+                .map(|(_, (i, _))| *i)
                 .collect();
             keep.sort_unstable();
             keep.dedup();
@@ -419,7 +427,7 @@ impl Snapshot {
                 links,
                 local: &[],
                 mac_of,
-                is_up: &|_, _, _| true,
+                is_up: &|_, _, _, _| true,
             },
         )
     }
@@ -507,7 +515,9 @@ impl Snapshot {
         let svc = &self.services[service as usize];
         if let Some(i) = svc.maglev.lookup(h) {
             let b = svc.maglev_backends[i as usize];
-            if self.backends[b as usize].up || svc.all_down && !svc.eligible.is_empty() {
+            // Up by this service's check, or every member down and the
+            // service failing open: the members it keeps.
+            if has_bit(&svc.keep_bits, b) {
                 return Some(b);
             }
         }
@@ -664,7 +674,7 @@ on_all_down = "{on_all_down}"
                 links: Links::default(),
                 local: &[],
                 mac_of: &|_| None,
-                is_up: &|a, _, _| !down.contains(a),
+                is_up: &|a, _, _, _| !down.contains(a),
             },
         )
         .unwrap()
@@ -680,6 +690,96 @@ on_all_down = "{on_all_down}"
                 })
             })
             .collect()
+    }
+
+    /// Two services share a server and check it differently: the server is
+    /// out of the service whose check fails, and still in the other. Its
+    /// endpoint counts as up only when every check passes.
+    #[test]
+    fn a_shared_server_is_up_or_down_per_service_check() {
+        let text = r#"
+[instance]
+name = "t"
+client_interface = "c0"
+backend_interface = "b0"
+client_gateway = "198.18.0.2"
+[[listener]]
+name = "a"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "a"
+[[listener]]
+name = "b"
+vip = "198.18.100.2"
+protocol = "tcp"
+port = 80
+backend_service = "b"
+[[backend_service]]
+name = "a"
+protocol = "tcp"
+  [backend_service.health_check]
+  type = "http"
+  path = "/a"
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+[[backend_service]]
+name = "b"
+protocol = "tcp"
+  [backend_service.health_check]
+  type = "http"
+  path = "/b"
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+"#;
+        let config = Config::from_str(text, "t.toml").expect("valid");
+        let eleven = crate::util::v4(198, 18, 2, 11);
+        // .11 fails service b's check (/b) only.
+        let is_up = |a: &IpAddr, _: u16, _: Protocol, hc: &HealthCheck| {
+            !(*a == eleven && hc.path.as_deref() == Some("/b"))
+        };
+        let s = Snapshot::build(
+            &mut Ids::default(),
+            &Inputs {
+                config: &config,
+                generation: 1,
+                links: Links::default(),
+                local: &[],
+                mac_of: &|_| None,
+                is_up: &is_up,
+            },
+        )
+        .unwrap();
+        let b11 = s.backend(&addr16(&eleven), 8080, 6).unwrap();
+        let b12 = s
+            .backend(&addr16(&crate::util::v4(198, 18, 2, 12)), 8080, 6)
+            .unwrap();
+        let (a, b) = (0, 1);
+        assert_eq!(s.services[a].eligible, [(b11, 100), (b12, 100)]);
+        assert_eq!(s.services[b].eligible, [(b12, 100)]);
+        assert!(s.keeps(a as u32, b11) && !s.keeps(b as u32, b11));
+        assert!(!s.backends[b11 as usize].up && s.backends[b12 as usize].up);
+        // Service b's clients all go to .12; service a's are split.
+        let picks = |svc: u32| {
+            let mut n = [0; 2];
+            for i in 0..1000u32 {
+                let c = (0xc612_0400u32 + i).to_be_bytes();
+                let p = s.pick(svc, &c).unwrap();
+                n[usize::from(p == b12)] += 1;
+            }
+            n
+        };
+        assert_eq!(picks(b as u32), [0, 1000]);
+        let [on11, on12] = picks(a as u32);
+        assert!(on11 > 400 && on12 > 400, "{on11} / {on12}");
     }
 
     /// A backend has a sole listener only when one listener alone can send

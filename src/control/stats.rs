@@ -30,8 +30,11 @@ pub struct Stats {
 pub struct BackendReport {
     /// `ADDR:PORT/PROTO`
     pub name: String,
+    /// Up by every check of it (services may check one server differently,
+    /// and each decides on its own).
     pub up: bool,
-    /// The last health check result.
+    /// The last health check result; with several checks, each one's,
+    /// as `check N: RESULT` joined by `; `.
     pub health: String,
     /// Active connections (opened − closed) for least-connections.
     pub active: i64,
@@ -161,16 +164,24 @@ pub fn collect(s: &Sources) -> Stats {
         .map(|b| {
             let (packets, bytes) = sum(&|w| w.backends[b.id as usize].read());
             let addr = std::net::SocketAddr::new(b.address, b.port);
-            let key = TargetKey {
-                addr: b.address,
-                port: b.port,
-                proto: proto_number(b.protocol),
-            };
-            let health = s
+            let proto = proto_number(b.protocol);
+            // The last result of each of the server's checks (one unless
+            // services using it check it differently), in check order.
+            let results: Vec<(u8, &str)> = s
                 .health
                 .iter()
-                .find(|(k, _, _)| *k == key)
-                .map_or_else(|| "not checked".to_string(), |(_, _, r)| r.clone());
+                .filter(|(k, _, _)| k.addr == b.address && k.port == b.port && k.proto == proto)
+                .map(|(k, _, r)| (k.check, r.as_str()))
+                .collect();
+            let health = match results.as_slice() {
+                [] => "not checked".to_string(),
+                [(_, r)] => r.to_string(),
+                several => several
+                    .iter()
+                    .map(|(c, r)| format!("check {}: {r}", u16::from(*c) + 1))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            };
             BackendReport {
                 name: format!("{addr}/{}", b.protocol),
                 up: b.up,

@@ -997,7 +997,7 @@ protocol = "udp"
                 },
                 local: &local,
                 mac_of: &|_| Some(SERVER_MAC),
-                is_up: &|_, _, _| true,
+                is_up: &|_, _, _, _| true,
             },
         )
         .expect("snapshot");
