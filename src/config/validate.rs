@@ -109,6 +109,12 @@ pub(crate) fn load(text: &str, file: &str) -> Result<Config, Vec<Located>> {
         Err(e) => {
             let offset = e.span().map_or(0, |s| s.start);
             let mut message = tidy_toml_message(e.message());
+            if message.ends_with("expected a borrowed string") {
+                // The toml crate cannot give the spans the loader keeps for
+                // a table written with dotted keys (toml-rs/toml#798), and
+                // says so in these words: name the real problem.
+                message = dotted_key_message(text, offset);
+            }
             if message.is_empty() {
                 // toml gives no message for some stray characters (a lone
                 // carriage return, for instance): name the character.
@@ -145,6 +151,27 @@ pub(crate) fn load(text: &str, file: &str) -> Result<Config, Vec<Located>> {
 }
 
 /// Makes a toml/serde message fit on one line and speak of keys, not fields.
+/// The error for a dotted key (`health_check.type = "http"`) whose last
+/// part starts at `offset`.
+fn dotted_key_message(text: &str, offset: usize) -> String {
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let key: String = text[line_start..]
+        .chars()
+        .take_while(|c| *c != '=' && *c != '\n')
+        .collect();
+    let key = key.trim();
+    let (table, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+    let header = if table == "health_check" {
+        "[backend_service.health_check]".to_string()
+    } else {
+        format!("a [...{table}] table header")
+    };
+    format!(
+        "dotted key {key} is not supported: write {} = ... under {header} instead",
+        leaf.trim()
+    )
+}
+
 fn tidy_toml_message(message: &str) -> String {
     let one_line = message.trim().replace('\n', ", ");
     if one_line == "missing field `instance`" {
