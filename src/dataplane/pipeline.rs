@@ -535,7 +535,7 @@ impl Processor<'_> {
             }
         };
         let be = &snap.backends[b as usize];
-        if flags & (TCP_FIN | TCP_RST) != 0 && t.flows.mark_closed(&forward_key(p), self.now) {
+        if flags & (TCP_FIN | TCP_RST) != 0 && t.flows.mark_closed_probe(fprobe, self.now) {
             self.stats.conn_closed(be.id);
         }
         let Some(mac) = be.mac else {
@@ -684,7 +684,14 @@ impl Processor<'_> {
         };
         let fkey = reply_forward_key(p, l);
         if tcp_flags(frame, p) & (TCP_FIN | TCP_RST) != 0 {
-            if t.flows.mark_closed(&fkey, self.now) {
+            // A backend of one listener: the frame's probe is the forward
+            // entry's already.
+            let closed = if snap.sole_listener(b).is_some() {
+                t.flows.mark_closed_probe(&m.flow, self.now)
+            } else {
+                t.flows.mark_closed(&fkey, self.now)
+            };
+            if closed {
                 self.stats.conn_closed(be.id);
             }
         } else if refresh {
@@ -1178,6 +1185,42 @@ protocol = "udp"
         assert_eq!(v, Verdict::Drop(DropReason::Unsupported));
         assert_eq!(frame, before);
         assert_eq!(rig.stats.drops(DropReason::Unsupported), 1);
+    }
+
+    /// A FIN or RST closes a connection for least-connections exactly once,
+    /// whichever side sends it first (here: to a server of one listener,
+    /// whose replies use the forward entry's probe).
+    #[test]
+    fn fin_or_rst_from_either_side_closes_a_connection_once() {
+        let rig = Rig::new(true);
+        let server = ("198.18.2.11", 8080);
+        let vip = ("198.18.100.1", 80);
+        let id = rig.snapshot.backends[0].id;
+        let with_flags = |p: Pkt, flags: u8| {
+            let mut f = p.build();
+            f[14 + 20 + 13] = flags; // the checksum is not looked at
+            f
+        };
+        for (port, closer_is_client, flags) in [
+            (40000, true, TCP_FIN | TCP_ACK),
+            (40001, false, TCP_FIN | TCP_ACK),
+            (40002, false, TCP_RST),
+        ] {
+            let client = ("198.18.4.7", port);
+            let syn = Pkt::from_client(client, vip);
+            assert_eq!(rig.process(&mut syn.build(), 1), Verdict::Tx(Port::Backend));
+            assert_eq!(rig.shared.active(id), 1, "{port}: open");
+            let closer = if closer_is_client {
+                syn
+            } else {
+                Pkt::from_server(server, client)
+            };
+            for _ in 0..2 {
+                let v = rig.process(&mut with_flags(closer, flags), 1);
+                assert!(matches!(v, Verdict::Tx(_)), "{port}: {v:?}");
+                assert_eq!(rig.shared.active(id), 0, "{port}: closed once");
+            }
+        }
     }
 
     /// An ICMP(v6) error frame from `src` to `dst` with hop limit `ttl`,

@@ -586,8 +586,13 @@ impl FlowTable {
     /// Marks a live entry closed (for least-connections). True if this call
     /// changed it (so each flow is counted closed once).
     pub fn mark_closed(&self, key: &impl TableKey, now: u32) -> bool {
-        let p = self.probe(key);
-        let Some((i, e)) = self.find(&p, now) else {
+        self.mark_closed_probe(&self.probe(key), now)
+    }
+
+    /// [`FlowTable::mark_closed`] with a precomputed probe (the packet
+    /// path has the flow's, from its lookup).
+    pub fn mark_closed_probe(&self, p: &Probe, now: u32) -> bool {
+        let Some((i, e)) = self.find(p, now) else {
             return false;
         };
         let mut val = FlowValue::unpack(e.value);
