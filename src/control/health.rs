@@ -276,6 +276,7 @@ impl TargetState {
     }
 }
 
+#[derive(Clone)]
 struct Target {
     spec: Arc<CheckSpec>,
     state: TargetState,
@@ -323,6 +324,9 @@ struct Done {
     success: bool,
     reason: String,
 }
+
+/// The targets as they were; see [`HealthMonitor::saved_targets`].
+pub struct SavedTargets(BTreeMap<TargetKey, Target>);
 
 /// Health checks of a set of targets. See the module docs.
 pub struct HealthMonitor {
@@ -380,22 +384,59 @@ impl HealthMonitor {
         }
     }
 
+    /// A copy of every target's state, for [`HealthMonitor::restore_targets`]
+    /// (a reload that fails after [`HealthMonitor::set_targets`]).
+    pub fn saved_targets(&self) -> SavedTargets {
+        SavedTargets(self.targets.clone())
+    }
+
+    /// Puts the targets back as [`HealthMonitor::saved_targets`] found them.
+    /// Probes started since report under ids the saved targets do not
+    /// wait for, and are dropped.
+    pub fn restore_targets(&mut self, saved: SavedTargets) {
+        self.targets = saved.0;
+    }
+
     /// Replaces the set of targets (a duplicate key: the last one counts).
-    /// * A target whose key and spec are unchanged keeps its state, counters
-    ///   and schedule: a reload does not re-probe from zero.
+    /// * A target whose server and spec are unchanged keeps its state,
+    ///   counters and schedule: a reload does not re-probe from zero. This
+    ///   holds even if its [`TargetKey::check`] number changed (a reload
+    ///   removed another check of the same server); a probe then in flight
+    ///   reports under the old key and is dropped, and the target is probed
+    ///   again at the next `poll`.
     /// * A new target starts **up** (optimistic: it is taken out after
     ///   `unhealthy_threshold` failures) and is first probed at
     ///   [`first_probe_offset`] after the next `poll`.
-    /// * A target whose spec changed keeps its up/down state, resets its
-    ///   consecutive counters and is rescheduled like a new one; the result
-    ///   of a probe of the old spec still in flight is dropped.
+    /// * A target whose spec changed under the same key keeps its up/down
+    ///   state, resets its consecutive counters and is rescheduled like a
+    ///   new one; the result of a probe of the old spec still in flight is
+    ///   dropped.
     /// * Targets not in the new set are forgotten.
     pub fn set_targets(&mut self, targets: Vec<(TargetKey, CheckSpec)>) {
         let wanted: BTreeMap<TargetKey, CheckSpec> = targets.into_iter().collect();
         let mut old = std::mem::take(&mut self.targets);
+        let same_server =
+            |a: &TargetKey, b: &TargetKey| (a.addr, a.port, a.proto) == (b.addr, b.port, b.proto);
+        // First, every target whose server and spec are unchanged, whatever
+        // its number; then the rest, by key.
+        let mut rest = Vec::new();
         for (key, spec) in wanted {
+            let same = old
+                .iter()
+                .find(|(k, t)| same_server(k, &key) && *t.spec == spec)
+                .map(|(k, _)| *k);
+            match same.and_then(|k| old.remove(&k).map(|t| (k, t))) {
+                Some((k, mut t)) => {
+                    if k != key {
+                        t.running = None;
+                    }
+                    self.targets.insert(key, t);
+                }
+                None => rest.push((key, spec)),
+            }
+        }
+        for (key, spec) in rest {
             let target = match old.remove(&key) {
-                Some(t) if *t.spec == spec => t,
                 Some(mut t) => {
                     t.state
                         .reset_counters(spec.unhealthy_threshold, spec.healthy_threshold);
@@ -1055,6 +1096,65 @@ mod tests {
                 (d, true, NOT_PROBED.to_string()),
             ]
         );
+    }
+
+    /// A reload that drops the first of two checks of a server renumbers
+    /// the second; it keeps its own state (here: down), not the dropped
+    /// one's (up).
+    #[test]
+    fn a_renumbered_check_keeps_its_own_state() {
+        let mut m = HealthMonitor::new(4);
+        let first = key(1, 80);
+        let second = TargetKey { check: 1, ..first };
+        let mut http = tcp_spec(2, 2);
+        http.probe = Probe::Http {
+            path: "/b".into(),
+            host: None,
+            codes: vec![(200, 399)],
+        };
+        m.set_targets(vec![(first, tcp_spec(2, 2)), (second, http.clone())]);
+        finish(&mut m, second, false, "status 503");
+        assert_eq!(
+            finish(&mut m, second, false, "status 503").map(|t| t.up),
+            Some(false)
+        );
+        m.targets.get_mut(&second).unwrap().running = Some(77);
+        assert!(m.is_up(&first));
+
+        m.set_targets(vec![(first, http.clone())]);
+        assert!(
+            !m.is_up(&first),
+            "the HTTP check's down state moved with it"
+        );
+        assert_eq!(*m.targets[&first].spec, http);
+        assert_eq!(m.targets[&first].state.counters(), (0, 2));
+        assert_eq!(
+            m.targets[&first].running, None,
+            "probed again at the next poll"
+        );
+        assert_eq!(m.apply(&second, 77, true, "ok"), None);
+        assert_eq!(m.targets.len(), 1);
+    }
+
+    /// A reload that fails after setting the new targets puts the old ones
+    /// back, state and probe in flight included.
+    #[test]
+    fn restored_targets_are_as_they_were() {
+        let mut m = HealthMonitor::new(4);
+        let (a, b) = (key(1, 80), key(2, 80));
+        m.set_targets(vec![(a, tcp_spec(2, 2))]);
+        finish(&mut m, a, false, "timeout");
+        finish(&mut m, a, false, "timeout");
+        m.targets.get_mut(&a).unwrap().running = Some(5);
+        let saved = m.saved_targets();
+        m.set_targets(vec![(b, tcp_spec(2, 2))]);
+        assert!(m.is_up(&a), "a forgotten, so unknown, so up");
+        m.restore_targets(saved);
+        assert!(!m.is_up(&a));
+        assert_eq!(m.states(), vec![(a, false, "timeout".to_string())]);
+        // The probe that was in flight still counts.
+        assert_eq!(m.apply(&a, 5, true, "ok"), None);
+        assert_eq!(m.targets[&a].state.counters(), (1, 0));
     }
 
     #[test]

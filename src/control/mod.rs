@@ -303,13 +303,18 @@ impl Plane {
             std::thread::sleep(Duration::from_millis(50));
             self.nb.refresh();
         }
-        // Health targets change only once the new snapshot is out: servers
-        // that remain keep their state, new ones start up (unknown = up).
+        // The health targets follow the new configuration before the
+        // snapshot is built from them: servers that remain keep their
+        // state (a check renumbered because another was removed brings its
+        // own), new ones start up. If publishing fails they go back.
+        let old_targets = self.health.saved_targets();
+        self.health.set_targets(self.targets());
         if let Err(e) = self.publish(shared, steering) {
             // Put everything back as it was, XDP maps included (publish may
             // have synced some of them before failing).
             self.config = old;
             self.ids = old_ids;
+            self.health.restore_targets(old_targets);
             self.nb.set_statics(&self.config);
             let cur = shared.load();
             let (v, l, b, lo) = cur.steering_sets();
@@ -323,7 +328,6 @@ impl Plane {
                 path.display()
             ));
         }
-        self.health.set_targets(self.targets());
         Ok(format!(
             "reloaded {}: snapshot {}: {}",
             path.display(),
