@@ -152,6 +152,16 @@ pub struct TargetKey {
     pub check: u8,
 }
 
+/// A server endpoint: address, its own port, IP protocol number.
+pub type Endpoint = (IpAddr, u16, u8);
+
+impl TargetKey {
+    /// The server this target checks, whichever check it is.
+    pub fn endpoint(&self) -> Endpoint {
+        (self.addr, self.port, self.proto)
+    }
+}
+
 impl fmt::Display for TargetKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let proto = match self.proto {
@@ -415,15 +425,13 @@ impl HealthMonitor {
     pub fn set_targets(&mut self, targets: Vec<(TargetKey, CheckSpec)>) {
         let wanted: BTreeMap<TargetKey, CheckSpec> = targets.into_iter().collect();
         let mut old = std::mem::take(&mut self.targets);
-        let same_server =
-            |a: &TargetKey, b: &TargetKey| (a.addr, a.port, a.proto) == (b.addr, b.port, b.proto);
         // First, every target whose server and spec are unchanged, whatever
         // its number; then the rest, by key.
         let mut rest = Vec::new();
         for (key, spec) in wanted {
             let same = old
                 .iter()
-                .find(|(k, t)| same_server(k, &key) && *t.spec == spec)
+                .find(|(k, t)| k.endpoint() == key.endpoint() && *t.spec == spec)
                 .map(|(k, _)| *k);
             match same.and_then(|k| old.remove(&k).map(|t| (k, t))) {
                 Some((k, mut t)) => {

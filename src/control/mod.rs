@@ -31,7 +31,7 @@ use crate::table::FlowTable;
 use crate::util::Mac;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
-use health::{CheckSpec, HealthMonitor, TargetKey};
+use health::{CheckSpec, Endpoint, HealthMonitor, TargetKey};
 use ids::Ids;
 use snapshot::{proto_number, Inputs, Links, Snapshot};
 use std::collections::HashMap;
@@ -126,9 +126,6 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         .map(|(k, _)| *k)
         .collect()
 }
-
-/// A server endpoint: address, port, IP protocol number.
-type Endpoint = (IpAddr, u16, u8);
 
 /// The health check targets of a configuration, and each server's distinct
 /// checks (see [`Plane::targets`]).

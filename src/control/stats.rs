@@ -170,7 +170,7 @@ pub fn collect(s: &Sources) -> Stats {
             let results: Vec<(u8, &str)> = s
                 .health
                 .iter()
-                .filter(|(k, _, _)| k.addr == b.address && k.port == b.port && k.proto == proto)
+                .filter(|(k, _, _)| k.endpoint() == (b.address, b.port, proto))
                 .map(|(k, _, r)| (k.check, r.as_str()))
                 .collect();
             let health = match results.as_slice() {
