@@ -312,12 +312,60 @@ fn update_at(frame: &mut [u8], at: usize, d: u32) {
 }
 
 #[cfg(test)]
+/// An ICMP(v6) error frame from `src` to `dst` with hop limit `ttl`,
+/// quoting `quote`: "port unreachable", or when `too_big`,
+/// "fragmentation needed" / "packet too big" with MTU 1400. The one
+/// builder of such frames for the unit tests here and in the pipeline.
+pub(crate) fn error_frame(
+    eth: (Mac, Mac),
+    src: &str,
+    dst: &str,
+    ttl: u8,
+    too_big: bool,
+    quote: &[u8],
+) -> Vec<u8> {
+    use etherparse::{
+        icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type, Icmpv6Type,
+        PacketBuilder,
+    };
+    use std::net::IpAddr;
+    let b = PacketBuilder::ethernet2(eth.0, eth.1);
+    let mut out = Vec::new();
+    match (
+        src.parse::<IpAddr>().unwrap(),
+        dst.parse::<IpAddr>().unwrap(),
+    ) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let h = if too_big {
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
+            } else {
+                DestUnreachableHeader::Port
+            };
+            b.ipv4(s.octets(), d.octets(), ttl)
+                .icmpv4(Icmpv4Type::DestinationUnreachable(h))
+                .write(&mut out, quote)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ty = if too_big {
+                Icmpv6Type::PacketTooBig { mtu: 1400 }
+            } else {
+                Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+            };
+            b.ipv6(s.octets(), d.octets(), ttl)
+                .icmpv6(ty)
+                .write(&mut out, quote)
+        }
+        _ => panic!("mixed families"),
+    }
+    .unwrap();
+    out
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::util::addr16;
-    use etherparse::{
-        IcmpEchoHeader, Icmpv4Type, Icmpv6Type, PacketBuilder, SlicedPacket, TransportSlice,
-    };
+    use etherparse::{IcmpEchoHeader, Icmpv6Type, PacketBuilder, SlicedPacket, TransportSlice};
     use std::net::IpAddr;
 
     const A: Mac = [2, 0, 0, 0, 0, 1];
@@ -361,40 +409,6 @@ mod tests {
         out
     }
 
-    /// An ICMP(v6) error frame from `src` to `dst` quoting `quote`
-    /// (destination unreachable / port unreachable, or packet too big).
-    fn error(src: &str, dst: &str, quote: &[u8], too_big: bool) -> Vec<u8> {
-        let mut out = Vec::new();
-        if ip(src).is_ipv4() {
-            let ty = if too_big {
-                Icmpv4Type::DestinationUnreachable(
-                    etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
-                        next_hop_mtu: 1400,
-                    },
-                )
-            } else {
-                Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)
-            };
-            PacketBuilder::ethernet2(A, B)
-                .ipv4(octets4(src), octets4(dst), 64)
-                .icmpv4(ty)
-                .write(&mut out, quote)
-                .unwrap();
-        } else {
-            let ty = if too_big {
-                Icmpv6Type::PacketTooBig { mtu: 1400 }
-            } else {
-                Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)
-            };
-            PacketBuilder::ethernet2(A, B)
-                .ipv6(octets6(src), octets6(dst), 64)
-                .icmpv6(ty)
-                .write(&mut out, quote)
-                .unwrap();
-        }
-        out
-    }
-
     /// Checks every checksum of a translated frame from scratch: outer IPv4
     /// header, ICMP message, quoted IPv4 header, and the quoted UDP/TCP
     /// checksum against an incremental-free recompute of the original
@@ -430,7 +444,7 @@ mod tests {
             // The server received client:40000 -> server:9053 and answers
             // with an error quoting it.
             let q = quoted(client, 40000, server, 9053, udp);
-            let mut f = error(server, client, &q, false);
+            let mut f = error_frame((A, B), server, client, 64, false, &q);
             let Icmp::Error(e) = parse(&f) else {
                 panic!("{client} {udp}: not an error: {:?}", parse(&f))
             };
@@ -483,7 +497,7 @@ mod tests {
             // A router on the client's path could not forward the server's
             // reply VIP:80 -> client:40000.
             let q = quoted(vip, 80, client, 40000, false);
-            let mut f = error(router, vip, &q, true);
+            let mut f = error_frame((A, B), router, vip, 64, true, &q);
             let Icmp::Error(e) = parse(&f) else {
                 panic!("not an error")
             };
@@ -520,7 +534,7 @@ mod tests {
         // Only the IP header and 8 bytes of TCP are quoted (RFC 792's
         // minimum): no TCP checksum to update.
         let full = quoted("198.18.4.7", 40000, "198.18.2.11", 8080, false);
-        let mut f = error("198.18.2.11", "198.18.4.7", &full[..28], false);
+        let mut f = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &full[..28]);
         let Icmp::Error(e) = parse(&f) else {
             panic!("not an error")
         };
@@ -541,7 +555,7 @@ mod tests {
     fn an_ipv4_udp_quote_without_checksum_keeps_none() {
         let mut q = quoted("198.18.4.7", 40000, "198.18.2.11", 9053, true);
         q[26..28].fill(0);
-        let mut f = error("198.18.2.11", "198.18.4.7", &q, false);
+        let mut f = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &q);
         let Icmp::Error(e) = parse(&f) else {
             panic!("not an error")
         };
@@ -584,7 +598,7 @@ mod tests {
 
         let q = quoted("198.18.4.7", 40000, "198.18.2.11", 9053, true);
         let bad = |edit: &dyn Fn(&mut Vec<u8>)| {
-            let mut f = error("198.18.2.11", "198.18.4.7", &q, false);
+            let mut f = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &q);
             edit(&mut f);
             parse(&f)
         };
@@ -615,7 +629,7 @@ mod tests {
             "quoted IHL 16"
         );
         // Cut inside the quoted ports: shorten the IP total length too.
-        let mut cut = error("198.18.2.11", "198.18.4.7", &q[..24], false);
+        let mut cut = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &q[..24]);
         assert_eq!(parse(&cut), Icmp::Bad(DropReason::Malformed));
         cut.truncate(20);
         assert_eq!(parse(&cut), Icmp::NotError);

@@ -1223,50 +1223,6 @@ protocol = "udp"
         }
     }
 
-    /// An ICMP(v6) error frame from `src` to `dst` with hop limit `ttl`,
-    /// quoting `quote`: "port unreachable", or when `too_big`,
-    /// "fragmentation needed" / "packet too big" with MTU 1400.
-    fn icmp_error(
-        eth: (Mac, Mac),
-        src: &str,
-        dst: &str,
-        ttl: u8,
-        too_big: bool,
-        quote: &[u8],
-    ) -> Vec<u8> {
-        use etherparse::{icmpv4::DestUnreachableHeader, icmpv6::DestUnreachableCode, Icmpv4Type};
-        let b = PacketBuilder::ethernet2(eth.0, eth.1);
-        let mut out = Vec::new();
-        match (
-            src.parse::<IpAddr>().unwrap(),
-            dst.parse::<IpAddr>().unwrap(),
-        ) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let h = if too_big {
-                    DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
-                } else {
-                    DestUnreachableHeader::Port
-                };
-                b.ipv4(s.octets(), d.octets(), ttl)
-                    .icmpv4(Icmpv4Type::DestinationUnreachable(h))
-                    .write(&mut out, quote)
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let ty = if too_big {
-                    Icmpv6Type::PacketTooBig { mtu: 1400 }
-                } else {
-                    Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
-                };
-                b.ipv6(s.octets(), d.octets(), ttl)
-                    .icmpv6(ty)
-                    .write(&mut out, quote)
-            }
-            _ => panic!("mixed families"),
-        }
-        .unwrap();
-        out
-    }
-
     /// ICMP errors about a flow are translated both ways, byte for byte as
     /// if the endpoint had sent them through the VIP; about no flow they
     /// are dropped; an echo request to a VIP is the kernel's.
@@ -1289,7 +1245,7 @@ protocol = "udp"
 
             // The server refuses the client's packet as it received it.
             let refused = |quote: &[u8]| {
-                icmp_error(
+                icmp::error_frame(
                     (SERVER_MAC, BACKEND_IF),
                     server.0,
                     client.0,
@@ -1317,7 +1273,7 @@ protocol = "udp"
             // The client hears it from the VIP, about the packet it sent
             // (as the server saw it: TTL 63).
             let sent = Pkt { ttl: 63, ..first };
-            let want = icmp_error(
+            let want = icmp::error_frame(
                 (CLIENT_IF, GATEWAY),
                 vip.0,
                 client.0,
@@ -1329,7 +1285,7 @@ protocol = "udp"
 
             // A router on the client's side cannot forward the server's
             // reply as the client would have received it.
-            let mut too_big = icmp_error(
+            let mut too_big = icmp::error_frame(
                 (GATEWAY, CLIENT_IF),
                 router,
                 vip.0,
@@ -1339,7 +1295,7 @@ protocol = "udp"
             );
             assert_eq!(rig.process(&mut too_big, 1), Verdict::Tx(Port::Backend));
             let sent = Pkt { ttl: 63, ..reply };
-            let want = icmp_error(
+            let want = icmp::error_frame(
                 (BACKEND_IF, SERVER_MAC),
                 router,
                 server.0,
