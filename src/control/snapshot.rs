@@ -661,11 +661,20 @@ on_all_down = "{on_all_down}"
         Config::from_str(&text, "t.toml").expect("valid")
     }
 
+    /// The snapshot of `config` with servers 198.18.2.`down` down.
     fn snap(config: &Config, down: &[u8]) -> Snapshot {
         let down: Vec<IpAddr> = down
             .iter()
             .map(|d| crate::util::v4(198, 18, 2, *d))
             .collect();
+        snap_with(config, &|a, _, _, _| !down.contains(a))
+    }
+
+    /// The snapshot of `config` with health as `is_up` says.
+    fn snap_with(
+        config: &Config,
+        is_up: &dyn Fn(&IpAddr, u16, Protocol, &HealthCheck) -> bool,
+    ) -> Snapshot {
         Snapshot::build(
             &mut Ids::default(),
             &Inputs {
@@ -674,7 +683,7 @@ on_all_down = "{on_all_down}"
                 links: Links::default(),
                 local: &[],
                 mac_of: &|_| None,
-                is_up: &|a, _, _, _| !down.contains(a),
+                is_up,
             },
         )
         .unwrap()
@@ -746,18 +755,7 @@ protocol = "tcp"
         let is_up = |a: &IpAddr, _: u16, _: Protocol, hc: &HealthCheck| {
             !(*a == eleven && hc.path.as_deref() == Some("/b"))
         };
-        let s = Snapshot::build(
-            &mut Ids::default(),
-            &Inputs {
-                config: &config,
-                generation: 1,
-                links: Links::default(),
-                local: &[],
-                mac_of: &|_| None,
-                is_up: &is_up,
-            },
-        )
-        .unwrap();
+        let s = snap_with(&config, &is_up);
         let b11 = s.backend(&addr16(&eleven), 8080, 6).unwrap();
         let b12 = s
             .backend(&addr16(&crate::util::v4(198, 18, 2, 12)), 8080, 6)
