@@ -289,17 +289,23 @@ impl Processor<'_> {
             frames.prefetch(i + FRAME_AHEAD);
             frames.with(i, |f| self.classify(f, m));
         }
+        let mut new = 0;
         for m in metas.iter_mut() {
             self.lookahead(m);
+            new += m.new as usize;
         }
-        for m in metas.iter_mut() {
-            if m.new {
-                self.guess(m);
+        // Stages 3 and 4 are for new flows only: a burst of established
+        // flows skips their passes.
+        if new > 0 {
+            for m in metas.iter_mut() {
+                if m.new {
+                    self.guess(m);
+                }
             }
-        }
-        for m in metas.iter() {
-            if let Some(mut h) = m.reply {
-                self.tables.flows.prefetch_slot(&mut h, self.now);
+            for m in metas.iter() {
+                if let Some(mut h) = m.reply {
+                    self.tables.flows.prefetch_slot(&mut h, self.now);
+                }
             }
         }
         for (i, (m, v)) in metas.iter().zip(verdicts.iter_mut()).enumerate() {
@@ -416,8 +422,21 @@ impl Processor<'_> {
         v
     }
 
-    #[inline]
+    /// The two directions of a flow, inlined into the burst loop; every
+    /// other frame goes to [`Processor::decide_other`], out of line.
+    #[inline(always)]
     fn decide(&self, frame: &mut [u8], m: &Meta) -> Verdict {
+        match (&m.frame, m.class) {
+            (Frame::L4(p), Class::Forward(l)) => self.forward(frame, p, l, m),
+            (Frame::L4(p), Class::Reverse(b)) if !self.snapshot.is_for_host(&p.dst) => {
+                self.reverse(frame, p, b, m)
+            }
+            _ => self.decide_other(frame, m),
+        }
+    }
+
+    #[inline(never)]
+    fn decide_other(&self, frame: &mut [u8], m: &Meta) -> Verdict {
         let snap = self.snapshot;
         match m.frame {
             Frame::NotIp | Frame::Truncated => Verdict::Pass,
@@ -440,23 +459,15 @@ impl Processor<'_> {
                 }
             }
             Frame::L4(ref p) => match m.class {
-                Class::Forward(l) => self.forward(frame, p, l, m),
-                Class::Reverse(b) => {
-                    if snap.is_for_host(&p.dst) {
-                        Verdict::Pass
-                    } else {
-                        self.reverse(frame, p, b, m)
-                    }
+                // A server's traffic to this host (its health check
+                // answers, say) is the kernel's.
+                Class::Reverse(_) => Verdict::Pass,
+                Class::Other if snap.is_backend_host(&p.src) && !snap.is_for_host(&p.dst) => {
+                    // A backend host talking to a client from a port
+                    // that is no backend: not a flow of ours.
+                    Verdict::Drop(DropReason::NoFlow)
                 }
-                Class::Other => {
-                    if snap.is_backend_host(&p.src) && !snap.is_for_host(&p.dst) {
-                        // A backend host talking to a client from a port
-                        // that is no backend: not a flow of ours.
-                        Verdict::Drop(DropReason::NoFlow)
-                    } else {
-                        Verdict::Pass
-                    }
-                }
+                _ => Verdict::Pass,
             },
         }
     }

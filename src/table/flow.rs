@@ -368,7 +368,10 @@ impl FlowTable {
     /// else the one closest to expiry). Returns whether a tag matched (the
     /// key is probably present), and records that slot in the hint, where
     /// the lookup will look first. Only a hint: nothing is decided here.
-    #[inline]
+    ///
+    /// The hit is inlined into the burst pipeline (most packets belong to
+    /// established flows); the search for an insert's slot is not.
+    #[inline(always)]
     pub fn prefetch_slot(&self, h: &mut Hint, now: u32) -> bool {
         let b = h.bucket as usize;
         let header = &self.buckets[b];
@@ -381,8 +384,16 @@ impl FlowTable {
                 return true;
             }
         }
-        // The slot an insert takes: the first free or expired one, else
-        // the one closest to expiry.
+        self.prefetch_insert_slot(b, tags, now);
+        false
+    }
+
+    /// Starts loading the slot an insert into bucket `b` (whose tag word
+    /// is `tags`) takes: the first free or expired one, else the one
+    /// closest to expiry.
+    #[inline(never)]
+    fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) {
+        let header = &self.buckets[b];
         let mut best = (0, i32::MAX);
         for i in 0..WINDOW {
             let left = header.expires[i].load(Ordering::Relaxed).wrapping_sub(now) as i32;
@@ -394,9 +405,7 @@ impl FlowTable {
                 best = (i, left);
             }
         }
-        let i = best.0;
-        prefetch(&self.slots[b * WINDOW + i]);
-        false
+        prefetch(&self.slots[b * WINDOW + best.0]);
     }
 
     /// Reads slot `i` of bucket `b` consistently. `None` while a writer
