@@ -7,7 +7,7 @@
 //! (RFC 1624): the IPv4 header checksum for the address and TTL words, the
 //! TCP/UDP checksum for the pseudo-header address and the port.
 
-use crate::dataplane::checksum::{delta, delta16, update};
+use crate::dataplane::checksum::Wsum;
 use crate::dataplane::packet::{eth, ipv4, ipv6, l4, Parsed, PROTO_UDP};
 use crate::util::Mac;
 
@@ -54,7 +54,8 @@ fn l4_checksum_at(p: &Parsed) -> usize {
 
 /// The common case, inlined into the pipeline: every field is reached
 /// through a fixed-size view of its header, so that the bounds are checked
-/// once per header rather than once per field.
+/// once per header rather than once per field; fields are read and written
+/// in native byte order ([`Wsum`]).
 #[inline(always)]
 fn rewrite_v4(
     frame: &mut [u8],
@@ -77,29 +78,31 @@ fn rewrite_v4(
         Side::Dst => ipv4::DST.start,
         Side::Src => ipv4::SRC.start,
     };
-    let old = u32::from_be_bytes(hdr[at..at + 4].try_into().expect("4 bytes"));
-    let new = u32::from_be_bytes(*addr);
-    hdr[at..at + 4].copy_from_slice(addr);
-    // The address's share of both checksums (the L4 pseudo-header covers
-    // it too).
-    let addr_delta =
-        delta16((old >> 16) as u16, (new >> 16) as u16) + delta16(old as u16, new as u16);
+    let field: &mut [u8; 4] = (&mut hdr[at..at + 4]).try_into().expect("4 bytes");
+    let old = u32::from_ne_bytes(*field);
+    let new = u32::from_ne_bytes(*addr);
+    *field = *addr;
     // TTL shares a 16-bit word with the protocol byte; the caller has
-    // checked that it is above 1, so the word drops by exactly 0x0100.
+    // checked that it is above 1, so the word drops by exactly 0x0100
+    // (in network order).
     hdr[ipv4::TTL] -= 1;
-    const TTL_DELTA: u32 = 0xffff - 0x0100;
+    let ttl_word = u16::from_ne_bytes(0x0100_u16.to_be_bytes()) as u32;
     let ck = ipv4::CHECKSUM;
-    let ipsum = u16::from_be_bytes([hdr[ck], hdr[ck + 1]]);
-    let ipsum = update(ipsum, addr_delta + TTL_DELTA);
-    hdr[ck..ck + 2].copy_from_slice(&ipsum.to_be_bytes());
+    let addr_delta = Wsum::ZERO.replace(old, new);
+    let ipsum = Wsum::of_checksum(u16::from_ne_bytes([hdr[ck], hdr[ck + 1]]))
+        .merge(addr_delta)
+        .plus(!ttl_word)
+        .checksum();
+    hdr[ck..ck + 2].copy_from_slice(&ipsum.to_ne_bytes());
 
-    // RFC 768: an IPv4 UDP checksum of zero means "none"; keep it so.
+    // The address is in the L4 pseudo-header too. RFC 768: an IPv4 UDP
+    // checksum of zero means "none"; keep it so.
     rewrite_l4(seg, p, side, port, addr_delta, true);
 }
 
 /// The TCP/UDP header `seg` of the frame `p` describes: sets the `side`
-/// port and updates the checksum by the port's and the address's
-/// (`addr_delta`) share. `zero_is_none`: a UDP checksum of 0 means "none"
+/// port and updates the checksum by the port's and the address's share
+/// (`addr_delta`). `zero_is_none`: a UDP checksum of 0 means "none"
 /// (IPv4) and stays 0; otherwise (IPv6, where it is mandatory) it is
 /// updated like any other.
 #[inline(always)]
@@ -108,7 +111,7 @@ fn rewrite_l4(
     p: &Parsed,
     side: Side,
     port: u16,
-    addr_delta: u32,
+    addr_delta: Wsum,
     zero_is_none: bool,
 ) {
     let udp = p.proto == PROTO_UDP;
@@ -118,19 +121,23 @@ fn rewrite_l4(
         Side::Dst => l4::DST_PORT.start,
         Side::Src => l4::SRC_PORT.start,
     };
-    let old_port = u16::from_be_bytes([l4h[port_at], l4h[port_at + 1]]);
-    l4h[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
-    let l4sum = u16::from_be_bytes([l4h[csum_at], l4h[csum_at + 1]]);
+    let old_port = u16::from_ne_bytes([l4h[port_at], l4h[port_at + 1]]);
+    let new_port = u16::from_ne_bytes(port.to_be_bytes());
+    l4h[port_at..port_at + 2].copy_from_slice(&new_port.to_ne_bytes());
+    let l4sum = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);
     if zero_is_none && udp && l4sum == 0 {
         return;
     }
-    let mut sum = update(l4sum, addr_delta + delta16(old_port, port));
+    let mut sum = Wsum::of_checksum(l4sum)
+        .merge(addr_delta)
+        .replace(old_port as u32, new_port as u32)
+        .checksum();
     if udp && sum == 0 {
         // A computed UDP checksum of zero is sent as all ones (RFC 768,
         // RFC 8200 §8.1).
         sum = 0xffff;
     }
-    l4h[csum_at..csum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    l4h[csum_at..csum_at + 2].copy_from_slice(&sum.to_ne_bytes());
 }
 
 /// IPv6: no header checksum; the hop limit is decremented, the address's
@@ -155,7 +162,11 @@ fn rewrite_v6(
             Side::Src => ipv6::SRC.start,
         };
     let field: &mut [u8; 16] = (&mut head[at..at + 16]).try_into().expect("16 bytes");
-    let addr_delta = delta(field, addr);
+    let word =
+        |a: &[u8; 16], i: usize| u32::from_ne_bytes(a[i..i + 4].try_into().expect("4 bytes"));
+    let addr_delta = (0..16)
+        .step_by(4)
+        .fold(Wsum::ZERO, |d, i| d.replace(word(field, i), word(addr, i)));
     *field = *addr;
     head[p.l3 + ipv6::HOP_LIMIT] -= 1;
 
