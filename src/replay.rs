@@ -58,6 +58,7 @@ impl Replayer {
                 flows: FlowTable::new(inst.flow_table_capacity.min(1 << 20)),
                 persist: FlowTable::new(inst.persistence_capacity.min(1 << 20)),
                 flow_timeout: inst.flow_idle_timeout,
+                closed_timeout: inst.tcp_closed_timeout,
                 persist_evict: inst.persistence_when_full == WhenFull::EvictOldest,
             },
             shared: Shared::new(vec![Arc::clone(&stats)]),

@@ -226,3 +226,56 @@ fn two_workers_on_two_queue_veths_forward_correctly_whichever_queue_a_packet_lan
         assert_eq!(w["rx"], w["tx"], "{w}");
     }
 }
+
+/// Closed TCP connections free their flow entries after
+/// `tcp_closed_timeout`, while open UDP flows keep theirs for
+/// `flow_idle_timeout`.
+#[test]
+fn closed_tcp_connections_free_their_entries_after_the_closed_timeout() {
+    let mut t = Topology::up("closed-timeout", N_SOURCES);
+    let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";
+    let cfg = t.config_text(|c| {
+        // Without web-alt, web's servers are reached by one listener, so
+        // each flow takes exactly one entry (no reply entries).
+        assert!(c.contains(web_alt), "the demo config changed");
+        c.replacen(web_alt, "", 1).replacen(
+            "[instance]\n",
+            "[instance]\nflow_idle_timeout = 120\ntcp_closed_timeout = 5\n",
+            1,
+        )
+    });
+    t.start_lb(&cfg);
+    let live = |t: &Topology| t.stats()["flows"]["live_entries"].as_u64().expect("live");
+    let sources = "198.18.4.1-198.18.4.100";
+
+    let udp = t.drive(&[], &[ECHO], sources, 1);
+    assert_eq!(
+        (udp.requests, udp.failures),
+        (100, 0),
+        "{}",
+        udp.failures_text()
+    );
+    let tcp = t.drive(&[WEB], &[], sources, 1);
+    assert_eq!(
+        (tcp.requests, tcp.failures),
+        (100, 0),
+        "{}",
+        tcp.failures_text()
+    );
+    // Every connection closed (FIN both ways) less than 5 s ago.
+    assert_eq!(live(&t), 200, "100 UDP flows and 100 closed TCP ones");
+
+    // Within 5 s of their last packet (plus a second of clock
+    // granularity), the closed connections are gone; the UDP flows, idle
+    // for less than 120 s, stay.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while live(&t) != 100 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(live(&t), 100, "only the UDP flows are left");
+    let flows = &t.stats()["flows"];
+    assert_eq!(
+        (&flows["idle_timeout_s"], &flows["tcp_closed_timeout_s"]),
+        (&serde_json::json!(120), &serde_json::json!(5))
+    );
+}

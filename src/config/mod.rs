@@ -71,6 +71,10 @@ pub struct Instance {
     pub flow_table_capacity: usize,
     /// Seconds; default 300, range 10..=86400.
     pub flow_idle_timeout: u32,
+    /// Seconds a TCP flow lives after its first FIN or RST without further
+    /// packets; default 60 (or `flow_idle_timeout` if lower), range
+    /// 1..=86400 and at most `flow_idle_timeout`.
+    pub tcp_closed_timeout: u32,
     /// Entries of the session-persistence table shared by all services;
     /// default 262_144, range 1024..=67_108_864.
     pub persistence_capacity: usize,

@@ -117,6 +117,7 @@ pub(crate) struct RawInstance {
     pub workers: Option<Spanned<Array<Num>>>,
     pub flow_table_capacity: Option<Num>,
     pub flow_idle_timeout: Option<Num>,
+    pub tcp_closed_timeout: Option<Num>,
     pub persistence_capacity: Option<Num>,
     pub persistence_when_full: Option<Str>,
     pub control_socket: Option<Str>,

@@ -25,6 +25,11 @@ const DEFAULT_FLOW_TABLE_CAPACITY: i64 = 1_048_576;
 const FLOW_TABLE_CAPACITY_RANGE: (i64, i64) = (1024, 67_108_864);
 const DEFAULT_FLOW_IDLE_TIMEOUT: i64 = 300;
 const FLOW_IDLE_TIMEOUT_RANGE: (i64, i64) = (10, 86_400);
+/// Linux keeps a closed connection's TIME_WAIT state for 60 s
+/// (`TCP_TIMEWAIT_LEN`): a client's last ACK, retransmitted within it, still
+/// finds its flow.
+const DEFAULT_TCP_CLOSED_TIMEOUT: i64 = 60;
+const TCP_CLOSED_TIMEOUT_RANGE: (i64, i64) = (1, 86_400);
 const DEFAULT_PERSISTENCE_CAPACITY: i64 = 262_144;
 const PERSISTENCE_CAPACITY_RANGE: (i64, i64) = (1024, 67_108_864);
 const DEFAULT_CONTROL_SOCKET: &str = "/run/l4lb/l4lb.sock";
@@ -611,6 +616,7 @@ impl Validator<'_> {
             FLOW_IDLE_TIMEOUT_RANGE,
             DEFAULT_FLOW_IDLE_TIMEOUT,
         );
+        let tcp_closed_timeout = self.tcp_closed_timeout(r, flow_idle_timeout);
         let persistence_capacity = self.opt_int(
             r.persistence_capacity.as_ref(),
             "persistence_capacity",
@@ -639,11 +645,34 @@ impl Validator<'_> {
             workers: workers?,
             flow_table_capacity: flow_table_capacity?,
             flow_idle_timeout: flow_idle_timeout?,
+            tcp_closed_timeout: tcp_closed_timeout?,
             persistence_capacity: persistence_capacity?,
             persistence_when_full: persistence_when_full?,
             control_socket: control_socket?,
             neighbours: neighbours?,
         })
+    }
+
+    /// `tcp_closed_timeout`: at most `flow_idle_timeout` (`idle`, when that
+    /// is valid); absent, 60 s or the idle timeout if that is shorter.
+    fn tcp_closed_timeout(&mut self, r: &RawInstance, idle: Option<u32>) -> Option<u32> {
+        let Some(v) = &r.tcp_closed_timeout else {
+            return Some(idle.map_or(DEFAULT_TCP_CLOSED_TIMEOUT as u32, |i| {
+                i.min(DEFAULT_TCP_CLOSED_TIMEOUT as u32)
+            }));
+        };
+        let (lo, hi) = TCP_CLOSED_TIMEOUT_RANGE;
+        let n: u32 = self.int(v, "tcp_closed_timeout", lo, hi)?;
+        if let Some(i) = idle.filter(|&i| n > i) {
+            self.report(
+                v.span(),
+                format!(
+                    "tcp_closed_timeout {n} is longer than flow_idle_timeout {i} (a closed flow cannot outlive an idle one)"
+                ),
+            );
+            return None;
+        }
+        Some(n)
     }
 
     fn workers(&mut self, r: &RawInstance) -> Option<Vec<usize>> {

@@ -112,6 +112,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             a.flow_idle_timeout != b.flow_idle_timeout,
         ),
         (
+            "tcp_closed_timeout",
+            a.tcp_closed_timeout != b.tcp_closed_timeout,
+        ),
+        (
             "persistence_capacity",
             a.persistence_capacity != b.persistence_capacity,
         ),
@@ -434,6 +438,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         flows: FlowTable::new(inst.flow_table_capacity),
         persist: FlowTable::new(inst.persistence_capacity),
         flow_timeout: inst.flow_idle_timeout,
+        closed_timeout: inst.tcp_closed_timeout,
         persist_evict: inst.persistence_when_full == WhenFull::EvictOldest,
     });
 

@@ -89,6 +89,7 @@ pub struct FlowReport {
     pub capacity: usize,
     pub live_entries: usize,
     pub idle_timeout_s: u32,
+    pub tcp_closed_timeout_s: u32,
     pub memory_bytes: usize,
 }
 
@@ -217,6 +218,7 @@ pub fn collect(s: &Sources) -> Stats {
             capacity: s.tables.flows.capacity(),
             live_entries: s.tables.flows.count_live(s.now),
             idle_timeout_s: s.tables.flow_timeout,
+            tcp_closed_timeout_s: s.tables.closed_timeout,
             memory_bytes: s.tables.flows.memory(),
         },
         persistence: {
@@ -295,11 +297,12 @@ pub fn render(st: &Stats) -> String {
     }
     let _ = writeln!(
         o,
-        "flows: {} live entries of {} ({} MiB), idle timeout {} s",
+        "flows: {} live entries of {} ({} MiB), idle timeout {} s ({} s once TCP closes)",
         st.flows.live_entries,
         st.flows.capacity,
         st.flows.memory_bytes >> 20,
-        st.flows.idle_timeout_s
+        st.flows.idle_timeout_s,
+        st.flows.tcp_closed_timeout_s
     );
     let p = &st.persistence;
     let _ = writeln!(

@@ -41,6 +41,9 @@ pub struct Tables {
     pub persist: FlowTable,
     /// Idle seconds before a flow is forgotten.
     pub flow_timeout: u32,
+    /// Idle seconds before a TCP flow seen closing (FIN or RST) is
+    /// forgotten (at most `flow_timeout`).
+    pub closed_timeout: u32,
     /// Whether a full persistence window evicts its oldest entry (else the
     /// client is scheduled without being recorded).
     pub persist_evict: bool,
@@ -546,7 +549,10 @@ impl Processor<'_> {
             }
         };
         let be = &snap.backends[b as usize];
-        if flags & (TCP_FIN | TCP_RST) != 0 && t.flows.mark_closed_probe(fprobe, self.now) {
+        if flags & (TCP_FIN | TCP_RST) != 0
+            && t.flows
+                .mark_closed_probe(fprobe, self.now, t.closed_timeout)
+        {
             self.stats.conn_closed(be.id);
         }
         let Some(mac) = be.mac else {
@@ -698,9 +704,10 @@ impl Processor<'_> {
             // A backend of one listener: the frame's probe is the forward
             // entry's already.
             let closed = if snap.sole_listener(b).is_some() {
-                t.flows.mark_closed_probe(&m.flow, self.now)
+                t.flows
+                    .mark_closed_probe(&m.flow, self.now, t.closed_timeout)
             } else {
-                t.flows.mark_closed(&fkey, self.now)
+                t.flows.mark_closed(&fkey, self.now, t.closed_timeout)
             };
             if closed {
                 self.stats.conn_closed(be.id);
@@ -939,6 +946,7 @@ client_interface = "c0"
 backend_interface = "b0"
 client_gateway = "198.18.0.2"
 flow_idle_timeout = 10
+tcp_closed_timeout = 3
 
 [[listener]]
 name = "web"
@@ -1038,6 +1046,7 @@ protocol = "udp"
                     flows: FlowTable::new(1024),
                     persist: FlowTable::new(1024),
                     flow_timeout: config.instance.flow_idle_timeout,
+                    closed_timeout: config.instance.tcp_closed_timeout,
                     persist_evict: true,
                 },
                 shared: Shared::new(vec![Arc::clone(&stats)]),
@@ -1487,6 +1496,41 @@ backend_service = \"web\"
         let reply = Pkt::from_server(server, client);
         let v = Verdict::Drop(DropReason::NoNeighbour);
         expect(&rig, 1, reply, v, None);
+    }
+
+    #[test]
+    fn a_tcp_flow_seen_closing_lives_by_the_closed_timeout() {
+        let rig = Rig::new(true);
+        let server = ("198.18.2.11", 8080);
+        let vip = ("198.18.100.1", 80);
+        let (fwd, rev) = (Verdict::Tx(Port::Backend), Verdict::Tx(Port::Client));
+        let fin = |p: Pkt| {
+            let mut f = p.build();
+            f[14 + 20 + 13] = TCP_FIN | TCP_ACK; // the checksum is not looked at
+            f
+        };
+        let (open, closing) = (("198.18.4.7", 40000), ("198.18.4.7", 40001));
+        for client in [open, closing] {
+            let syn = Pkt::from_client(client, vip);
+            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
+        }
+        assert_eq!(
+            rig.process(&mut fin(Pkt::from_client(closing, vip)), 101),
+            fwd
+        );
+        // flow_idle_timeout = 10 s, tcp_closed_timeout = 3 s: the server's
+        // last ACK at 104 finds the closing flow and keeps it 3 s more.
+        for (now, client, verdict) in [
+            (104, closing, rev),
+            (107, closing, rev),
+            (108, open, rev),
+            (111, closing, Verdict::Drop(DropReason::NoFlow)),
+            (118, open, rev),
+        ] {
+            let reply = Pkt::from_server(server, client);
+            let out = (verdict == rev).then(|| reply.to_client(vip));
+            expect(&rig, now, reply, verdict, out);
+        }
     }
 
     #[test]

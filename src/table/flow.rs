@@ -12,7 +12,8 @@
 //!   table instance.
 //!
 //! Each entry carries its own idle timeout (flows: the instance's flow idle
-//! timeout; persistence: the service's persistence timeout).
+//! timeout, shortened to its TCP closed timeout once the flow is seen
+//! closing; persistence: the service's persistence timeout).
 //!
 //! # Design
 //! * Fixed capacity (a power of two), allocated once: memory never grows, a
@@ -592,15 +593,18 @@ impl FlowTable {
         Upsert::Full
     }
 
-    /// Marks a live entry closed (for least-connections). True if this call
-    /// changed it (so each flow is counted closed once).
-    pub fn mark_closed(&self, key: &impl TableKey, now: u32) -> bool {
-        self.mark_closed_probe(&self.probe(key), now)
+    /// Marks a live entry closed (for least-connections), and from now on
+    /// gives it an idle timeout of at most `timeout` (a TCP flow seen
+    /// closing need not be kept as long as an open one). True if this call
+    /// changed it (so each flow is counted closed once). An upsert of the
+    /// open value (a SYN reopening the flow) brings the full timeout back.
+    pub fn mark_closed(&self, key: &impl TableKey, now: u32, timeout: u32) -> bool {
+        self.mark_closed_probe(&self.probe(key), now, timeout)
     }
 
     /// [`FlowTable::mark_closed`] with a precomputed probe (the packet
     /// path has the flow's, from its lookup).
-    pub fn mark_closed_probe(&self, p: &Probe, now: u32) -> bool {
+    pub fn mark_closed_probe(&self, p: &Probe, now: u32, timeout: u32) -> bool {
         let Some((i, e)) = self.find(p, now) else {
             return false;
         };
@@ -609,8 +613,9 @@ impl FlowTable {
             return false;
         }
         val.closed = true;
-        let expires = now.wrapping_add(e.timeout);
-        self.write(p.bucket(), i, &p.words, p.hint.tag, val, expires, e.timeout)
+        let timeout = e.timeout.min(timeout);
+        let expires = now.wrapping_add(timeout);
+        self.write(p.bucket(), i, &p.words, p.hint.tag, val, expires, timeout)
     }
 
     /// Visits `count` slots from `start` (wrapping) and, for each dead entry
@@ -947,9 +952,41 @@ mod tests {
             vip_port: 80,
         };
         t.upsert(&k, V, 1, T, true);
-        assert!(t.mark_closed(&k, 2));
-        assert!(!t.mark_closed(&k, 3));
+        assert!(t.mark_closed(&k, 2, T));
+        assert!(!t.mark_closed(&k, 3, T));
         assert_eq!(t.lookup(&k, 3).map(|v| v.closed), Some(true));
+    }
+
+    #[test]
+    fn a_closed_flow_lives_by_the_closed_timeout_until_reopened() {
+        let t = FlowTable::new(64);
+        let k = |port| ForwardKey {
+            proto: 6,
+            client: map_v4([1, 2, 3, 4]),
+            client_port: port,
+            vip: map_v4([5, 6, 7, 8]),
+            vip_port: 80,
+        };
+        let closed = FlowValue { closed: true, ..V };
+        // Flow 1 closes at 100 with a 300 s idle timeout and a 10 s closed
+        // one: each later packet keeps it 10 s more.
+        t.upsert(&k(1), V, 100, 300, true);
+        assert!(t.mark_closed(&k(1), 100, 10));
+        assert_eq!(t.lookup(&k(1), 110), Some(closed));
+        assert_eq!(t.peek(&k(1), 120), Some(closed));
+        assert_eq!(t.peek(&k(1), 121), None, "10 s after its last packet");
+        // Flow 2 closes, then a SYN reopens it (the pipeline upserts the
+        // open value): the idle timeout is 300 s again.
+        t.upsert(&k(2), V, 100, 300, true);
+        assert!(t.mark_closed(&k(2), 100, 10));
+        assert_eq!(t.upsert(&k(2), V, 105, 300, true), Upsert::Replaced(closed));
+        assert_eq!(t.peek(&k(2), 405), Some(V));
+        assert_eq!(t.peek(&k(2), 406), None);
+        // A closed timeout longer than the entry's own changes nothing.
+        t.upsert(&k(3), V, 100, 30, true);
+        assert!(t.mark_closed(&k(3), 100, 60));
+        assert_eq!(t.peek(&k(3), 130), Some(closed));
+        assert_eq!(t.peek(&k(3), 131), None);
     }
 
     #[test]
@@ -965,7 +1002,7 @@ mod tests {
             };
             t.upsert(&k, V, 1, 30, true);
             if i == 0 {
-                t.mark_closed(&k, 1);
+                t.mark_closed(&k, 1, 30);
             }
         }
         t.upsert(&key(1, 1), V, 1, 30, true); // a reply entry: not counted
