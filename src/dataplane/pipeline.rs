@@ -267,7 +267,8 @@ impl Processor<'_> {
     /// 3. prefetch the persistence slot; unless the client is probably a
     ///    returning one, guess the backend and, if its flows keep reply
     ///    entries, prefetch the reply key's bucket;
-    /// 4. prefetch the reply entry's slot;
+    /// 4. prefetch the reply entry's slot (3 and 4 only run when stage 2
+    ///    found a probably new flow in the burst);
     /// 5. decide, record and rewrite each frame, in arrival order.
     ///
     /// Only stage 5 decides anything, frame after frame, so the outcome is
