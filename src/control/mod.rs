@@ -653,4 +653,24 @@ mod tests {
             "a and b share, c has its own, d is UDP"
         );
     }
+
+    /// The table sizes and timeouts are fixed when the tables are made: a
+    /// reload that changes them is refused, naming each key.
+    #[test]
+    fn a_reload_may_not_change_the_tables_timeouts() {
+        let config = |extra: &str| {
+            let text = format!(
+                "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\nclient_gateway = \"198.18.0.2\"\n{extra}"
+            );
+            Config::from_str(&text, "t.toml").expect("valid")
+        };
+        let old = config("");
+        let same = config("flow_idle_timeout = 300\ntcp_closed_timeout = 60\n");
+        assert!(restart_only_changes(&old, &same).is_empty(), "the defaults");
+        let new = config("flow_idle_timeout = 600\ntcp_closed_timeout = 10\n");
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["flow_idle_timeout", "tcp_closed_timeout"]
+        );
+    }
 }
