@@ -37,6 +37,7 @@ fn sum_words(bytes: &[u8], mut acc: u32) -> u32 {
 /// RFC 1624 eqn. 3: `~m + m'`. Deltas of several changed words add up
 /// (one's complement addition is order-free), so a rewrite that changes an
 /// address, a port and the TTL sums their deltas and folds once.
+#[cfg(test)]
 #[inline(always)]
 pub fn delta16(old: u16, new: u16) -> u32 {
     (!old) as u32 + new as u32
@@ -44,6 +45,7 @@ pub fn delta16(old: u16, new: u16) -> u32 {
 
 /// [`delta16`] over every word of a field replaced whole (an address):
 /// `old` and `new` are its bytes before and after, in network order.
+#[cfg(test)]
 #[inline(always)]
 pub fn delta<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
     const { assert!(N % 2 == 0, "fields are whole 16-bit words") };
@@ -59,6 +61,7 @@ pub fn delta<const N: usize>(old: &[u8; N], new: &[u8; N]) -> u32 {
 
 /// Updates checksum `hc` (as stored in the header) by the summed deltas of
 /// the words that changed.
+#[cfg(test)]
 #[inline(always)]
 pub fn update(hc: u16, delta: u32) -> u16 {
     !fold((!hc) as u32 + delta)
@@ -80,6 +83,24 @@ pub struct Wsum(u32);
 impl Wsum {
     /// Nothing added yet: the start of a delta.
     pub const ZERO: Wsum = Wsum(0);
+
+    /// An IPv4 TTL decremented by one. The TTL is the high byte of its
+    /// 16-bit word (network order), so the word drops by exactly 0x0100.
+    pub const TTL_DECREMENT: Wsum = Wsum(!(u16::from_ne_bytes(0x0100_u16.to_be_bytes()) as u32));
+
+    /// Overwrites an address `field` (whole 32-bit words) with `new` and
+    /// returns the delta of the change.
+    #[inline(always)]
+    pub fn replace_field<const N: usize>(field: &mut [u8; N], new: &[u8; N]) -> Wsum {
+        const { assert!(N % 4 == 0, "fields are whole 32-bit words") };
+        let word = |a: &[u8; N], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        let mut d = Wsum::ZERO;
+        for i in (0..N).step_by(4) {
+            d = d.replace(word(field, i), word(new, i));
+        }
+        *field = *new;
+        d
+    }
 
     /// The accumulator of RFC 1624 eqn. 3 for the checksum field `hc` (as
     /// read in native order): `~HC`.
@@ -120,6 +141,32 @@ impl Wsum {
         // The high half of x + rotate(x, 16) is hi + lo with the carry out
         // of the low half added back.
         !(self.0.wrapping_add(self.0.rotate_right(16)) >> 16) as u16
+    }
+
+    /// Applies this delta to the checksum stored in `field` (an IPv4
+    /// header's, or a TCP or ICMP one).
+    #[inline(always)]
+    pub fn update(self, field: &mut [u8; 2]) {
+        *field = Wsum::of_checksum(u16::from_ne_bytes(*field))
+            .merge(self)
+            .checksum()
+            .to_ne_bytes();
+    }
+
+    /// Applies this delta to a TCP or UDP checksum `field`. For UDP a
+    /// computed zero is sent as all ones (RFC 768, RFC 8200 §8.1), and with
+    /// `zero_is_none` (IPv4) a zero checksum means "none" and stays zero.
+    #[inline(always)]
+    pub fn update_l4(self, field: &mut [u8; 2], udp: bool, zero_is_none: bool) {
+        let old = u16::from_ne_bytes(*field);
+        if zero_is_none && udp && old == 0 {
+            return;
+        }
+        let mut sum = Wsum::of_checksum(old).merge(self).checksum();
+        if udp && sum == 0 {
+            sum = 0xffff;
+        }
+        *field = sum.to_ne_bytes();
     }
 }
 

@@ -22,7 +22,7 @@
 //! recomputed over the whole message, the quoted headers' checksums are
 //! updated incrementally (the quote is usually cut short of the payload).
 
-use crate::dataplane::checksum::{checksum, delta, delta16, l4_checksum, update};
+use crate::dataplane::checksum::{checksum, l4_checksum, Wsum};
 use crate::dataplane::counters::DropReason;
 use crate::dataplane::packet::{eth, ipv4, ipv6, l4, ETH_LEN, PROTO_TCP, PROTO_UDP};
 use crate::util::{map_v4, Addr16, Mac};
@@ -235,9 +235,9 @@ pub fn translate(
         frame[l3 + ipv6::HOP_LIMIT] -= 1;
     } else {
         frame[l3 + ipv4::TTL] -= 1;
-        // TTL is the high byte of its word: the word drops by 0x0100.
-        const TTL_DELTA: u32 = 0xffff - 0x0100;
-        update_at(frame, l3 + ipv4::CHECKSUM, outer_delta + TTL_DELTA);
+        outer_delta
+            .merge(Wsum::TTL_DECREMENT)
+            .update(field2(frame, l3 + ipv4::CHECKSUM));
     }
 
     // The quoted packet: address (and the quoted IPv4 header's checksum),
@@ -247,11 +247,12 @@ pub fn translate(
         addr,
     );
     if !e.v6 {
-        update_at(frame, inner + ipv4::CHECKSUM, inner_delta);
+        inner_delta.update(field2(frame, inner + ipv4::CHECKSUM));
     }
-    let pa = e.inner_l4 + port_at.start;
-    let old_port = u16::from_be_bytes([frame[pa], frame[pa + 1]]);
-    frame[pa..pa + 2].copy_from_slice(&port.to_be_bytes());
+    let port_field = field2(frame, e.inner_l4 + port_at.start);
+    let old_port = u16::from_ne_bytes(*port_field);
+    let new_port = u16::from_ne_bytes(port.to_be_bytes());
+    *port_field = new_port.to_ne_bytes();
     let udp = e.proto == PROTO_UDP;
     let ck = e.inner_l4
         + if udp {
@@ -260,15 +261,10 @@ pub fn translate(
             l4::TCP_CHECKSUM
         };
     if ck + 2 <= e.end {
-        let old = u16::from_be_bytes([frame[ck], frame[ck + 1]]);
         // An IPv4 UDP checksum of zero means "none" and stays so.
-        if !(udp && !e.v6 && old == 0) {
-            let mut sum = update(old, inner_delta + delta16(old_port, port));
-            if udp && sum == 0 {
-                sum = 0xffff;
-            }
-            frame[ck..ck + 2].copy_from_slice(&sum.to_be_bytes());
-        }
+        inner_delta
+            .replace(old_port as u32, new_port as u32)
+            .update_l4(field2(frame, ck), udp, !e.v6);
     }
 
     // The ICMP checksum, over the whole message (and, for ICMPv6, the
@@ -289,26 +285,24 @@ pub fn translate(
     frame[c..c + 2].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// Overwrites the address `field` with `new` and returns the checksum delta.
-fn replace(field: &mut [u8], new: &[u8]) -> u32 {
-    let d = match field.len() {
-        4 => delta::<4>(
-            (&*field).try_into().expect("4 bytes"),
+/// Overwrites the address `field` (4 or 16 bytes) with `new` and returns
+/// the checksum delta.
+fn replace(field: &mut [u8], new: &[u8]) -> Wsum {
+    match field.len() {
+        4 => Wsum::replace_field::<4>(
+            field.try_into().expect("4 bytes"),
             new.try_into().expect("4 bytes"),
         ),
-        _ => delta::<16>(
-            (&*field).try_into().expect("16 bytes"),
+        _ => Wsum::replace_field::<16>(
+            field.try_into().expect("16 bytes"),
             new.try_into().expect("16 bytes"),
         ),
-    };
-    field.copy_from_slice(new);
-    d
+    }
 }
 
-/// Updates the checksum stored at `at` by `d`.
-fn update_at(frame: &mut [u8], at: usize, d: u32) {
-    let old = u16::from_be_bytes([frame[at], frame[at + 1]]);
-    frame[at..at + 2].copy_from_slice(&update(old, d).to_be_bytes());
+/// The 16-bit field of `frame` at `at`.
+fn field2(frame: &mut [u8], at: usize) -> &mut [u8; 2] {
+    (&mut frame[at..at + 2]).try_into().expect("2 bytes")
 }
 
 #[cfg(test)]

@@ -79,21 +79,12 @@ fn rewrite_v4(
         Side::Src => ipv4::SRC.start,
     };
     let field: &mut [u8; 4] = (&mut hdr[at..at + 4]).try_into().expect("4 bytes");
-    let old = u32::from_ne_bytes(*field);
-    let new = u32::from_ne_bytes(*addr);
-    *field = *addr;
-    // TTL shares a 16-bit word with the protocol byte; the caller has
-    // checked that it is above 1, so the word drops by exactly 0x0100
-    // (in network order).
+    let addr_delta = Wsum::replace_field(field, addr);
+    // The caller has checked that the TTL is above 1.
     hdr[ipv4::TTL] -= 1;
-    let ttl_word = u16::from_ne_bytes(0x0100_u16.to_be_bytes()) as u32;
     let ck = ipv4::CHECKSUM;
-    let addr_delta = Wsum::ZERO.replace(old, new);
-    let ipsum = Wsum::of_checksum(u16::from_ne_bytes([hdr[ck], hdr[ck + 1]]))
-        .merge(addr_delta)
-        .plus(!ttl_word)
-        .checksum();
-    hdr[ck..ck + 2].copy_from_slice(&ipsum.to_ne_bytes());
+    let ipsum: &mut [u8; 2] = (&mut hdr[ck..ck + 2]).try_into().expect("2 bytes");
+    addr_delta.merge(Wsum::TTL_DECREMENT).update(ipsum);
 
     // The address is in the L4 pseudo-header too. RFC 768: an IPv4 UDP
     // checksum of zero means "none"; keep it so.
@@ -124,20 +115,12 @@ fn rewrite_l4(
     let old_port = u16::from_ne_bytes([l4h[port_at], l4h[port_at + 1]]);
     let new_port = u16::from_ne_bytes(port.to_be_bytes());
     l4h[port_at..port_at + 2].copy_from_slice(&new_port.to_ne_bytes());
-    let l4sum = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);
-    if zero_is_none && udp && l4sum == 0 {
-        return;
-    }
-    let mut sum = Wsum::of_checksum(l4sum)
-        .merge(addr_delta)
+    let sum: &mut [u8; 2] = (&mut l4h[csum_at..csum_at + 2])
+        .try_into()
+        .expect("2 bytes");
+    addr_delta
         .replace(old_port as u32, new_port as u32)
-        .checksum();
-    if udp && sum == 0 {
-        // A computed UDP checksum of zero is sent as all ones (RFC 768,
-        // RFC 8200 §8.1).
-        sum = 0xffff;
-    }
-    l4h[csum_at..csum_at + 2].copy_from_slice(&sum.to_ne_bytes());
+        .update_l4(sum, udp, zero_is_none);
 }
 
 /// IPv6: no header checksum; the hop limit is decremented, the address's
@@ -162,12 +145,7 @@ fn rewrite_v6(
             Side::Src => ipv6::SRC.start,
         };
     let field: &mut [u8; 16] = (&mut head[at..at + 16]).try_into().expect("16 bytes");
-    let word =
-        |a: &[u8; 16], i: usize| u32::from_ne_bytes(a[i..i + 4].try_into().expect("4 bytes"));
-    let addr_delta = (0..16)
-        .step_by(4)
-        .fold(Wsum::ZERO, |d, i| d.replace(word(field, i), word(addr, i)));
-    *field = *addr;
+    let addr_delta = Wsum::replace_field(field, addr);
     head[p.l3 + ipv6::HOP_LIMIT] -= 1;
 
     // IPv6 UDP checksums are mandatory (RFC 8200 §8.1): always updated.
