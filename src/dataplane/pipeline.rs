@@ -85,6 +85,9 @@ pub struct Meta {
     /// Forward, probably new, source-IP scheduler: the client's hash, whose
     /// Maglev slot stage 2 prefetched for stage 3's guess.
     client_hash: Option<u64>,
+    /// The backend stage 3 picked for that hash: the scheduler's choice,
+    /// which stage 5 takes unless the client has a session.
+    pick: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +109,7 @@ impl Default for Meta {
             persist: None,
             reply: None,
             client_hash: None,
+            pick: None,
         }
     }
 }
@@ -331,6 +335,7 @@ impl Processor<'_> {
         m.persist = None;
         m.reply = None;
         m.client_hash = None;
+        m.pick = None;
         if let Frame::L4(p) = &m.frame {
             if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
                 m.class = Class::Forward(l);
@@ -396,12 +401,10 @@ impl Processor<'_> {
         let snap = self.snapshot;
         let svc = snap.listeners[l as usize].service;
         if let Some(h) = m.client_hash {
+            m.pick = snap.pick_hashed(svc, h);
             // Only a backend that several listeners share gets a reply
             // entry.
-            if let Some(b) = snap
-                .pick_hashed(svc, h)
-                .filter(|&b| snap.sole_listener(b).is_none())
-            {
+            if let Some(b) = m.pick.filter(|&b| snap.sole_listener(b).is_none()) {
                 let be = &snap.backends[b as usize];
                 let rkey = backend_reply_key(p, be);
                 let h = t.flows.hint(&rkey.words());
@@ -538,7 +541,7 @@ impl Processor<'_> {
             }
             None => {
                 let pprobe = pprobe();
-                let Some((b, persisted)) = self.choose(p, svc, &pprobe, m.client_hash) else {
+                let Some((b, persisted)) = self.choose(p, svc, &pprobe, m) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
                 // Nothing is recorded for a flow that cannot be sent.
@@ -575,16 +578,11 @@ impl Processor<'_> {
     }
 
     /// Chooses a backend for a new flow: the client's persisted backend if
-    /// it may still take clients, else the scheduler's choice. Returns the
-    /// backend index and whether it came from persistence.
+    /// it may still take clients, else the scheduler's choice (stage 3's
+    /// pick when it made one). Returns the backend index and whether it
+    /// came from persistence.
     #[inline]
-    fn choose(
-        &self,
-        p: &Parsed,
-        svc: u32,
-        pprobe: &Probe,
-        client_hash: Option<u64>,
-    ) -> Option<(u32, bool)> {
+    fn choose(&self, p: &Parsed, svc: u32, pprobe: &Probe, m: &Meta) -> Option<(u32, bool)> {
         let snap = self.snapshot;
         let se = &snap.services[svc as usize];
         if se.persistence_timeout > 0 {
@@ -599,7 +597,10 @@ impl Processor<'_> {
                 }
             }
         }
-        snap.schedule_with(svc, p.src_wire(), client_hash, self)
+        if let Some(b) = m.pick {
+            return Some((b, false));
+        }
+        snap.schedule_with(svc, p.src_wire(), m.client_hash, self)
             .map(|b| (b, false))
     }
 
