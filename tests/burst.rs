@@ -1,9 +1,10 @@
 //! The staged burst pipeline (`Processor::process_burst`, what the AF_XDP
 //! worker runs) decides exactly what processing one frame at a time
 //! (`Processor::process`) decides: same verdicts, same bytes out. Its early
-//! stages only prefetch, so a burst holding several frames of one new flow
-//! still sends them all to one backend, even with round robin, where each
-//! scheduling decision moves a cursor.
+//! stages only prefetch and compute what no earlier frame changes, so a
+//! burst holding several frames of one new flow still sends them all to one
+//! backend, even with round robin, where each scheduling decision moves a
+//! cursor.
 
 use l4lb::dataplane::pipeline::{Chunks, Meta};
 use l4lb::dataplane::{Port, Verdict};

@@ -269,16 +269,18 @@ impl Processor<'_> {
     ///    that bucket, and under the source-IP scheduler hash the client
     ///    and prefetch its Maglev slot;
     /// 3. prefetch the persistence slot; unless the client is probably a
-    ///    returning one, guess the backend and, if its flows keep reply
-    ///    entries, prefetch the reply key's bucket;
+    ///    returning one, ask the source-IP scheduler (kept for stage 5:
+    ///    its answer depends only on the snapshot and the client) and, if
+    ///    that backend's flows keep reply entries, prefetch the reply
+    ///    key's bucket;
     /// 4. prefetch the reply entry's slot (3 and 4 only run when stage 2
     ///    found a probably new flow in the burst);
     /// 5. decide, record and rewrite each frame, in arrival order.
     ///
     /// Only stage 5 decides anything, frame after frame, so the outcome is
     /// exactly [`Processor::process`] on each frame in turn (two frames of
-    /// one new flow in a burst get one backend); stages 1-4 only warm the
-    /// cache. `metas` and `verdicts` hold at least `frames.len()` entries.
+    /// one new flow in a burst get one backend); stages 1-4 warm the cache
+    /// and compute nothing that depends on an earlier frame. `metas` and `verdicts` hold at least `frames.len()` entries.
     #[inline]
     pub fn process_burst<F: Frames + ?Sized>(
         &self,

@@ -664,7 +664,16 @@ impl FlowTable {
         if !self.claim(p.bucket(), i, e.seq) {
             return false;
         }
-        self.fill(p.bucket(), i, e.seq, &p.words, p.hint.tag, val, expires, timeout);
+        self.fill(
+            p.bucket(),
+            i,
+            e.seq,
+            &p.words,
+            p.hint.tag,
+            val,
+            expires,
+            timeout,
+        );
         true
     }
 
@@ -714,7 +723,12 @@ impl FlowTable {
         if seq & 1 == 1
             || slot
                 .seq
-                .compare_exchange(seq, seq.wrapping_add(1), Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(
+                    seq,
+                    seq.wrapping_add(1),
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
                 .is_err()
         {
             return false;
@@ -1156,6 +1170,9 @@ mod tests {
             }
         }
         // Losing a race twice in a row gives up (Full); that stays rare.
-        assert!(stored > rounds as usize * WINDOW * 9 / 10, "only {stored} inserts stored");
+        assert!(
+            stored > rounds as usize * WINDOW * 9 / 10,
+            "only {stored} inserts stored"
+        );
     }
 }
