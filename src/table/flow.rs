@@ -388,32 +388,40 @@ impl FlowTable {
                 return true;
             }
         }
-        self.prefetch_insert_slot(b, tags, now);
+        self.prefetch_insert_slot(b, tags, h.tag, now);
         false
     }
 
     /// Starts loading the slot an insert into bucket `b` (whose tag word
     /// is `tags`) takes ([`FlowTable::insert_slot`]).
     #[inline(never)]
-    fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) {
-        let (i, _) = self.insert_slot(b, tags, now);
+    fn prefetch_insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) {
+        let (i, _) = self.insert_slot(b, tags, tag, now);
         prefetch(&self.slots[b * WINDOW + i]);
     }
 
-    /// The slot an insert into bucket `b` (whose tag word is `tags`)
-    /// takes: the first never used, else the first expired, else the live
-    /// entry closest to expiry (then the flag is true). Reads only the
-    /// header.
+    /// The slot an insert of a key with tag `tag` into bucket `b` (whose
+    /// tag word is `tags`) takes: an expired entry with that tag (most
+    /// likely the key's own, from before: a client returning after its
+    /// session expired), else the first slot never used or expired, else
+    /// the live entry closest to expiry (then the flag is true). Reads only
+    /// the header. (Taking a free slot before the key's own expired one
+    /// left copies of returning keys behind, which every later lookup of
+    /// the key stepped over.)
     #[inline(always)]
-    fn insert_slot(&self, b: usize, tags: u64, now: u32) -> (usize, bool) {
-        let free = zero_bytes(tags);
-        if free != 0 {
-            // The lowest flagged byte is a true zero.
-            return (free.trailing_zeros() as usize / 8, false);
-        }
+    fn insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) -> (usize, bool) {
         let header = &self.buckets[b];
+        let expired = |i: usize| !live_at(header.expires[i].load(Ordering::Relaxed), now);
+        for i in flagged(zero_bytes(tags ^ (tag as u64).wrapping_mul(LOW_BITS))) {
+            if expired(i) {
+                return (i, false);
+            }
+        }
         let mut best = (0, i32::MAX);
         for i in 0..WINDOW {
+            if (tags >> (8 * i)) as u8 == 0 {
+                return (i, false);
+            }
             let left = header.expires[i].load(Ordering::Relaxed).wrapping_sub(now) as i32;
             if left < 0 {
                 return (i, false);
@@ -609,7 +617,8 @@ impl FlowTable {
         // else (when evicting) the live entry closest to expiry. Only the
         // header is read; what the slot held is read once it is ours.
         let header = &self.buckets[b];
-        let (i, live) = self.insert_slot(b, header.tags.load(Ordering::Acquire), now);
+        let tags = header.tags.load(Ordering::Acquire);
+        let (i, live) = self.insert_slot(b, tags, p.hint.tag, now);
         if live && !evict {
             return Some(Upsert::Full);
         }
