@@ -388,15 +388,22 @@ impl FlowTable {
                 return true;
             }
         }
-        self.prefetch_insert_slot(b, tags, h.tag, now);
+        if hits != 0 {
+            // Only expired entries with the key's tag: the insert takes
+            // the first ([`FlowTable::insert_slot`]).
+            prefetch(&self.slots[b * WINDOW + hits.trailing_zeros() as usize / 8]);
+        } else {
+            self.prefetch_insert_slot(b, tags, now);
+        }
         false
     }
 
-    /// Starts loading the slot an insert into bucket `b` (whose tag word
-    /// is `tags`) takes ([`FlowTable::insert_slot`]).
+    /// Starts loading the slot an insert of a key whose tag is nowhere in
+    /// bucket `b` (whose tag word is `tags`) takes
+    /// ([`FlowTable::insert_slot`]).
     #[inline(never)]
-    fn prefetch_insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) {
-        let (i, _) = self.insert_slot(b, tags, tag, now);
+    fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) {
+        let (i, _) = self.dead_or_soonest(b, tags, now);
         prefetch(&self.slots[b * WINDOW + i]);
     }
 
@@ -411,12 +418,19 @@ impl FlowTable {
     #[inline(always)]
     fn insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) -> (usize, bool) {
         let header = &self.buckets[b];
-        let expired = |i: usize| !live_at(header.expires[i].load(Ordering::Relaxed), now);
         for i in flagged(zero_bytes(tags ^ (tag as u64).wrapping_mul(LOW_BITS))) {
-            if expired(i) {
+            if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
                 return (i, false);
             }
         }
+        self.dead_or_soonest(b, tags, now)
+    }
+
+    /// The first slot of bucket `b` never used or expired, else the live
+    /// entry closest to expiry (then the flag is true).
+    #[inline(always)]
+    fn dead_or_soonest(&self, b: usize, tags: u64, now: u32) -> (usize, bool) {
+        let header = &self.buckets[b];
         let mut best = (0, i32::MAX);
         for i in 0..WINDOW {
             if (tags >> (8 * i)) as u8 == 0 {
