@@ -13,6 +13,17 @@ use crate::sched::{client_hash_bytes, Maglev, MaglevBackend, DEFAULT_TABLE_SIZE}
 use crate::util::{addr16, addr_words, is_group, Addr16, FxMap, Mac, WordIndex};
 use std::net::IpAddr;
 
+/// 1 + a dense index, per stable id (0: no such id): one entry for every
+/// possible id, so a `u16` index needs no bounds check on the packet path.
+type IdMap = Box<[u32; MAX_ID + 1]>;
+
+fn id_map() -> IdMap {
+    vec![0u32; MAX_ID + 1]
+        .into_boxed_slice()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("MAX_ID + 1 entries"))
+}
+
 /// (address, port, protocol) in the form used by the data plane's lookups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct L4Key {
@@ -150,8 +161,8 @@ pub struct Snapshot {
     listener_index: WordIndex,
     backend_index: WordIndex,
     /// Stable id → dense index + 1 (0: not in this snapshot).
-    listener_by_id: Box<[u32]>,
-    backend_by_id: Box<[u32]>,
+    listener_by_id: IdMap,
+    backend_by_id: IdMap,
     /// Per backend index: the only listener whose service has it as a
     /// member (any weight, any health), or [`NO_LISTENER`] when several
     /// listeners share it. See [`Snapshot::sole_listener`]. Derived from
@@ -349,7 +360,7 @@ impl Snapshot {
                 service: l.service as u32,
             });
         }
-        let mut listener_by_id = vec![0u32; MAX_ID + 1].into_boxed_slice();
+        let mut listener_by_id = id_map();
         for (i, l) in listeners.iter().enumerate() {
             listener_by_id[l.id as usize] = i as u32 + 1;
         }
@@ -372,7 +383,7 @@ impl Snapshot {
             })
             .collect();
         let reaching = reaching.into_iter().map(Vec::into_boxed_slice).collect();
-        let mut backend_by_id = vec![0u32; MAX_ID + 1].into_boxed_slice();
+        let mut backend_by_id = id_map();
         for (i, b) in backends.iter().enumerate() {
             backend_by_id[b.id as usize] = i as u32 + 1;
         }

@@ -99,19 +99,23 @@ impl Pair {
 }
 
 /// One worker's counters and scheduler cursors, indexed by stable id (see
-/// `control::ids`), so they survive reloads.
+/// `control::ids`), so they survive reloads. One entry for every possible
+/// id: a `u16` index needs no bounds check on the packet path.
 pub struct WorkerStats {
     pub core: CachePadded<Core>,
     /// Client → backend packets per listener id.
-    pub listeners: Box<[Pair]>,
+    pub listeners: PerId<Pair>,
     /// Client → backend packets per backend id.
-    pub backends: Box<[Pair]>,
+    pub backends: PerId<Pair>,
     /// Least-connections: flows opened / seen closing, per backend id.
-    pub opened: Box<[AtomicU64]>,
-    pub closed: Box<[AtomicU64]>,
+    pub opened: PerId<AtomicU64>,
+    pub closed: PerId<AtomicU64>,
     /// Weighted round robin: this worker's cursor per service id.
-    pub wrr: Box<[AtomicU32]>,
+    pub wrr: PerId<AtomicU32>,
 }
+
+/// One `T` per stable id.
+pub type PerId<T> = Box<[T; IDS]>;
 
 #[derive(Default)]
 pub struct Core {
@@ -139,10 +143,12 @@ pub struct Core {
     pub drops: [AtomicU64; DropReason::COUNT],
 }
 
-const IDS: usize = crate::control::ids::MAX_ID + 1;
+pub const IDS: usize = crate::control::ids::MAX_ID + 1;
 
-fn zeroed<T: Default>(n: usize) -> Box<[T]> {
-    (0..n).map(|_| T::default()).collect()
+fn zeroed<T: Default>() -> PerId<T> {
+    let all: Box<[T]> = (0..IDS).map(|_| T::default()).collect();
+    all.try_into()
+        .unwrap_or_else(|_| unreachable!("IDS entries"))
 }
 
 impl Default for WorkerStats {
@@ -155,11 +161,11 @@ impl WorkerStats {
     pub fn new() -> Self {
         WorkerStats {
             core: CachePadded::new(Core::default()),
-            listeners: zeroed(IDS),
-            backends: zeroed(IDS),
-            opened: zeroed(IDS),
-            closed: zeroed(IDS),
-            wrr: zeroed(IDS),
+            listeners: zeroed(),
+            backends: zeroed(),
+            opened: zeroed(),
+            closed: zeroed(),
+            wrr: zeroed(),
         }
     }
 
@@ -213,7 +219,7 @@ impl Shared {
     pub fn new(workers: Vec<std::sync::Arc<WorkerStats>>) -> Self {
         Shared {
             workers,
-            swept: zeroed(IDS),
+            swept: zeroed(),
         }
     }
 
