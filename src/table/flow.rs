@@ -19,8 +19,10 @@
 //! * Fixed capacity (a power of two), allocated once: memory never grows, a
 //!   flood of spoofed clients only evicts entries.
 //! * Buckets of [`WINDOW`] slots. A key hashes to one bucket and lives in one
-//!   of its slots; an insert into a full bucket evicts the entry closest to
-//!   expiry (with one timeout, the least recently seen), counted.
+//!   of its slots. An insert takes an expired entry with the key's tag (most
+//!   likely the key's own), else the first slot never used or expired; into
+//!   a full bucket it evicts the entry closest to expiry (with one timeout,
+//!   the least recently seen), counted.
 //! * Each bucket has a header cache line: a one-byte tag per slot (8 bits of
 //!   the key's hash, 0 = never used) and each slot's expiry second. A miss
 //!   reads that one line (unless a tag matches by chance, 1 in 255 per used
@@ -29,7 +31,10 @@
 //!   and per insert; a new session paid for 40 cache lines.)
 //! * Each slot is one cache line guarded by a sequence lock: readers never
 //!   block or write (they retry when they see a concurrent write), a writer
-//!   claims the slot with one compare-and-swap and never waits for anyone.
+//!   claims the slot with one compare-and-swap from the sequence number it
+//!   saw when it looked, and never waits for anyone: if another writer
+//!   changed the slot in between, the claim fails and the writer looks
+//!   again (once), so concurrent inserts never overwrite each other.
 //!   The slot's expiry in the header is written under the same sequence
 //!   number, so a reader sees key, value and expiry of one entry. All fields
 //!   are atomics, so a racing read is never undefined behaviour.
@@ -182,7 +187,7 @@ pub enum Upsert {
     /// Inserted by evicting the live entry closest to expiry (returned).
     Evicted(FlowValue),
     /// Not inserted: the bucket was full and eviction was not allowed, or
-    /// every slot of the bucket was being written by other workers.
+    /// other writers changed the chosen slot twice in a row.
     Full,
 }
 
