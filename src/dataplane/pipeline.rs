@@ -280,7 +280,8 @@ impl Processor<'_> {
     /// Only stage 5 decides anything, frame after frame, so the outcome is
     /// exactly [`Processor::process`] on each frame in turn (two frames of
     /// one new flow in a burst get one backend); stages 1-4 warm the cache
-    /// and compute nothing that depends on an earlier frame. `metas` and `verdicts` hold at least `frames.len()` entries.
+    /// and compute nothing that depends on an earlier frame. `metas` and
+    /// `verdicts` hold at least `frames.len()` entries.
     #[inline]
     pub fn process_burst<F: Frames + ?Sized>(
         &self,

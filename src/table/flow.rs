@@ -632,9 +632,9 @@ impl FlowTable {
             self.fill(b, i, e.seq, &p.words, p.hint.tag, value, expires, timeout);
             return Some(Upsert::Replaced(old));
         }
-        // The slot to take: the first never used, else the first expired,
-        // else (when evicting) the live entry closest to expiry. Only the
-        // header is read; what the slot held is read once it is ours.
+        // The slot to take ([`FlowTable::insert_slot`]; a live one only
+        // when evicting). Only the header is read; what the slot held is
+        // read once it is ours.
         let header = &self.buckets[b];
         let tags = header.tags.load(Ordering::Acquire);
         let (i, live) = self.insert_slot(b, tags, p.hint.tag, now);
