@@ -973,6 +973,35 @@ mod tests {
         assert_eq!(dead_seen, Some(V));
     }
 
+    /// A key inserted again after its entry expired takes that entry's
+    /// slot back, even with free slots in the bucket: a copy left behind
+    /// would be stepped over by every later lookup of the key.
+    #[test]
+    fn a_returning_key_takes_its_own_expired_slot_back() {
+        let t = FlowTable::new(WINDOW);
+        let k = key(1, 1);
+        let slots_with_its_tag = || {
+            let h = t.probe(&k).hint;
+            let tags = t.buckets[0].tags.load(Ordering::Relaxed);
+            (0..WINDOW)
+                .filter(|&i| (tags >> (8 * i)) as u8 == h.tag)
+                .count()
+        };
+        // Another key (with another tag) in the first slot, so that the
+        // key's own is not the first dead one anyway.
+        let tag = |k: &FlowKey| t.probe(k).hint.tag;
+        let first = (2..)
+            .map(|c| key(c, 1))
+            .find(|o| tag(o) != tag(&k))
+            .unwrap();
+        t.upsert(&first, V, 0, 10, true);
+        t.upsert(&k, V, 0, 10, true);
+        let other = FlowValue::new(4, 5);
+        assert_eq!(t.upsert(&k, other, 20, 10, true), Upsert::Inserted(Some(V)));
+        assert_eq!(t.lookup(&k, 20), Some(other));
+        assert_eq!(slots_with_its_tag(), 1);
+    }
+
     #[test]
     fn full_table_evicts_instead_of_growing() {
         let t = FlowTable::new(64);
