@@ -1108,6 +1108,14 @@ protocol = "udp"
             out
         }
 
+        /// [`Pkt::build`] of an IPv4 TCP packet with its flags replaced by
+        /// `flags` (the checksum is left stale: it is not looked at).
+        fn build_with_flags(&self, flags: u8) -> Vec<u8> {
+            let mut f = self.build();
+            f[14 + 20 + 13] = flags;
+            f
+        }
+
         fn from_client(src: (&'static str, u16), dst: (&'static str, u16)) -> Pkt {
             Pkt {
                 eth: (GATEWAY, CLIENT_IF),
@@ -1221,11 +1229,6 @@ protocol = "udp"
         let server = ("198.18.2.11", 8080);
         let vip = ("198.18.100.1", 80);
         let id = rig.snapshot.backends[0].id;
-        let with_flags = |p: Pkt, flags: u8| {
-            let mut f = p.build();
-            f[14 + 20 + 13] = flags; // the checksum is not looked at
-            f
-        };
         for (port, closer_is_client, flags) in [
             (40000, true, TCP_FIN | TCP_ACK),
             (40001, false, TCP_FIN | TCP_ACK),
@@ -1241,7 +1244,7 @@ protocol = "udp"
                 Pkt::from_server(server, client)
             };
             for _ in 0..2 {
-                let v = rig.process(&mut with_flags(closer, flags), 1);
+                let v = rig.process(&mut closer.build_with_flags(flags), 1);
                 assert!(matches!(v, Verdict::Tx(_)), "{port}: {v:?}");
                 assert_eq!(rig.shared.active(id), 0, "{port}: closed once");
             }
@@ -1509,11 +1512,7 @@ backend_service = \"web\"
         let server = ("198.18.2.11", 8080);
         let vip = ("198.18.100.1", 80);
         let (fwd, rev) = (Verdict::Tx(Port::Backend), Verdict::Tx(Port::Client));
-        let fin = |p: Pkt| {
-            let mut f = p.build();
-            f[14 + 20 + 13] = TCP_FIN | TCP_ACK; // the checksum is not looked at
-            f
-        };
+        let fin = |p: Pkt| p.build_with_flags(TCP_FIN | TCP_ACK);
         let (open, closing) = (("198.18.4.7", 40000), ("198.18.4.7", 40001));
         for client in [open, closing] {
             let syn = Pkt::from_client(client, vip);
