@@ -36,8 +36,12 @@
 //!   changed the slot in between, the claim fails and the writer looks
 //!   again (once), so concurrent inserts never overwrite each other.
 //!   The slot's expiry in the header is written under the same sequence
-//!   number, so a reader sees key, value and expiry of one entry. All fields
-//!   are atomics, so a racing read is never undefined behaviour.
+//!   number, so a reader sees key, value and expiry of one entry. A hit's
+//!   refresh of that expiry (at most once a second) is a compare-and-swap
+//!   from the expiry it read, made only while the sequence number is still
+//!   the one it read under, so it never moves the expiry of an entry that
+//!   replaced the one it read. All fields are atomics, so a racing read is
+//!   never undefined behaviour.
 //! * Expiry is lazy: an entry idle for longer than the timeout is a miss and
 //!   its slot is free for reuse; nothing stops the world. (The control plane
 //!   walks the table in small slices only to count silently ended flows as
@@ -518,17 +522,37 @@ impl FlowTable {
         None
     }
 
-    /// Moves slot `i`'s expiry to `now + timeout` if that is later; true if
-    /// it moved (the header line is only dirtied then: once a second).
+    /// Moves slot `i`'s expiry to `now + timeout` if that is later and the
+    /// slot still holds entry `e`; true if it moved (the header line is
+    /// only dirtied then: once a second).
+    ///
+    /// A writer may have replaced `e` since it was read: its new entry's
+    /// expiry must stay. So the move is skipped when the slot's sequence
+    /// number has changed, and made with a compare-and-swap from the
+    /// expiry `e` was read with, which fails if a writer claimed the slot
+    /// after that check and wrote another. (Only a replacement expiring in
+    /// the very second `e` did gets through both: it then lives until `e`
+    /// would have.) Also, of two workers touching one entry in the same
+    /// second, only one sees it moved.
     #[inline]
     fn touch(&self, b: usize, i: usize, e: &Entry, now: u32) -> bool {
         let new = now.wrapping_add(e.timeout);
         if new.wrapping_sub(e.expires) as i32 > 0 {
-            self.buckets[b].expires[i].store(new, Ordering::Relaxed);
-            true
+            self.moved_on(b, i, e.seq, e.expires, new)
         } else {
             false
         }
+    }
+
+    /// The write half of [`FlowTable::touch`], out of line: a flow's
+    /// timer moves at most once a second.
+    #[cold]
+    #[inline(never)]
+    fn moved_on(&self, b: usize, i: usize, seq: u32, from: u32, to: u32) -> bool {
+        self.slots[b * WINDOW + i].seq.load(Ordering::Acquire) == seq
+            && self.buckets[b].expires[i]
+                .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Looks an entry up without refreshing its idle timer: for callers
@@ -1000,6 +1024,43 @@ mod tests {
         assert_eq!(t.upsert(&k, other, 20, 10, true), Upsert::Inserted(Some(V)));
         assert_eq!(t.lookup(&k, 20), Some(other));
         assert_eq!(slots_with_its_tag(), 1);
+    }
+
+    /// A lookup that read an entry just before a writer replaced it in the
+    /// same slot must not move the new entry's expiry when it refreshes
+    /// the one it read.
+    #[test]
+    fn a_refresh_of_an_entry_replaced_meanwhile_leaves_the_new_one_alone() {
+        let t = FlowTable::new(WINDOW);
+        let a = t.probe(&key(1, 1));
+        let b = t.probe(&key(2, 2));
+        t.upsert_probe(&a, V, 0, 10, true);
+        // The reader's half of a lookup at second 5: the entry, unrefreshed.
+        let (i, e) = t.find(&a, 5).expect("a is live");
+        assert_eq!(e.expires, 10);
+        // A writer claims that slot from the same sequence number and puts
+        // another entry there, expiring at second 8.
+        assert!(t.claim(0, i, e.seq));
+        t.fill(
+            0,
+            i,
+            e.seq,
+            &b.words,
+            b.hint.tag,
+            FlowValue::new(4, 5),
+            8,
+            3,
+        );
+        // The reader now refreshes what it read (5 + 10 = 15 > 10).
+        assert!(!t.touch(0, i, &e, 5));
+        assert_eq!(t.buckets[0].expires[i].load(Ordering::Relaxed), 8);
+        assert_eq!(t.peek(&key(2, 2), 7), Some(FlowValue::new(4, 5)));
+        assert_eq!(t.peek(&key(2, 2), 9), None);
+        // Unreplaced, the same refresh moves the expiry, once.
+        let (i, e) = t.find(&b, 7).expect("b is live");
+        assert!(t.touch(0, i, &e, 7));
+        assert!(!t.touch(0, i, &e, 7));
+        assert_eq!(t.peek(&key(2, 2), 9), Some(FlowValue::new(4, 5)));
     }
 
     #[test]
