@@ -499,60 +499,26 @@ impl Processor<'_> {
         }
         let le = &snap.listeners[l as usize];
         let svc = le.service;
-        let se = &snap.services[svc as usize];
         let flags = tcp_flags(frame, p);
         let fprobe = &m.flow;
-        // Hashed in stage 2 for probably new flows; established packets
-        // hash it only when they need it (once a second, to refresh).
-        let pprobe = || match m.persist {
-            Some(h) => Probe::new(&persist_key(se, p), h),
-            None => t.persist.probe(&persist_key(se, p)),
-        };
 
         // An established flow keeps its backend while that backend is up
         // and still in the service (whatever its weight: 0 drains).
-        let mut chosen = None;
-        if let Some((v, touched)) = t.flows.lookup_probe(fprobe, self.now) {
-            let reopened = v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if let Some(b) = snap.backend_of_id(v.backend) {
-                if v.listener == le.id && snap.keeps(svc, b) && !reopened {
-                    chosen = Some((b, touched));
-                    if touched && snap.sole_listener(b).is_none() {
-                        // Once a second per flow: keep the reply entry alive
-                        // too (or bring it back if it was evicted), so that a
-                        // server silent for a while can still answer. (A
-                        // backend of one listener has none: its replies use
-                        // the forward entry.)
-                        let be = &snap.backends[b as usize];
-                        let rkey = backend_reply_key(p, be);
-                        let rv = FlowValue::new(v.listener, v.backend);
-                        t.flows.upsert(&rkey, rv, self.now, t.flow_timeout, true);
+        let b = 'kept: {
+            if let Some((v, touched)) = t.flows.lookup_probe(fprobe, self.now) {
+                let reopened = v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                if let Some(b) = snap.backend_of_id(v.backend) {
+                    if v.listener == le.id && snap.keeps(svc, b) && !reopened {
+                        if touched {
+                            self.refresh(p, svc, b, v);
+                        }
+                        break 'kept b;
                     }
                 }
             }
-        }
-        let b = match chosen {
-            Some((b, touched)) => {
-                if touched && se.persistence_timeout > 0 {
-                    // The client's persistence lives as long as its flows:
-                    // refreshed whenever a flow's timer moves to a new
-                    // second (the clock's resolution, so no packet in
-                    // between could move it further).
-                    t.persist.lookup_probe(&pprobe(), self.now);
-                }
-                b
-            }
-            None => {
-                let pprobe = pprobe();
-                let Some((b, persisted)) = self.choose(p, svc, &pprobe, m) else {
-                    return Verdict::Drop(DropReason::NoBackend);
-                };
-                // Nothing is recorded for a flow that cannot be sent.
-                if snap.backends[b as usize].mac.is_none() {
-                    return Verdict::Drop(DropReason::NoNeighbour);
-                }
-                self.record_new(p, se, le.id, b, fprobe, &pprobe, persisted);
-                b
+            match self.open(p, le, m) {
+                Ok(b) => b,
+                Err(why) => return Verdict::Drop(why),
             }
         };
         let be = &snap.backends[b as usize];
@@ -578,6 +544,58 @@ impl Processor<'_> {
         self.stats.listener(le.id, len);
         self.stats.backend(be.id, len);
         Verdict::Tx(Port::Backend)
+    }
+
+    /// An established flow's timer moved to a new second (once a second
+    /// per flow): keep what lives alongside it alive too. Out of line, so
+    /// that the established path it branches off stays short.
+    #[cold]
+    #[inline(never)]
+    fn refresh(&self, p: &Parsed, svc: u32, b: u32, v: FlowValue) {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let se = &snap.services[svc as usize];
+        let be = &snap.backends[b as usize];
+        if snap.sole_listener(b).is_none() {
+            // The reply entry (or bring it back if it was evicted), so that
+            // a server silent for a while can still answer. (A backend of
+            // one listener has none: its replies use the forward entry.)
+            let rkey = backend_reply_key(p, be);
+            let rv = FlowValue::new(v.listener, v.backend);
+            t.flows.upsert(&rkey, rv, self.now, t.flow_timeout, true);
+        }
+        if se.persistence_timeout > 0 {
+            // The client's persistence lives as long as its flows:
+            // refreshed whenever a flow's timer moves to a new second (the
+            // clock's resolution, so no packet in between could move it
+            // further).
+            t.persist.lookup(&persist_key(se, p), self.now);
+        }
+    }
+
+    /// A new flow (or one whose backend may no longer keep it) to listener
+    /// `le`: chooses its backend and records it (the recording out of
+    /// line).
+    #[inline(always)]
+    fn open(&self, p: &Parsed, le: &ListenerEntry, m: &Meta) -> Result<u32, DropReason> {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let svc = le.service;
+        let se = &snap.services[svc as usize];
+        // Hashed in stage 2 for probably new flows.
+        let pprobe = match m.persist {
+            Some(h) => Probe::new(&persist_key(se, p), h),
+            None => t.persist.probe(&persist_key(se, p)),
+        };
+        let Some((b, persisted)) = self.choose(p, svc, &pprobe, m) else {
+            return Err(DropReason::NoBackend);
+        };
+        // Nothing is recorded for a flow that cannot be sent.
+        if snap.backends[b as usize].mac.is_none() {
+            return Err(DropReason::NoNeighbour);
+        }
+        self.record_new(p, se, le.id, b, m, &pprobe, persisted);
+        Ok(b)
     }
 
     /// Chooses a backend for a new flow: the client's persisted backend if
@@ -608,7 +626,8 @@ impl Processor<'_> {
     }
 
     /// Records a new flow to backend `b`: persistence (when newly
-    /// scheduled), the forward and reply entries, and the opened connection.
+    /// scheduled), the forward and reply entries (`m`: the frame's probes
+    /// and hints), and the opened connection.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn record_new(
@@ -617,7 +636,7 @@ impl Processor<'_> {
         se: &ServiceEntry,
         listener_id: u16,
         b: u32,
-        fprobe: &Probe,
+        m: &Meta,
         pprobe: &Probe,
         persisted: bool,
     ) {
@@ -644,7 +663,7 @@ impl Processor<'_> {
         let value = FlowValue::new(listener_id, be.id);
         let stored = t
             .flows
-            .upsert_probe(fprobe, value, self.now, t.flow_timeout, true);
+            .upsert_probe(&m.flow, value, self.now, t.flow_timeout, true);
         self.record(stored);
         if stored != Upsert::Full {
             // Only a stored flow can later be counted closed.
@@ -655,7 +674,15 @@ impl Processor<'_> {
             return;
         }
         let rkey = backend_reply_key(p, be);
-        match t.flows.upsert(&rkey, value, self.now, t.flow_timeout, true) {
+        // Stage 3 hashed the reply key of the backend it picked.
+        let rprobe = match m.reply {
+            Some(h) if m.pick == Some(b) => Probe::new(&rkey, h),
+            _ => t.flows.probe(&rkey),
+        };
+        match t
+            .flows
+            .upsert_probe(&rprobe, value, self.now, t.flow_timeout, true)
+        {
             // The client reused its source port towards another listener of
             // the same service, so the backend sees the same 4-tuple: it can
             // hold only one such connection, and the newest one wins.
