@@ -89,11 +89,19 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct DriveArgs {
-    /// TCP targets (HTTP), comma-separated IP:PORT ([IPV6]:PORT for IPv6).
-    #[arg(long, value_delimiter = ',')]
+    // (Help as an attribute: in a doc comment, rustdoc reads "[IPV6]" as
+    // an intra-doc link.)
+    #[arg(
+        long,
+        value_delimiter = ',',
+        help = "TCP targets (HTTP), comma-separated IP:PORT ([IPV6]:PORT for IPv6)"
+    )]
     vip_tcp: Vec<SocketAddr>,
-    /// UDP targets (echo), comma-separated IP:PORT ([IPV6]:PORT for IPv6).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        help = "UDP targets (echo), comma-separated IP:PORT ([IPV6]:PORT for IPv6)"
+    )]
     vip_udp: Vec<SocketAddr>,
     /// Inclusive source address range FIRST-LAST, IPv4 or IPv6 (IPv4
     /// addresses ending in .0 or .255 are skipped); of the targets' family.
