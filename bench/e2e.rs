@@ -84,7 +84,7 @@ enum Cmd {
     /// The pipeline benchmark's workloads in a plain loop, for counting
     /// instructions per packet under valgrind (`scripts/bench.sh icount`).
     PipelineLoop {
-        /// "established" or "new-session".
+        /// "established", "new-session" or "reply".
         #[arg(long)]
         workload: String,
         /// Bursts of 64 frames, after one untimed round.

@@ -17,7 +17,9 @@
 //!   (`pipeline/established_udp_hot`);
 //! * `new-session`: 1024 bursts of 65,536 client addresses in turn, the
 //!   clock moving past both timeouts after each round, so that every frame
-//!   creates its session (`pipeline/new_session_udp`).
+//!   creates its session (`pipeline/new_session_udp`);
+//! * `reply`: the servers' replies to the 64 established flows, over and
+//!   over (`pipeline/reply_udp_hot`).
 
 use anyhow::{bail, Result};
 use l4lb::dataplane::pipeline::{Chunks, Meta};
@@ -30,17 +32,39 @@ const BURST: usize = 64;
 
 pub fn run(workload: &str, bursts: usize) -> Result<()> {
     let pool_bursts = match workload {
-        "established" => 1,
+        "established" | "reply" => 1,
         "new-session" => common::MAX_CLIENT_ADDRS as usize / BURST,
-        other => bail!("unknown workload {other:?}: established or new-session"),
+        other => bail!("unknown workload {other:?}: established, new-session or reply"),
     };
     let (cfg, _) = common::offline_config();
     let r = Replayer::new(&cfg)?;
-    let pool = common::client_frames(Proto::Udp, CLIENT_IF_MAC, pool_bursts * BURST);
-    let mut work = vec![0u8; BURST * FRAME_LEN];
     let mut metas = [Meta::default(); BURST];
     let mut verdicts = [Verdict::Pass; BURST];
     let mut now = 1_000_000;
+    let mut pool = common::client_frames(Proto::Udp, CLIENT_IF_MAC, pool_bursts * BURST);
+    let mut out = Port::Backend;
+    if workload == "reply" {
+        // The flows first (as in bench/pipeline.rs): the forwarded frames,
+        // answered by their servers, are the pool.
+        let mut fwd = pool.clone();
+        r.processor(now).process_burst(
+            &mut Chunks {
+                buf: &mut fwd,
+                frame_len: FRAME_LEN,
+            },
+            &mut metas,
+            &mut verdicts,
+        );
+        if verdicts.iter().any(|v| *v != Verdict::Tx(Port::Backend)) {
+            bail!("the reply workload's flows were not all forwarded: {verdicts:?}");
+        }
+        pool = fwd
+            .chunks_exact(FRAME_LEN)
+            .flat_map(|f| common::reply_frame(Proto::Udp, f))
+            .collect();
+        out = Port::Client;
+    }
+    let mut work = vec![0u8; BURST * FRAME_LEN];
     let mut forwarded = 0usize;
     // One untimed round first: the established flows exist, and every
     // later round of new sessions finds its clients expired.
@@ -55,17 +79,14 @@ pub fn run(workload: &str, bursts: usize) -> Result<()> {
             &mut metas,
             &mut verdicts,
         );
-        forwarded += verdicts
-            .iter()
-            .filter(|v| **v == Verdict::Tx(Port::Backend))
-            .count();
+        forwarded += verdicts.iter().filter(|v| **v == Verdict::Tx(out)).count();
         if workload == "new-session" && (i + 1) % pool_bursts == 0 {
             now += 1000;
         }
     }
     let frames = (pool_bursts + bursts) * BURST;
     if forwarded != frames {
-        bail!("{forwarded} of {frames} frames forwarded: the workload is broken");
+        bail!("{forwarded} of {frames} frames sent on ({out:?}): the workload is broken");
     }
     let created = r
         .stats
