@@ -530,15 +530,16 @@ impl FlowTable {
     /// expiry must stay. So the move is skipped when the slot's sequence
     /// number has changed, and made with a compare-and-swap from the
     /// expiry `e` was read with, which fails if a writer claimed the slot
-    /// after that check and wrote another. (Only a replacement expiring in
-    /// the very second `e` did gets through both: it then lives until `e`
-    /// would have.) Also, of two workers touching one entry in the same
-    /// second, only one sees it moved.
+    /// after that check and wrote another. (Only a replacement written
+    /// after the check and expiring in the very second `e` did gets through
+    /// both: it then lives as long as the refreshed `e` would have.) Also,
+    /// of two workers touching one entry in the same second, only one sees
+    /// it moved.
     #[inline]
     fn touch(&self, b: usize, i: usize, e: &Entry, now: u32) -> bool {
         let new = now.wrapping_add(e.timeout);
         if new.wrapping_sub(e.expires) as i32 > 0 {
-            self.moved_on(b, i, e.seq, e.expires, new)
+            self.move_expiry(b, i, e.seq, e.expires, new)
         } else {
             false
         }
@@ -548,7 +549,7 @@ impl FlowTable {
     /// timer moves at most once a second.
     #[cold]
     #[inline(never)]
-    fn moved_on(&self, b: usize, i: usize, seq: u32, from: u32, to: u32) -> bool {
+    fn move_expiry(&self, b: usize, i: usize, seq: u32, from: u32, to: u32) -> bool {
         self.slots[b * WINDOW + i].seq.load(Ordering::Acquire) == seq
             && self.buckets[b].expires[i]
                 .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
