@@ -121,11 +121,20 @@ fn http_503_and_a_closed_udp_port_take_servers_out() {
     // b1's UDP echo still answers: its UDP backend stays up.
     assert_eq!(t.backend_stats("198.18.2.11:9053/udp")["up"], true);
 
+    // b3 stops serving both: each check finds out on its own schedule, so
+    // wait for both before sending traffic (CI once drove web while b3's
+    // HTTP check was one interval behind its UDP check, and 29 clients hit
+    // b3's closed port).
     t.stop_backend("b3");
     t.wait_backend_up("198.18.2.13:9053/udp", false, Duration::from_secs(8));
     assert_eq!(
         t.backend_stats("198.18.2.13:9053/udp")["health"],
         "ICMP port unreachable"
+    );
+    t.wait_backend_up("198.18.2.13:8080/tcp", false, Duration::from_secs(8));
+    assert_eq!(
+        t.backend_stats("198.18.2.13:8080/tcp")["health"],
+        "connection refused"
     );
 
     let d = t.drive(&[WEB], &[ECHO], SOURCES, 1);
