@@ -232,13 +232,30 @@ fn two_workers_on_two_queue_veths_forward_correctly_whichever_queue_a_packet_lan
 /// `flow_idle_timeout`.
 #[test]
 fn closed_tcp_connections_free_their_entries_after_the_closed_timeout() {
-    let mut t = Topology::up("closed-timeout", N_SOURCES);
+    closed_connections_free_their_entries("closed-timeout", false);
+}
+
+/// The same with web's servers shared by two listeners (web and web-alt),
+/// so that each TCP flow also has a reply entry: it goes with the forward
+/// entry, after `tcp_closed_timeout` too.
+#[test]
+fn closed_tcp_connections_to_shared_servers_free_both_entries_after_the_closed_timeout() {
+    closed_connections_free_their_entries("closed-shared", true);
+}
+
+fn closed_connections_free_their_entries(name: &str, shared: bool) {
+    let mut t = Topology::up(name, N_SOURCES);
     let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";
     let cfg = t.config_text(|c| {
+        assert!(c.contains(web_alt), "the demo config changed");
         // Without web-alt, web's servers are reached by one listener, so
         // each flow takes exactly one entry (no reply entries).
-        assert!(c.contains(web_alt), "the demo config changed");
-        c.replacen(web_alt, "", 1).replacen(
+        let c = if shared {
+            c
+        } else {
+            c.replacen(web_alt, "", 1)
+        };
+        c.replacen(
             "[instance]\n",
             "[instance]\nflow_idle_timeout = 120\ntcp_closed_timeout = 5\n",
             1,
@@ -263,7 +280,12 @@ fn closed_tcp_connections_free_their_entries_after_the_closed_timeout() {
         tcp.failures_text()
     );
     // Every connection closed (FIN both ways) less than 5 s ago.
-    assert_eq!(live(&t), 200, "100 UDP flows and 100 closed TCP ones");
+    let tcp_entries = if shared { 200 } else { 100 };
+    assert_eq!(
+        live(&t),
+        100 + tcp_entries,
+        "100 UDP flows and 100 closed TCP ones ({tcp_entries} entries)"
+    );
 
     // Within 5 s of their last packet (plus a second of clock
     // granularity), the closed connections are gone; the UDP flows, idle

@@ -49,6 +49,20 @@ pub struct Tables {
     pub persist_evict: bool,
 }
 
+impl Tables {
+    /// The idle timeout of a flow whose entry holds `v`: the closed
+    /// timeout once it has been seen closing. (A reply entry is written
+    /// with its forward entry's value, so both expire together.)
+    #[inline]
+    pub fn flow_timeout_of(&self, v: FlowValue) -> u32 {
+        if v.closed {
+            self.closed_timeout
+        } else {
+            self.flow_timeout
+        }
+    }
+}
+
 /// How many frames ahead of the one being classified the burst pipeline
 /// prefetches.
 const FRAME_AHEAD: usize = 8;
@@ -522,11 +536,8 @@ impl Processor<'_> {
             }
         };
         let be = &snap.backends[b as usize];
-        if flags & (TCP_FIN | TCP_RST) != 0
-            && t.flows
-                .mark_closed_probe(fprobe, self.now, t.closed_timeout)
-        {
-            self.stats.conn_closed(be.id);
+        if flags & (TCP_FIN | TCP_RST) != 0 {
+            self.closing(p, fprobe, b);
         }
         let Some(mac) = be.mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
@@ -546,6 +557,28 @@ impl Processor<'_> {
         Verdict::Tx(Port::Backend)
     }
 
+    /// A FIN or RST from the client of the flow `fprobe` to backend `b`:
+    /// marks the forward entry closed (counted once, for
+    /// least-connections) and, if the backend is shared, the reply entry
+    /// too, so that both live only `tcp_closed_timeout` from now on. Out
+    /// of line: once or twice per connection.
+    #[cold]
+    #[inline(never)]
+    fn closing(&self, p: &Parsed, fprobe: &Probe, b: u32) {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let be = &snap.backends[b as usize];
+        if t.flows
+            .mark_closed_probe(fprobe, self.now, t.closed_timeout)
+        {
+            self.stats.conn_closed(be.id);
+        }
+        if snap.sole_listener(b).is_none() {
+            let rkey = backend_reply_key(p, be);
+            t.flows.mark_closed(&rkey, self.now, t.closed_timeout);
+        }
+    }
+
     /// An established flow's timer moved to a new second (once a second
     /// per flow): keep what lives alongside it alive too. Out of line, so
     /// that the established path it branches off stays short.
@@ -560,9 +593,11 @@ impl Processor<'_> {
             // The reply entry (or bring it back if it was evicted), so that
             // a server silent for a while can still answer. (A backend of
             // one listener has none: its replies use the forward entry.)
+            // It holds the forward entry's value, closed or not, and so
+            // its timeout.
             let rkey = backend_reply_key(p, be);
-            let rv = FlowValue::new(v.listener, v.backend);
-            t.flows.upsert(&rkey, rv, self.now, t.flow_timeout, true);
+            t.flows
+                .upsert(&rkey, v, self.now, t.flow_timeout_of(v), true);
         }
         if se.persistence_timeout > 0 {
             // The client's persistence lives as long as its flows:
@@ -685,8 +720,11 @@ impl Processor<'_> {
         {
             // The client reused its source port towards another listener of
             // the same service, so the backend sees the same 4-tuple: it can
-            // hold only one such connection, and the newest one wins.
-            Upsert::Replaced(_) => WorkerStats::add(&c.flows_rebound, 1),
+            // hold only one such connection, and the newest one wins. (Not
+            // a SYN reopening this very flow after it closed.)
+            Upsert::Replaced(old) if !old.same_target(value) => {
+                WorkerStats::add(&c.flows_rebound, 1)
+            }
             Upsert::Evicted(_) => WorkerStats::add(&c.flows_evicted, 1),
             _ => {}
         }
@@ -734,11 +772,14 @@ impl Processor<'_> {
         let fkey = reply_forward_key(p, l);
         if tcp_flags(frame, p) & (TCP_FIN | TCP_RST) != 0 {
             // A backend of one listener: the frame's probe is the forward
-            // entry's already.
+            // entry's already. A shared one: the probe is the reply
+            // entry's, which closes with the forward entry.
             let closed = if snap.sole_listener(b).is_some() {
                 t.flows
                     .mark_closed_probe(&m.flow, self.now, t.closed_timeout)
             } else {
+                t.flows
+                    .mark_closed_probe(&m.flow, self.now, t.closed_timeout);
                 t.flows.mark_closed(&fkey, self.now, t.closed_timeout)
             };
             if closed {
@@ -937,10 +978,10 @@ impl Processor<'_> {
             };
             if v.backend == be.id && v.listener == l.id {
                 t.flows.lookup(&key, self.now);
-                let value = FlowValue::new(l.id, be.id);
+                // The forward entry's value, closed or not, and its timeout.
                 if let Upsert::Evicted(_) =
                     t.flows
-                        .upsert_probe(reply, value, self.now, t.flow_timeout, true)
+                        .upsert_probe(reply, v, self.now, t.flow_timeout_of(v), true)
                 {
                     WorkerStats::add(&self.stats.core.flows_evicted, 1);
                 }
@@ -1070,7 +1111,11 @@ protocol = "udp"
         /// A rig whose snapshot takes its ids from `ids`, so that a test
         /// can build the next snapshot of a reload with the same ids.
         fn with_ids(gateway_known: bool, ids: &mut Ids) -> Rig {
-            let (snapshot, config) = snapshot(CONFIG, ids, gateway_known);
+            Rig::with_config(CONFIG, gateway_known, ids)
+        }
+
+        fn with_config(text: &str, gateway_known: bool, ids: &mut Ids) -> Rig {
+            let (snapshot, config) = snapshot(text, ids, gateway_known);
             let stats = Arc::new(WorkerStats::new());
             Rig {
                 snapshot,
@@ -1491,17 +1536,7 @@ protocol = "udp"
         );
         assert_eq!(rig.tables.flows.count_live(1), 1, "no reply entry");
 
-        let shared = format!(
-            "{CONFIG}
-[[listener]]
-name = \"web-alt\"
-vip = \"198.18.100.2\"
-protocol = \"tcp\"
-port = 80
-backend_service = \"web\"
-"
-        );
-        (rig.snapshot, _) = snapshot(&shared, &mut ids, true);
+        (rig.snapshot, _) = snapshot(&shared_config(), &mut ids, true);
         let web = rig
             .snapshot
             .backend(&map_v4([198, 18, 2, 11]), 8080, PROTO_TCP);
@@ -1518,6 +1553,85 @@ backend_service = \"web\"
         // A client with no flow still gets nothing.
         let stranger = Pkt::from_server(server, ("198.18.4.8", 40000));
         expect(&rig, 2, stranger, Verdict::Drop(DropReason::NoFlow), None);
+    }
+
+    /// [`CONFIG`] with a second listener in front of service `web`: its
+    /// server is shared, and its flows take a reply entry too.
+    fn shared_config() -> String {
+        format!(
+            "{CONFIG}
+[[listener]]
+name = \"web-alt\"
+vip = \"198.18.100.2\"
+protocol = \"tcp\"
+port = 80
+backend_service = \"web\"
+"
+        )
+    }
+
+    /// A flow to a shared server has a reply entry besides its forward
+    /// entry. Once the flow is seen closing (a FIN from either side), both
+    /// live by the closed timeout: the client's last ACK does not stretch
+    /// the reply entry back to the idle timeout, and a late reply finds
+    /// nothing. A SYN reopening a closed flow brings the idle timeout back
+    /// to both, and is no rebound.
+    #[test]
+    fn a_closing_flow_to_a_shared_server_frees_both_its_entries_by_the_closed_timeout() {
+        let rig = Rig::with_config(&shared_config(), true, &mut Ids::default());
+        let server = ("198.18.2.11", 8080);
+        let vip = ("198.18.100.1", 80);
+        let (fwd, rev) = (Verdict::Tx(Port::Backend), Verdict::Tx(Port::Client));
+        let with = |p: Pkt, flags: u8| p.build_with_flags(flags);
+        let client_closes = ("198.18.4.7", 40000);
+        let server_closes = ("198.18.4.7", 40001);
+        let reopened = ("198.18.4.7", 40002);
+        let open = ("198.18.4.7", 40003);
+        for client in [client_closes, server_closes, reopened, open] {
+            let syn = Pkt::from_client(client, vip);
+            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
+        }
+        assert_eq!(rig.tables.flows.count_live(100), 8, "two entries a flow");
+        for (now, pkt, flags, verdict) in [
+            (
+                101,
+                Pkt::from_client(client_closes, vip),
+                TCP_FIN | TCP_ACK,
+                fwd,
+            ),
+            (
+                101,
+                Pkt::from_server(server, server_closes),
+                TCP_FIN | TCP_ACK,
+                rev,
+            ),
+            (101, Pkt::from_client(reopened, vip), TCP_RST, fwd),
+            // The last ACKs, a second later: the forward entries' timers
+            // move, and the reply entries are refreshed along with them.
+            (102, Pkt::from_client(client_closes, vip), TCP_ACK, fwd),
+            (102, Pkt::from_client(server_closes, vip), TCP_ACK, fwd),
+            (102, Pkt::from_client(reopened, vip), TCP_SYN, fwd),
+        ] {
+            assert_eq!(rig.process(&mut with(pkt, flags), now), verdict);
+        }
+        let c = &rig.stats.core;
+        let rebound = c.flows_rebound.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(rebound, 0, "a flow reopened is no rebound");
+        // tcp_closed_timeout = 3 s: the closed flows' four entries last
+        // until 105; flow_idle_timeout = 10 s: the others' until 110 and
+        // (reopened at 102) 112.
+        assert_eq!(rig.tables.flows.count_live(105), 8);
+        assert_eq!(rig.tables.flows.count_live(106), 4);
+        for (client, verdict) in [
+            (client_closes, Verdict::Drop(DropReason::NoFlow)),
+            (server_closes, Verdict::Drop(DropReason::NoFlow)),
+            (reopened, rev),
+            (open, rev),
+        ] {
+            let reply = Pkt::from_server(server, client);
+            let out = (verdict == rev).then(|| reply.to_client(vip));
+            expect(&rig, 106, reply, verdict, out);
+        }
     }
 
     #[test]

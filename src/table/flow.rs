@@ -114,6 +114,11 @@ impl FlowValue {
             closed: false,
         }
     }
+    /// Whether both name the same listener and backend, closed or not.
+    #[inline]
+    pub fn same_target(self, other: FlowValue) -> bool {
+        self.listener == other.listener && self.backend == other.backend
+    }
     #[inline]
     fn pack(self) -> u64 {
         self.listener as u64 | (self.backend as u64) << 16 | (self.closed as u64) << 32
