@@ -59,6 +59,7 @@ impl Replayer {
                 persist: FlowTable::new(inst.persistence_capacity.min(1 << 20)),
                 flow_timeout: inst.flow_idle_timeout,
                 closed_timeout: inst.tcp_closed_timeout,
+                syn_timeout: inst.tcp_syn_timeout,
                 persist_evict: inst.persistence_when_full == WhenFull::EvictOldest,
             },
             shared: Shared::new(vec![Arc::clone(&stats)]),

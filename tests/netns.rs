@@ -243,6 +243,75 @@ fn closed_tcp_connections_to_shared_servers_free_both_entries_after_the_closed_t
     closed_connections_free_their_entries("closed-shared", true);
 }
 
+/// Half-open connections (SYNs their clients never follow up, as in a SYN
+/// flood) free their entries after `tcp_syn_timeout`, while the UDP flows
+/// keep theirs for `flow_idle_timeout`. The servers' SYN-ACKs never leave
+/// their namespaces here (a blackhole route to the clients), and the
+/// clients give up after 500 ms, before their first retransmission,
+/// without sending anything more.
+#[test]
+fn half_open_tcp_connections_free_their_entries_after_the_syn_timeout() {
+    let mut t = Topology::up("syn-timeout", N_SOURCES);
+    let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";
+    let cfg = t.config_text(|c| {
+        assert!(c.contains(web_alt), "the demo config changed");
+        // One listener per server: one entry per flow.
+        c.replacen(web_alt, "", 1).replacen(
+            "[instance]\n",
+            "[instance]\nflow_idle_timeout = 120\ntcp_syn_timeout = 3\n",
+            1,
+        )
+    });
+    t.start_lb(&cfg);
+    let live = |t: &Topology| t.stats()["flows"]["live_entries"].as_u64().expect("live");
+    let sources = "198.18.4.1-198.18.4.100";
+
+    let udp = t.drive(&[], &[ECHO], sources, 1);
+    assert_eq!(
+        (udp.requests, udp.failures),
+        (100, 0),
+        "{}",
+        udp.failures_text()
+    );
+    // The servers' answers to these clients go nowhere from now on.
+    for b in ["b1", "b2", "b3"] {
+        let ns = format!("l4lb-{b}");
+        let st = std::process::Command::new("ip")
+            .args(["-n", &ns, "route", "add", "blackhole", "198.18.4.0/24"])
+            .status()
+            .expect("running ip");
+        assert!(st.success(), "blackhole route in {ns}: {st}");
+    }
+    let started = std::time::Instant::now();
+    let tcp = t.drive_with(
+        &[WEB],
+        &[],
+        sources,
+        1,
+        &["--timeout-ms", "500", "--parallel", "100"],
+    );
+    assert_eq!(
+        (tcp.requests, tcp.failures),
+        (100, 100),
+        "every SYN was dropped"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the SYNs went out within the SYN timeout (took {:?})",
+        started.elapsed()
+    );
+    assert_eq!(live(&t), 200, "100 UDP flows and 100 half-open TCP ones");
+
+    // Within 3 s of their SYN (plus a second of clock granularity), the
+    // half-open flows are gone; the UDP flows stay.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while live(&t) != 100 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(live(&t), 100, "only the UDP flows are left");
+    assert_eq!(t.stats()["flows"]["tcp_syn_timeout_s"], 3);
+}
+
 fn closed_connections_free_their_entries(name: &str, shared: bool) {
     let mut t = Topology::up(name, N_SOURCES);
     let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";

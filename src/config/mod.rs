@@ -75,6 +75,11 @@ pub struct Instance {
     /// packets; default 60 (or `flow_idle_timeout` if lower), range
     /// 1..=86400 and at most `flow_idle_timeout`.
     pub tcp_closed_timeout: u32,
+    /// Seconds a TCP flow begun by a SYN lives without further packets
+    /// until the client's first packet without SYN completes the
+    /// handshake; default 30 (or `flow_idle_timeout` if lower), range
+    /// 1..=86400 and at most `flow_idle_timeout`.
+    pub tcp_syn_timeout: u32,
     /// Entries of the session-persistence table shared by all services;
     /// default 262_144, range 1024..=67_108_864.
     pub persistence_capacity: usize,

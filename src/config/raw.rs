@@ -118,6 +118,7 @@ pub(crate) struct RawInstance {
     pub flow_table_capacity: Option<Num>,
     pub flow_idle_timeout: Option<Num>,
     pub tcp_closed_timeout: Option<Num>,
+    pub tcp_syn_timeout: Option<Num>,
     pub persistence_capacity: Option<Num>,
     pub persistence_when_full: Option<Str>,
     pub control_socket: Option<Str>,

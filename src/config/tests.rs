@@ -88,6 +88,7 @@ fn default_config_is_the_demo() {
     assert_eq!(i.flow_table_capacity, 1_048_576);
     assert_eq!(i.flow_idle_timeout, 300);
     assert_eq!(i.tcp_closed_timeout, 60);
+    assert_eq!(i.tcp_syn_timeout, 30);
     assert_eq!(i.persistence_capacity, 262_144);
     assert_eq!(i.persistence_when_full, WhenFull::EvictOldest);
     assert_eq!(i.control_socket, PathBuf::from("/run/l4lb/l4lb.sock"));
@@ -233,6 +234,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(i.flow_table_capacity, 1_048_576);
     assert_eq!(i.flow_idle_timeout, 300);
     assert_eq!(i.tcp_closed_timeout, 60);
+    assert_eq!(i.tcp_syn_timeout, 30);
     assert_eq!(i.persistence_capacity, 262_144);
     assert_eq!(i.persistence_when_full, WhenFull::EvictOldest);
     assert_eq!(i.control_socket, PathBuf::from("/run/l4lb/l4lb.sock"));
@@ -282,6 +284,7 @@ fn full_config_reads_every_key() {
     assert_eq!(i.flow_table_capacity, 4096);
     assert_eq!(i.flow_idle_timeout, 60);
     assert_eq!(i.tcp_closed_timeout, 20);
+    assert_eq!(i.tcp_syn_timeout, 15);
     assert_eq!(i.persistence_capacity, 1024);
     assert_eq!(i.persistence_when_full, WhenFull::NoRecord);
     assert_eq!(i.control_socket, PathBuf::from("/tmp/l4lb-test.sock"));
@@ -468,7 +471,8 @@ fn inline_tables_and_crlf_work() {
         error(text),
         "t.toml:6:1: unknown key `listener`, expected one of `name`, `mode`, `client_interface`, \
          `backend_interface`, `client_gateway`, `attach`, `bind`, `workers`, \
-         `flow_table_capacity`, `flow_idle_timeout`, `tcp_closed_timeout`, `persistence_capacity`, \
+         `flow_table_capacity`, `flow_idle_timeout`, `tcp_closed_timeout`, `tcp_syn_timeout`, \
+         `persistence_capacity`, \
          `persistence_when_full`, `control_socket`, `neighbour`"
     );
     let text = "listener = [{ name = \"l\", vip = \"192.0.2.1\", protocol = \"udp\", port = 1, backend_service = \"s\" }]\r\n\
@@ -724,6 +728,27 @@ fn tcp_closed_timeout_is_at_most_the_idle_timeout() {
     assert_eq!(
         errors(&config("tcp_closed_timeout = 0")),
         vec!["t.toml:7:22: tcp_closed_timeout 0 is out of range (1-86400)"]
+    );
+}
+
+#[test]
+fn tcp_syn_timeout_is_at_most_the_idle_timeout() {
+    // The keys start on line 7.
+    let config = |keys: &str| format!("{INSTANCE}{keys}\n{WEB}");
+    // Absent: 30 s, or the idle timeout when that is shorter.
+    let c = ok(&config("flow_idle_timeout = 20"));
+    assert_eq!(c.instance.tcp_syn_timeout, 20);
+    let c = ok(&config("tcp_syn_timeout = 5"));
+    assert_eq!(c.instance.tcp_syn_timeout, 5);
+    assert_eq!(
+        errors(&config("flow_idle_timeout = 30\ntcp_syn_timeout = 31")),
+        vec![
+            "t.toml:8:19: tcp_syn_timeout 31 is longer than flow_idle_timeout 30 (an opening flow cannot outlive an idle one)"
+        ]
+    );
+    assert_eq!(
+        errors(&config("tcp_syn_timeout = 86401")),
+        vec!["t.toml:7:19: tcp_syn_timeout 86401 is out of range (1-86400)"]
     );
 }
 

@@ -30,6 +30,7 @@ const FLOW_IDLE_TIMEOUT_RANGE: (i64, i64) = (10, 86_400);
 /// finds its flow.
 const DEFAULT_TCP_CLOSED_TIMEOUT: i64 = 60;
 const TCP_CLOSED_TIMEOUT_RANGE: (i64, i64) = (1, 86_400);
+const DEFAULT_TCP_SYN_TIMEOUT: i64 = 30;
 const DEFAULT_PERSISTENCE_CAPACITY: i64 = 262_144;
 const PERSISTENCE_CAPACITY_RANGE: (i64, i64) = (1024, 67_108_864);
 const DEFAULT_CONTROL_SOCKET: &str = "/run/l4lb/l4lb.sock";
@@ -616,7 +617,20 @@ impl Validator<'_> {
             FLOW_IDLE_TIMEOUT_RANGE,
             DEFAULT_FLOW_IDLE_TIMEOUT,
         );
-        let tcp_closed_timeout = self.tcp_closed_timeout(r, flow_idle_timeout);
+        let tcp_closed_timeout = self.tcp_state_timeout(
+            r.tcp_closed_timeout.as_ref(),
+            "tcp_closed_timeout",
+            DEFAULT_TCP_CLOSED_TIMEOUT,
+            flow_idle_timeout,
+            "a closed flow cannot outlive an idle one",
+        );
+        let tcp_syn_timeout = self.tcp_state_timeout(
+            r.tcp_syn_timeout.as_ref(),
+            "tcp_syn_timeout",
+            DEFAULT_TCP_SYN_TIMEOUT,
+            flow_idle_timeout,
+            "an opening flow cannot outlive an idle one",
+        );
         let persistence_capacity = self.opt_int(
             r.persistence_capacity.as_ref(),
             "persistence_capacity",
@@ -646,6 +660,7 @@ impl Validator<'_> {
             flow_table_capacity: flow_table_capacity?,
             flow_idle_timeout: flow_idle_timeout?,
             tcp_closed_timeout: tcp_closed_timeout?,
+            tcp_syn_timeout: tcp_syn_timeout?,
             persistence_capacity: persistence_capacity?,
             persistence_when_full: persistence_when_full?,
             control_socket: control_socket?,
@@ -653,22 +668,27 @@ impl Validator<'_> {
         })
     }
 
-    /// `tcp_closed_timeout`: at most `flow_idle_timeout` (`idle`, when that
-    /// is valid); absent, 60 s or the idle timeout if that is shorter.
-    fn tcp_closed_timeout(&mut self, r: &RawInstance, idle: Option<u32>) -> Option<u32> {
-        let Some(v) = &r.tcp_closed_timeout else {
-            return Some(idle.map_or(DEFAULT_TCP_CLOSED_TIMEOUT as u32, |i| {
-                i.min(DEFAULT_TCP_CLOSED_TIMEOUT as u32)
-            }));
+    /// `tcp_closed_timeout` or `tcp_syn_timeout` (`key`, value `v`): 1 s to
+    /// a day and at most `flow_idle_timeout` (`idle`, when that is valid,
+    /// else `why` not); absent, `default` or the idle timeout if that is
+    /// shorter.
+    fn tcp_state_timeout(
+        &mut self,
+        v: Option<&Num>,
+        key: &str,
+        default: i64,
+        idle: Option<u32>,
+        why: &str,
+    ) -> Option<u32> {
+        let Some(v) = v else {
+            return Some(idle.map_or(default as u32, |i| i.min(default as u32)));
         };
         let (lo, hi) = TCP_CLOSED_TIMEOUT_RANGE;
-        let n: u32 = self.int(v, "tcp_closed_timeout", lo, hi)?;
+        let n: u32 = self.int(v, key, lo, hi)?;
         if let Some(i) = idle.filter(|&i| n > i) {
             self.report(
                 v.span(),
-                format!(
-                    "tcp_closed_timeout {n} is longer than flow_idle_timeout {i} (a closed flow cannot outlive an idle one)"
-                ),
+                format!("{key} {n} is longer than flow_idle_timeout {i} ({why})"),
             );
             return None;
         }

@@ -115,6 +115,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "tcp_closed_timeout",
             a.tcp_closed_timeout != b.tcp_closed_timeout,
         ),
+        ("tcp_syn_timeout", a.tcp_syn_timeout != b.tcp_syn_timeout),
         (
             "persistence_capacity",
             a.persistence_capacity != b.persistence_capacity,
@@ -439,6 +440,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         persist: FlowTable::new(inst.persistence_capacity),
         flow_timeout: inst.flow_idle_timeout,
         closed_timeout: inst.tcp_closed_timeout,
+        syn_timeout: inst.tcp_syn_timeout,
         persist_evict: inst.persistence_when_full == WhenFull::EvictOldest,
     });
 

@@ -90,6 +90,7 @@ pub struct FlowReport {
     pub live_entries: usize,
     pub idle_timeout_s: u32,
     pub tcp_closed_timeout_s: u32,
+    pub tcp_syn_timeout_s: u32,
     pub memory_bytes: usize,
 }
 
@@ -219,6 +220,7 @@ pub fn collect(s: &Sources) -> Stats {
             live_entries: s.tables.flows.count_live(s.now),
             idle_timeout_s: s.tables.flow_timeout,
             tcp_closed_timeout_s: s.tables.closed_timeout,
+            tcp_syn_timeout_s: s.tables.syn_timeout,
             memory_bytes: s.tables.flows.memory(),
         },
         persistence: {
@@ -297,12 +299,13 @@ pub fn render(st: &Stats) -> String {
     }
     let _ = writeln!(
         o,
-        "flows: {} live entries of {} ({} MiB), idle timeout {} s ({} s once TCP closes)",
+        "flows: {} live entries of {} ({} MiB), idle timeout {} s ({} s once TCP closes, {} s until its handshake completes)",
         st.flows.live_entries,
         st.flows.capacity,
         st.flows.memory_bytes >> 20,
         st.flows.idle_timeout_s,
-        st.flows.tcp_closed_timeout_s
+        st.flows.tcp_closed_timeout_s,
+        st.flows.tcp_syn_timeout_s
     );
     let p = &st.persistence;
     let _ = writeln!(

@@ -44,21 +44,30 @@ pub struct Tables {
     /// Idle seconds before a TCP flow seen closing (FIN or RST) is
     /// forgotten (at most `flow_timeout`).
     pub closed_timeout: u32,
+    /// Idle seconds before a TCP flow begun by a SYN, whose client has not
+    /// completed the handshake yet, is forgotten (at most `flow_timeout`).
+    pub syn_timeout: u32,
     /// Whether a full persistence window evicts its oldest entry (else the
     /// client is scheduled without being recorded).
     pub persist_evict: bool,
 }
 
 impl Tables {
-    /// The idle timeout of a flow whose entry holds `v`: the closed
-    /// timeout once it has been seen closing. (A reply entry is written
-    /// with its forward entry's value, so both expire together.)
+    /// The idle timeout of a flow whose entry holds `v`: the SYN timeout
+    /// while it is opening, at most the closed timeout once it has been
+    /// seen closing. (A reply entry is written with its forward entry's
+    /// value, so both expire together.)
     #[inline]
     pub fn flow_timeout_of(&self, v: FlowValue) -> u32 {
-        if v.closed {
-            self.closed_timeout
+        let t = if v.opening {
+            self.syn_timeout
         } else {
             self.flow_timeout
+        };
+        if v.closed {
+            t.min(self.closed_timeout)
+        } else {
+            t
         }
     }
 }
@@ -520,17 +529,22 @@ impl Processor<'_> {
         // and still in the service (whatever its weight: 0 drains).
         let b = 'kept: {
             if let Some((v, touched)) = t.flows.lookup_probe(fprobe, self.now) {
-                let reopened = v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
                 if let Some(b) = snap.backend_of_id(v.backend) {
-                    if v.listener == le.id && snap.keeps(svc, b) && !reopened {
-                        if touched {
-                            self.refresh(p, svc, b, v);
+                    if v.listener == le.id && snap.keeps(svc, b) {
+                        if !(v.closed || v.opening) {
+                            if touched {
+                                self.refresh(p, svc, b, v);
+                            }
+                            break 'kept b;
                         }
-                        break 'kept b;
+                        if self.settle(p, fprobe, svc, b, v, flags, touched) {
+                            break 'kept b;
+                        }
                     }
                 }
             }
-            match self.open(p, le, m) {
+            // A SYN without ACK opens a TCP flow.
+            match self.open(p, le, m, flags & (TCP_SYN | TCP_ACK) == TCP_SYN) {
                 Ok(b) => b,
                 Err(why) => return Verdict::Drop(why),
             }
@@ -579,6 +593,61 @@ impl Processor<'_> {
         }
     }
 
+    /// A client packet (TCP `flags`) on a flow that is closed or still
+    /// opening (`v`, to backend `b` of service `svc`, which keeps it):
+    /// whether the flow keeps its backend. A SYN without ACK reopens a
+    /// closed flow as a new one (false). The client's first packet after
+    /// its SYN that has no SYN, FIN or RST (the ACK completing the
+    /// handshake) gives an opening flow the full idle timeout. Out of line:
+    /// a few packets per connection.
+    #[cold]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn settle(
+        &self,
+        p: &Parsed,
+        fprobe: &Probe,
+        svc: u32,
+        b: u32,
+        v: FlowValue,
+        flags: u8,
+        touched: bool,
+    ) -> bool {
+        if v.closed && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            return false;
+        }
+        if v.opening && !v.closed && flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+            self.handshake_done(p, fprobe, b, v);
+        } else if touched {
+            self.refresh(p, svc, b, v);
+        }
+        true
+    }
+
+    /// The client completed the handshake of the opening flow `v` to
+    /// backend `b`: from now on the flow and its reply entry (if the
+    /// backend is shared) have the full idle timeout.
+    fn handshake_done(&self, p: &Parsed, fprobe: &Probe, b: u32, v: FlowValue) {
+        let snap = self.snapshot;
+        let t = self.tables;
+        let v = FlowValue {
+            opening: false,
+            ..v
+        };
+        let timeout = t.flow_timeout_of(v);
+        // The entry is there (just looked up): this replaces its value,
+        // unless it expired or was evicted in between.
+        if let Upsert::Evicted(_) = t.flows.upsert_probe(fprobe, v, self.now, timeout, true) {
+            WorkerStats::add(&self.stats.core.flows_evicted, 1);
+        }
+        if snap.sole_listener(b).is_none() {
+            let rkey = backend_reply_key(p, &snap.backends[b as usize]);
+            if let Upsert::Evicted(_) = t.flows.upsert(&rkey, v, self.now, timeout, true) {
+                WorkerStats::add(&self.stats.core.flows_evicted, 1);
+            }
+        }
+    }
+
     /// An established flow's timer moved to a new second (once a second
     /// per flow): keep what lives alongside it alive too. Out of line, so
     /// that the established path it branches off stays short.
@@ -610,9 +679,10 @@ impl Processor<'_> {
 
     /// A new flow (or one whose backend may no longer keep it) to listener
     /// `le`: chooses its backend and records it (the recording out of
-    /// line).
+    /// line). `syn`: the packet is a SYN without ACK, so the flow is
+    /// recorded as opening.
     #[inline(always)]
-    fn open(&self, p: &Parsed, le: &ListenerEntry, m: &Meta) -> Result<u32, DropReason> {
+    fn open(&self, p: &Parsed, le: &ListenerEntry, m: &Meta, syn: bool) -> Result<u32, DropReason> {
         let snap = self.snapshot;
         let t = self.tables;
         let svc = le.service;
@@ -629,7 +699,7 @@ impl Processor<'_> {
         if snap.backends[b as usize].mac.is_none() {
             return Err(DropReason::NoNeighbour);
         }
-        self.record_new(p, se, le.id, b, m, &pprobe, persisted);
+        self.record_new(p, se, le.id, syn, b, m, &pprobe, persisted);
         Ok(b)
     }
 
@@ -661,8 +731,9 @@ impl Processor<'_> {
     }
 
     /// Records a new flow to backend `b`: persistence (when newly
-    /// scheduled), the forward and reply entries (`m`: the frame's probes
-    /// and hints), and the opened connection.
+    /// scheduled), the forward and reply entries (`value`, with the
+    /// timeout it implies; `m`: the frame's probes and hints), and the
+    /// opened connection.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn record_new(
@@ -670,6 +741,7 @@ impl Processor<'_> {
         p: &Parsed,
         se: &ServiceEntry,
         listener_id: u16,
+        opening: bool,
         b: u32,
         m: &Meta,
         pprobe: &Probe,
@@ -695,10 +767,14 @@ impl Processor<'_> {
                 _ => WorkerStats::add(&c.persist_recorded, 1),
             }
         }
-        let value = FlowValue::new(listener_id, be.id);
+        let value = FlowValue {
+            opening,
+            ..FlowValue::new(listener_id, be.id)
+        };
+        let timeout = t.flow_timeout_of(value);
         let stored = t
             .flows
-            .upsert_probe(&m.flow, value, self.now, t.flow_timeout, true);
+            .upsert_probe(&m.flow, value, self.now, timeout, true);
         self.record(stored);
         if stored != Upsert::Full {
             // Only a stored flow can later be counted closed.
@@ -716,7 +792,7 @@ impl Processor<'_> {
         };
         match t
             .flows
-            .upsert_probe(&rprobe, value, self.now, t.flow_timeout, true)
+            .upsert_probe(&rprobe, value, self.now, timeout, true)
         {
             // The client reused its source port towards another listener of
             // the same service, so the backend sees the same 4-tuple: it can
@@ -1020,6 +1096,7 @@ backend_interface = "b0"
 client_gateway = "198.18.0.2"
 flow_idle_timeout = 10
 tcp_closed_timeout = 3
+tcp_syn_timeout = 2
 
 [[listener]]
 name = "web"
@@ -1124,6 +1201,7 @@ protocol = "udp"
                     persist: FlowTable::new(1024),
                     flow_timeout: config.instance.flow_idle_timeout,
                     closed_timeout: config.instance.tcp_closed_timeout,
+                    syn_timeout: config.instance.tcp_syn_timeout,
                     persist_evict: true,
                 },
                 shared: Shared::new(vec![Arc::clone(&stats)]),
@@ -1611,6 +1689,7 @@ backend_service = \"web\"
             (102, Pkt::from_client(client_closes, vip), TCP_ACK, fwd),
             (102, Pkt::from_client(server_closes, vip), TCP_ACK, fwd),
             (102, Pkt::from_client(reopened, vip), TCP_SYN, fwd),
+            (102, Pkt::from_client(reopened, vip), TCP_ACK, fwd),
         ] {
             assert_eq!(rig.process(&mut with(pkt, flags), now), verdict);
         }
@@ -1632,6 +1711,61 @@ backend_service = \"web\"
             let out = (verdict == rev).then(|| reply.to_client(vip));
             expect(&rig, 106, reply, verdict, out);
         }
+    }
+
+    /// A TCP flow begun by a SYN lives by the SYN timeout (both its
+    /// entries: here its server is shared) until the client's first packet
+    /// without SYN completes the handshake; retransmitted SYNs and the
+    /// server's SYN-ACKs keep it that long again. A flow first seen
+    /// mid-stream (no SYN) has the idle timeout from the start.
+    #[test]
+    fn a_tcp_flow_lives_by_the_syn_timeout_until_its_handshake_completes() {
+        let rig = Rig::with_config(&shared_config(), true, &mut Ids::default());
+        let server = ("198.18.2.11", 8080);
+        let vip = ("198.18.100.1", 80);
+        let (fwd, rev) = (Verdict::Tx(Port::Backend), Verdict::Tx(Port::Client));
+        let half_open = ("198.18.4.7", 40000);
+        let completed = ("198.18.4.7", 40001);
+        let mid_stream = ("198.18.4.7", 40002);
+        for (now, pkt, flags, verdict) in [
+            (100, Pkt::from_client(half_open, vip), TCP_SYN, fwd),
+            (100, Pkt::from_client(completed, vip), TCP_SYN, fwd),
+            (100, Pkt::from_client(mid_stream, vip), TCP_ACK, fwd),
+            (101, Pkt::from_client(half_open, vip), TCP_SYN, fwd),
+            (
+                101,
+                Pkt::from_server(server, half_open),
+                TCP_SYN | TCP_ACK,
+                rev,
+            ),
+            (
+                101,
+                Pkt::from_server(server, completed),
+                TCP_SYN | TCP_ACK,
+                rev,
+            ),
+            (101, Pkt::from_client(completed, vip), TCP_ACK, fwd),
+        ] {
+            let mut frame = Pkt::build_with_flags(&pkt, flags);
+            assert_eq!(rig.process(&mut frame, now), verdict, "{now} {flags:#x}");
+        }
+        assert_eq!(rig.tables.flows.count_live(101), 6, "two entries a flow");
+        // tcp_syn_timeout = 2 s: the half-open flow's entries last until
+        // 103; flow_idle_timeout = 10 s: the others' until 110 and 111.
+        assert_eq!(rig.tables.flows.count_live(103), 6);
+        assert_eq!(rig.tables.flows.count_live(104), 4);
+        for (client, verdict) in [
+            (half_open, Verdict::Drop(DropReason::NoFlow)),
+            (completed, rev),
+            (mid_stream, rev),
+        ] {
+            let reply = Pkt::from_server(server, client);
+            let out = (verdict == rev).then(|| reply.to_client(vip));
+            expect(&rig, 104, reply, verdict, out);
+        }
+        let c = &rig.stats.core;
+        let created = c.flows_created.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(created, 3, "completing a handshake creates no flow");
     }
 
     #[test]

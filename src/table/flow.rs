@@ -97,13 +97,16 @@ pub struct PersistKey {
     pub client: [u8; 16],
 }
 
-/// What an entry maps to: stable listener and backend ids (0 = none), and
-/// whether the flow was seen closing (TCP FIN/RST), for least-connections.
+/// What an entry maps to: stable listener and backend ids (0 = none),
+/// whether the flow was seen closing (TCP FIN/RST), for least-connections,
+/// and whether it is a TCP flow still opening (begun by a SYN, its
+/// handshake not yet completed by the client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowValue {
     pub listener: u16,
     pub backend: u16,
     pub closed: bool,
+    pub opening: bool,
 }
 
 impl FlowValue {
@@ -112,16 +115,21 @@ impl FlowValue {
             listener,
             backend,
             closed: false,
+            opening: false,
         }
     }
-    /// Whether both name the same listener and backend, closed or not.
+    /// Whether both name the same listener and backend, whatever their
+    /// state.
     #[inline]
     pub fn same_target(self, other: FlowValue) -> bool {
         self.listener == other.listener && self.backend == other.backend
     }
     #[inline]
     fn pack(self) -> u64 {
-        self.listener as u64 | (self.backend as u64) << 16 | (self.closed as u64) << 32
+        self.listener as u64
+            | (self.backend as u64) << 16
+            | (self.closed as u64) << 32
+            | (self.opening as u64) << 33
     }
     #[inline]
     fn unpack(v: u64) -> Self {
@@ -129,6 +137,7 @@ impl FlowValue {
             listener: v as u16,
             backend: (v >> 16) as u16,
             closed: (v >> 32) & 1 == 1,
+            opening: (v >> 33) & 1 == 1,
         }
     }
 }
@@ -871,6 +880,7 @@ mod tests {
         listener: 3,
         backend: 7,
         closed: false,
+        opening: false,
     };
     const T: u32 = 300;
 
