@@ -251,28 +251,7 @@ fn closed_tcp_connections_to_shared_servers_free_both_entries_after_the_closed_t
 /// without sending anything more.
 #[test]
 fn half_open_tcp_connections_free_their_entries_after_the_syn_timeout() {
-    let mut t = Topology::up("syn-timeout", N_SOURCES);
-    let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";
-    let cfg = t.config_text(|c| {
-        assert!(c.contains(web_alt), "the demo config changed");
-        // One listener per server: one entry per flow.
-        c.replacen(web_alt, "", 1).replacen(
-            "[instance]\n",
-            "[instance]\nflow_idle_timeout = 120\ntcp_syn_timeout = 3\n",
-            1,
-        )
-    });
-    t.start_lb(&cfg);
-    let live = |t: &Topology| t.stats()["flows"]["live_entries"].as_u64().expect("live");
-    let sources = "198.18.4.1-198.18.4.100";
-
-    let udp = t.drive(&[], &[ECHO], sources, 1);
-    assert_eq!(
-        (udp.requests, udp.failures),
-        (100, 0),
-        "{}",
-        udp.failures_text()
-    );
+    let t = with_udp_flows("syn-timeout", false, "tcp_syn_timeout = 3");
     // The servers' answers to these clients go nowhere from now on.
     for b in ["b1", "b2", "b3"] {
         let ns = format!("l4lb-{b}");
@@ -286,7 +265,7 @@ fn half_open_tcp_connections_free_their_entries_after_the_syn_timeout() {
     let tcp = t.drive_with(
         &[WEB],
         &[],
-        sources,
+        SOURCES_100,
         1,
         &["--timeout-ms", "500", "--parallel", "100"],
     );
@@ -300,48 +279,20 @@ fn half_open_tcp_connections_free_their_entries_after_the_syn_timeout() {
         "the SYNs went out within the SYN timeout (took {:?})",
         started.elapsed()
     );
-    assert_eq!(live(&t), 200, "100 UDP flows and 100 half-open TCP ones");
-
+    assert_eq!(
+        live_entries(&t),
+        200,
+        "100 UDP flows and 100 half-open TCP ones"
+    );
     // Within 3 s of their SYN (plus a second of clock granularity), the
     // half-open flows are gone; the UDP flows stay.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while live(&t) != 100 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
-    assert_eq!(live(&t), 100, "only the UDP flows are left");
+    wait_for_udp_flows_only(&t, 10);
     assert_eq!(t.stats()["flows"]["tcp_syn_timeout_s"], 3);
 }
 
 fn closed_connections_free_their_entries(name: &str, shared: bool) {
-    let mut t = Topology::up(name, N_SOURCES);
-    let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";
-    let cfg = t.config_text(|c| {
-        assert!(c.contains(web_alt), "the demo config changed");
-        // Without web-alt, web's servers are reached by one listener, so
-        // each flow takes exactly one entry (no reply entries).
-        let c = if shared {
-            c
-        } else {
-            c.replacen(web_alt, "", 1)
-        };
-        c.replacen(
-            "[instance]\n",
-            "[instance]\nflow_idle_timeout = 120\ntcp_closed_timeout = 5\n",
-            1,
-        )
-    });
-    t.start_lb(&cfg);
-    let live = |t: &Topology| t.stats()["flows"]["live_entries"].as_u64().expect("live");
-    let sources = "198.18.4.1-198.18.4.100";
-
-    let udp = t.drive(&[], &[ECHO], sources, 1);
-    assert_eq!(
-        (udp.requests, udp.failures),
-        (100, 0),
-        "{}",
-        udp.failures_text()
-    );
-    let tcp = t.drive(&[WEB], &[], sources, 1);
+    let t = with_udp_flows(name, shared, "tcp_closed_timeout = 5");
+    let tcp = t.drive(&[WEB], &[], SOURCES_100, 1);
     assert_eq!(
         (tcp.requests, tcp.failures),
         (100, 0),
@@ -351,22 +302,65 @@ fn closed_connections_free_their_entries(name: &str, shared: bool) {
     // Every connection closed (FIN both ways) less than 5 s ago.
     let tcp_entries = if shared { 200 } else { 100 };
     assert_eq!(
-        live(&t),
+        live_entries(&t),
         100 + tcp_entries,
         "100 UDP flows and 100 closed TCP ones ({tcp_entries} entries)"
     );
-
     // Within 5 s of their last packet (plus a second of clock
     // granularity), the closed connections are gone; the UDP flows, idle
     // for less than 120 s, stay.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while live(&t) != 100 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
-    assert_eq!(live(&t), 100, "only the UDP flows are left");
+    wait_for_udp_flows_only(&t, 15);
     let flows = &t.stats()["flows"];
     assert_eq!(
         (&flows["idle_timeout_s"], &flows["tcp_closed_timeout_s"]),
         (&serde_json::json!(120), &serde_json::json!(5))
     );
+}
+
+/// The clients of the timeout tests.
+const SOURCES_100: &str = "198.18.4.1-198.18.4.100";
+
+/// l4lb on the demo config with `flow_idle_timeout = 120` and the
+/// instance key `key` (without web-alt unless `shared`: web's servers are
+/// then reached by one listener, and each flow takes exactly one entry),
+/// after one UDP echo flow from each of [`SOURCES_100`].
+fn with_udp_flows(name: &str, shared: bool, key: &str) -> Topology {
+    let mut t = Topology::up(name, N_SOURCES);
+    let web_alt = "[[listener]]\nname = \"web-alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\nport = 80\nbackend_service = \"web\"\n";
+    let cfg = t.config_text(|c| {
+        assert!(c.contains(web_alt), "the demo config changed");
+        let c = if shared {
+            c
+        } else {
+            c.replacen(web_alt, "", 1)
+        };
+        c.replacen(
+            "[instance]\n",
+            &format!("[instance]\nflow_idle_timeout = 120\n{key}\n"),
+            1,
+        )
+    });
+    t.start_lb(&cfg);
+    let udp = t.drive(&[], &[ECHO], SOURCES_100, 1);
+    assert_eq!(
+        (udp.requests, udp.failures),
+        (100, 0),
+        "{}",
+        udp.failures_text()
+    );
+    t
+}
+
+fn live_entries(t: &Topology) -> u64 {
+    t.stats()["flows"]["live_entries"].as_u64().expect("live")
+}
+
+/// Waits up to `secs` for the flow table to hold only the 100 UDP flows of
+/// [`with_udp_flows`].
+fn wait_for_udp_flows_only(t: &Topology, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while live_entries(t) != 100 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(live_entries(t), 100, "only the UDP flows are left");
 }
