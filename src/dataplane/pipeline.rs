@@ -731,9 +731,10 @@ impl Processor<'_> {
     }
 
     /// Records a new flow to backend `b`: persistence (when newly
-    /// scheduled), the forward and reply entries (`value`, with the
-    /// timeout it implies; `m`: the frame's probes and hints), and the
-    /// opened connection.
+    /// scheduled), the forward and reply entries (for listener
+    /// `listener_id`, `opening` if the packet was a SYN without ACK, with
+    /// the timeout that implies; `m`: the frame's probes and hints), and
+    /// the opened connection.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn record_new(
