@@ -1321,6 +1321,32 @@ protocol = "udp"
         assert!(frame == want, "\n got  {frame:02x?}\n want {want:02x?}");
     }
 
+    /// Processes each IPv4 TCP packet, with its flags replaced, at its time
+    /// and checks its verdict: `(now, packet, flags, verdict)`.
+    fn expect_with_flags(rig: &Rig, steps: &[(u32, Pkt, u8, Verdict)]) {
+        for &(now, pkt, flags, verdict) in steps {
+            let mut frame = pkt.build_with_flags(flags);
+            assert_eq!(rig.process(&mut frame, now), verdict, "{now} {flags:#x}");
+        }
+    }
+
+    /// `server`'s reply to each client at its time: sent on from `vip` when
+    /// the verdict is a reply, else left as it was: `(now, client,
+    /// verdict)`.
+    fn expect_replies(
+        rig: &Rig,
+        server: (&'static str, u16),
+        vip: (&'static str, u16),
+        steps: &[(u32, (&'static str, u16), Verdict)],
+    ) {
+        let rev = Verdict::Tx(Port::Client);
+        for &(now, client, verdict) in steps {
+            let reply = Pkt::from_server(server, client);
+            let out = (verdict == rev).then(|| reply.to_client(vip));
+            expect(rig, now, reply, verdict, out);
+        }
+    }
+
     const VIP6: (&str, u16) = ("2001:2::100", 80);
     const SERVER6: (&str, u16) = ("2001:2::11", 8080);
     const CLIENT6: (&str, u16) = ("2001:2::7", 40000);
@@ -1661,7 +1687,6 @@ backend_service = \"web\"
         let server = ("198.18.2.11", 8080);
         let vip = ("198.18.100.1", 80);
         let (fwd, rev) = (Verdict::Tx(Port::Backend), Verdict::Tx(Port::Client));
-        let with = |p: Pkt, flags: u8| p.build_with_flags(flags);
         let client_closes = ("198.18.4.7", 40000);
         let server_closes = ("198.18.4.7", 40001);
         let reopened = ("198.18.4.7", 40002);
@@ -1671,29 +1696,30 @@ backend_service = \"web\"
             expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
         }
         assert_eq!(rig.tables.flows.count_live(100), 8, "two entries a flow");
-        for (now, pkt, flags, verdict) in [
-            (
-                101,
-                Pkt::from_client(client_closes, vip),
-                TCP_FIN | TCP_ACK,
-                fwd,
-            ),
-            (
-                101,
-                Pkt::from_server(server, server_closes),
-                TCP_FIN | TCP_ACK,
-                rev,
-            ),
-            (101, Pkt::from_client(reopened, vip), TCP_RST, fwd),
-            // The last ACKs, a second later: the forward entries' timers
-            // move, and the reply entries are refreshed along with them.
-            (102, Pkt::from_client(client_closes, vip), TCP_ACK, fwd),
-            (102, Pkt::from_client(server_closes, vip), TCP_ACK, fwd),
-            (102, Pkt::from_client(reopened, vip), TCP_SYN, fwd),
-            (102, Pkt::from_client(reopened, vip), TCP_ACK, fwd),
-        ] {
-            assert_eq!(rig.process(&mut with(pkt, flags), now), verdict);
-        }
+        expect_with_flags(
+            &rig,
+            &[
+                (
+                    101,
+                    Pkt::from_client(client_closes, vip),
+                    TCP_FIN | TCP_ACK,
+                    fwd,
+                ),
+                (
+                    101,
+                    Pkt::from_server(server, server_closes),
+                    TCP_FIN | TCP_ACK,
+                    rev,
+                ),
+                (101, Pkt::from_client(reopened, vip), TCP_RST, fwd),
+                // The last ACKs, a second later: the forward entries' timers
+                // move, and the reply entries are refreshed along with them.
+                (102, Pkt::from_client(client_closes, vip), TCP_ACK, fwd),
+                (102, Pkt::from_client(server_closes, vip), TCP_ACK, fwd),
+                (102, Pkt::from_client(reopened, vip), TCP_SYN, fwd),
+                (102, Pkt::from_client(reopened, vip), TCP_ACK, fwd),
+            ],
+        );
         let c = &rig.stats.core;
         let rebound = c.flows_rebound.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(rebound, 0, "a flow reopened is no rebound");
@@ -1702,16 +1728,18 @@ backend_service = \"web\"
         // (reopened at 102) 112.
         assert_eq!(rig.tables.flows.count_live(105), 8);
         assert_eq!(rig.tables.flows.count_live(106), 4);
-        for (client, verdict) in [
-            (client_closes, Verdict::Drop(DropReason::NoFlow)),
-            (server_closes, Verdict::Drop(DropReason::NoFlow)),
-            (reopened, rev),
-            (open, rev),
-        ] {
-            let reply = Pkt::from_server(server, client);
-            let out = (verdict == rev).then(|| reply.to_client(vip));
-            expect(&rig, 106, reply, verdict, out);
-        }
+        let no_flow = Verdict::Drop(DropReason::NoFlow);
+        expect_replies(
+            &rig,
+            server,
+            vip,
+            &[
+                (106, client_closes, no_flow),
+                (106, server_closes, no_flow),
+                (106, reopened, rev),
+                (106, open, rev),
+            ],
+        );
     }
 
     /// A TCP flow begun by a SYN lives by the SYN timeout (both its
@@ -1728,42 +1756,43 @@ backend_service = \"web\"
         let half_open = ("198.18.4.7", 40000);
         let completed = ("198.18.4.7", 40001);
         let mid_stream = ("198.18.4.7", 40002);
-        for (now, pkt, flags, verdict) in [
-            (100, Pkt::from_client(half_open, vip), TCP_SYN, fwd),
-            (100, Pkt::from_client(completed, vip), TCP_SYN, fwd),
-            (100, Pkt::from_client(mid_stream, vip), TCP_ACK, fwd),
-            (101, Pkt::from_client(half_open, vip), TCP_SYN, fwd),
-            (
-                101,
-                Pkt::from_server(server, half_open),
-                TCP_SYN | TCP_ACK,
-                rev,
-            ),
-            (
-                101,
-                Pkt::from_server(server, completed),
-                TCP_SYN | TCP_ACK,
-                rev,
-            ),
-            (101, Pkt::from_client(completed, vip), TCP_ACK, fwd),
-        ] {
-            let mut frame = Pkt::build_with_flags(&pkt, flags);
-            assert_eq!(rig.process(&mut frame, now), verdict, "{now} {flags:#x}");
-        }
+        expect_with_flags(
+            &rig,
+            &[
+                (100, Pkt::from_client(half_open, vip), TCP_SYN, fwd),
+                (100, Pkt::from_client(completed, vip), TCP_SYN, fwd),
+                (100, Pkt::from_client(mid_stream, vip), TCP_ACK, fwd),
+                (101, Pkt::from_client(half_open, vip), TCP_SYN, fwd),
+                (
+                    101,
+                    Pkt::from_server(server, half_open),
+                    TCP_SYN | TCP_ACK,
+                    rev,
+                ),
+                (
+                    101,
+                    Pkt::from_server(server, completed),
+                    TCP_SYN | TCP_ACK,
+                    rev,
+                ),
+                (101, Pkt::from_client(completed, vip), TCP_ACK, fwd),
+            ],
+        );
         assert_eq!(rig.tables.flows.count_live(101), 6, "two entries a flow");
         // tcp_syn_timeout = 2 s: the half-open flow's entries last until
         // 103; flow_idle_timeout = 10 s: the others' until 110 and 111.
         assert_eq!(rig.tables.flows.count_live(103), 6);
         assert_eq!(rig.tables.flows.count_live(104), 4);
-        for (client, verdict) in [
-            (half_open, Verdict::Drop(DropReason::NoFlow)),
-            (completed, rev),
-            (mid_stream, rev),
-        ] {
-            let reply = Pkt::from_server(server, client);
-            let out = (verdict == rev).then(|| reply.to_client(vip));
-            expect(&rig, 104, reply, verdict, out);
-        }
+        expect_replies(
+            &rig,
+            server,
+            vip,
+            &[
+                (104, half_open, Verdict::Drop(DropReason::NoFlow)),
+                (104, completed, rev),
+                (104, mid_stream, rev),
+            ],
+        );
         let c = &rig.stats.core;
         let created = c.flows_created.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(created, 3, "completing a handshake creates no flow");
@@ -1800,17 +1829,18 @@ backend_service = \"web\"
         );
         // flow_idle_timeout = 10 s, tcp_closed_timeout = 3 s: the server's
         // last ACK at 104 finds the closing flow and keeps it 3 s more.
-        for (now, client, verdict) in [
-            (104, closing, rev),
-            (107, closing, rev),
-            (108, open, rev),
-            (111, closing, Verdict::Drop(DropReason::NoFlow)),
-            (118, open, rev),
-        ] {
-            let reply = Pkt::from_server(server, client);
-            let out = (verdict == rev).then(|| reply.to_client(vip));
-            expect(&rig, now, reply, verdict, out);
-        }
+        expect_replies(
+            &rig,
+            server,
+            vip,
+            &[
+                (104, closing, rev),
+                (107, closing, rev),
+                (108, open, rev),
+                (111, closing, Verdict::Drop(DropReason::NoFlow)),
+                (118, open, rev),
+            ],
+        );
     }
 
     #[test]
