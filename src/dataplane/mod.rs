@@ -7,12 +7,9 @@
 //!   `l4lb replay` run is what runs live.
 //! * [`nat`], [`checksum`]: the in-place rewrite with RFC 1624 updates.
 //! * [`counters`]: per-worker counters, drops by reason.
-//! * [`cache`]: a worker's cache of the established IPv4 flows it
-//!   forwarded this second, rewrite included.
 //! * [`xsk`]: the AF_XDP rings (the only `unsafe` of the data plane).
 //! * [`worker`]: the pinned poll loop.
 
-pub mod cache;
 pub mod checksum;
 pub mod counters;
 pub mod icmp;

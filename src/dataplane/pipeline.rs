@@ -7,16 +7,15 @@
 
 use crate::config::Scheduler;
 use crate::control::snapshot::{BackendEntry, ListenerEntry, SchedState, ServiceEntry, Snapshot};
-use crate::dataplane::cache::{self, CacheKey};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::icmp::{self, Icmp, Toward};
 use crate::dataplane::nat::{rewrite, Side};
-use crate::dataplane::packet::{parse_into, Frame, Parsed, ETH_LEN, PROTO_TCP, PROTO_UDP};
+use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
 use crate::sched::client_hash_bytes;
 use crate::table::{
     FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
-use crate::util::{prefetch, Mac};
+use crate::util::prefetch;
 
 /// The two ports of a two-arm (NAT) load balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,15 +111,10 @@ pub struct Meta {
     /// The backend stage 3 picked for that hash: the scheduler's choice,
     /// which stage 5 takes unless the client has a session.
     pick: Option<u32>,
-    /// IPv4 without options: the frame's flow cache key (else unset).
-    cache: CacheKey,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
-    /// To a listener, on a flow the worker's cache holds (stage 1 found
-    /// its line valid).
-    Cached,
     /// To listener (dense index).
     Forward(u32),
     /// From a backend (dense index).
@@ -139,7 +133,6 @@ impl Default for Meta {
             reply: None,
             client_hash: None,
             pick: None,
-            cache: CacheKey::default(),
         }
     }
 }
@@ -358,12 +351,10 @@ impl Processor<'_> {
     /// `m` in place: returned by value, the `Meta` (100 bytes then) was copied out
     /// with wide loads right after being written with narrow stores, which
     /// stalls store forwarding (measured: a third of the stage).
-    ///
-    /// An IPv4 frame of a flow this worker forwarded this second (under
-    /// this snapshot) is classified [`Class::Cached`] from its key alone:
-    /// no listener lookup, no flow-table hash, nothing to prefetch.
     #[inline]
     pub fn classify(&self, frame: &[u8], m: &mut Meta) {
+        let snap = self.snapshot;
+        let t = self.tables;
         parse_into(frame, &mut m.frame);
         m.class = Class::Other;
         m.new = false;
@@ -371,29 +362,6 @@ impl Processor<'_> {
         m.reply = None;
         m.client_hash = None;
         m.pick = None;
-        m.cache = CacheKey::default();
-        if let Frame::L4(p) = &m.frame {
-            if p.l4 == ETH_LEN + 20 && !p.v6 {
-                let c = &self.stats.cache;
-                m.cache = c.key(frame, p.proto);
-                if p.ttl > 1
-                    && tcp_flags(frame, p) & (TCP_SYN | TCP_FIN | TCP_RST) == 0
-                    && c.holds(&m.cache, self.snapshot.generation, self.now)
-                {
-                    m.class = Class::Cached;
-                    return;
-                }
-            }
-            self.classify_l4(m);
-        }
-    }
-
-    /// The rest of stage 1 for a TCP or UDP frame: its listener (forward)
-    /// or its backend (reverse), its flow-table probe, the prefetch.
-    #[inline(always)]
-    fn classify_l4(&self, m: &mut Meta) {
-        let snap = self.snapshot;
-        let t = self.tables;
         if let Frame::L4(p) = &m.frame {
             if let Some(l) = snap.listener(&p.dst, p.dport, p.proto) {
                 m.class = Class::Forward(l);
@@ -492,45 +460,11 @@ impl Processor<'_> {
     #[inline(always)]
     fn decide(&self, frame: &mut [u8], m: &Meta) -> Verdict {
         match (&m.frame, m.class) {
-            (Frame::L4(p), Class::Cached) => self.cached(frame, p, m),
             (Frame::L4(p), Class::Forward(l)) => self.forward(frame, p, l, m),
             (Frame::L4(p), Class::Reverse(b)) if !self.snapshot.is_for_host(&p.dst) => {
                 self.reverse(frame, p, b, m)
             }
             _ => self.decide_other(frame, m),
-        }
-    }
-
-    /// A frame stage 1 found in the worker's flow cache: rewritten from
-    /// its line, as [`Processor::forward`] rewrote the flow's last frame.
-    #[inline(always)]
-    fn cached(&self, frame: &mut [u8], p: &Parsed, m: &Meta) -> Verdict {
-        let Some(h) = self
-            .stats
-            .cache
-            .get(&m.cache, self.snapshot.generation, self.now)
-        else {
-            return self.uncached(frame, m);
-        };
-        let len = frame.len();
-        cache::rewrite(frame, p.proto == PROTO_UDP, &h);
-        self.stats.listener(h.listener, len);
-        self.stats.backend(h.backend, len);
-        WorkerStats::add(&self.stats.core.flow_cache_hits, 1);
-        Verdict::Tx(Port::Backend)
-    }
-
-    /// A cached frame whose line an earlier frame of the burst took for
-    /// another flow (or forgot): the full path, stage 1 included.
-    #[cold]
-    #[inline(never)]
-    fn uncached(&self, frame: &mut [u8], m: &Meta) -> Verdict {
-        let mut full = *m;
-        self.classify_l4(&mut full);
-        if let (Frame::L4(p), Class::Forward(l)) = (&full.frame, full.class) {
-            self.forward(frame, p, l, &full)
-        } else {
-            self.decide_other(frame, &full)
         }
     }
 
@@ -590,16 +524,10 @@ impl Processor<'_> {
         let svc = le.service;
         let flags = tcp_flags(frame, p);
         let fprobe = &m.flow;
-        if flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 && m.cache.is_set() {
-            // The flow's state changes: its later frames take the full
-            // path until it is cached again.
-            self.stats.cache.forget(&m.cache);
-        }
 
         // An established flow keeps its backend while that backend is up
         // and still in the service (whatever its weight: 0 drains).
-        // `plain`: it is neither closed nor opening (what the cache holds).
-        let (b, plain) = 'kept: {
+        let b = 'kept: {
             if let Some((v, touched)) = t.flows.lookup_probe(fprobe, self.now) {
                 if let Some(b) = snap.backend_of_id(v.backend) {
                     if v.listener == le.id && snap.keeps(svc, b) {
@@ -607,17 +535,17 @@ impl Processor<'_> {
                             if touched {
                                 self.refresh(p, svc, b, v);
                             }
-                            break 'kept (b, true);
+                            break 'kept b;
                         }
                         if self.settle(p, fprobe, svc, b, v, flags, touched) {
-                            break 'kept (b, false);
+                            break 'kept b;
                         }
                     }
                 }
             }
             // A SYN without ACK opens a TCP flow.
             match self.open(p, le, m, flags & (TCP_SYN | TCP_ACK) == TCP_SYN) {
-                Ok(b) => (b, false),
+                Ok(b) => b,
                 Err(why) => return Verdict::Drop(why),
             }
         };
@@ -628,9 +556,6 @@ impl Processor<'_> {
         let Some(mac) = be.mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
         };
-        if plain && flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 && m.cache.is_set() {
-            self.cache_flow(frame, m, le, be, &mac);
-        }
         let len = frame.len();
         rewrite(
             frame,
@@ -644,28 +569,6 @@ impl Processor<'_> {
         self.stats.listener(le.id, len);
         self.stats.backend(be.id, len);
         Verdict::Tx(Port::Backend)
-    }
-
-    /// Caches the established flow of `frame` (not yet rewritten), to
-    /// backend `be` at `mac`, for the rest of this second.
-    #[inline(never)]
-    fn cache_flow(&self, frame: &[u8], m: &Meta, le: &ListenerEntry, be: &BackendEntry, mac: &Mac) {
-        let snap = self.snapshot;
-        let addr: [u8; 4] = be.addr16[12..].try_into().expect("4 bytes");
-        self.stats.cache.put(
-            &m.cache,
-            frame,
-            &cache::Entry {
-                listener: le.id,
-                backend: be.id,
-                dst_mac: mac,
-                src_mac: &snap.links.backend_if_mac,
-                addr,
-                port: be.port,
-            },
-            snap.generation,
-            self.now,
-        );
     }
 
     /// A FIN or RST from the client of the flow `fprobe` to backend `b`:
@@ -1254,8 +1157,6 @@ protocol = "udp"
         shared: Shared,
     }
 
-    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
     /// The snapshot of config `text`, with ids from `ids` (kept across
     /// reloads, as the control plane does).
     fn snapshot(text: &str, ids: &mut Ids, gateway_known: bool) -> (Snapshot, Config) {
@@ -1265,9 +1166,7 @@ protocol = "udp"
             ids,
             &Inputs {
                 config: &config,
-                // Each snapshot its own generation, as the control plane
-                // publishes them (the flow cache tells them apart by it).
-                generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                generation: 1,
                 links: Links {
                     client_if_mac: CLIENT_IF,
                     backend_if_mac: BACKEND_IF,
@@ -1321,28 +1220,6 @@ protocol = "udp"
             }
             .process(frame)
         }
-
-        /// One burst through the staged pipeline.
-        fn process_burst(&self, frames: &mut [&mut [u8]], now: u32) -> Vec<Verdict> {
-            let mut metas = vec![Meta::default(); frames.len()];
-            let mut verdicts = vec![Verdict::Pass; frames.len()];
-            Processor {
-                snapshot: &self.snapshot,
-                tables: &self.tables,
-                stats: &self.stats,
-                shared: &self.shared,
-                now,
-            }
-            .process_burst(frames, &mut metas, &mut verdicts);
-            verdicts
-        }
-
-        fn cache_hits(&self) -> u64 {
-            self.stats
-                .core
-                .flow_cache_hits
-                .load(std::sync::atomic::Ordering::Relaxed)
-        }
     }
 
     /// A TCP (SYN-ACK) or UDP packet between two endpoints of one family.
@@ -1353,8 +1230,6 @@ protocol = "udp"
         dst: (&'static str, u16),
         ttl: u8,
         udp: bool,
-        /// TCP: an ACK with data (else a SYN-ACK).
-        data: bool,
     }
 
     impl Pkt {
@@ -1372,12 +1247,6 @@ protocol = "udp"
             let mut out = Vec::new();
             if self.udp {
                 ip.udp(self.src.1, self.dst.1)
-                    .write(&mut out, payload)
-                    .unwrap();
-            } else if self.data {
-                ip.tcp(self.src.1, self.dst.1, 7, 1000)
-                    .ack(1)
-                    .psh()
                     .write(&mut out, payload)
                     .unwrap();
             } else {
@@ -1405,7 +1274,6 @@ protocol = "udp"
                 dst,
                 ttl: 64,
                 udp: false,
-                data: false,
             }
         }
 
@@ -1416,17 +1284,11 @@ protocol = "udp"
                 dst,
                 ttl: 64,
                 udp: false,
-                data: false,
             }
         }
 
         fn udp(self) -> Pkt {
             Pkt { udp: true, ..self }
-        }
-
-        /// A TCP ACK with data: what most of an established flow is.
-        fn data(self) -> Pkt {
-            Pkt { data: true, ..self }
         }
 
         /// After the forward NAT to `server`.
@@ -1511,168 +1373,6 @@ protocol = "udp"
         expect(&rig, 1, query, Verdict::Tx(Port::Backend), forwarded);
         let replied = Some(answer.to_client(vip));
         expect(&rig, 1, answer, Verdict::Tx(Port::Client), replied);
-    }
-
-    /// `CONFIG` with an IPv4 UDP listener (198.18.100.1:53 to
-    /// 198.18.2.11:9053) as well.
-    fn config_with_udp4() -> String {
-        format!(
-            r#"{CONFIG}
-[[listener]]
-name = "dns"
-vip = "198.18.100.1"
-protocol = "udp"
-port = 53
-backend_service = "dns"
-
-[[backend_service]]
-name = "dns"
-protocol = "udp"
-
-  [[backend_service.server]]
-  address = "198.18.2.11"
-  port = 9053
-"#
-        )
-    }
-
-    const CLIENT4: (&str, u16) = ("198.18.4.7", 40000);
-    const DNS4: ((&str, u16), (&str, u16)) = (("198.18.100.1", 53), ("198.18.2.11", 9053));
-    const WEB4: ((&str, u16), (&str, u16)) = (("198.18.100.1", 80), ("198.18.2.11", 8080));
-
-    /// The second frame of an established flow in a second is cached, the
-    /// later ones are rewritten from the cache: byte for byte what the full
-    /// path writes, a UDP datagram without checksum included.
-    #[test]
-    fn a_cached_flow_is_rewritten_exactly_as_the_full_path_rewrites_it() {
-        let rig = Rig::with_config(&config_with_udp4(), true, &mut Ids::default());
-        for ((vip, server), pkt) in [
-            (DNS4, Pkt::from_client(CLIENT4, DNS4.0).udp()),
-            (WEB4, Pkt::from_client(CLIENT4, WEB4.0).data()),
-            (WEB4, Pkt::from_client(("198.18.4.8", 1), WEB4.0).data()),
-        ] {
-            let before = rig.cache_hits();
-            for _ in 0..4 {
-                let out = Some(pkt.to_server(server));
-                expect(&rig, 1, pkt, Verdict::Tx(Port::Backend), out);
-            }
-            assert_eq!(rig.cache_hits() - before, 2, "{vip:?}: frames 3 and 4");
-            // TTL 2 still goes on (as 1), from the cache; TTL 1 is dropped.
-            let ttl2 = Pkt { ttl: 2, ..pkt };
-            expect(
-                &rig,
-                1,
-                ttl2,
-                Verdict::Tx(Port::Backend),
-                Some(ttl2.to_server(server)),
-            );
-            assert_eq!(rig.cache_hits() - before, 3);
-            let ttl1 = Pkt { ttl: 1, ..pkt };
-            let dropped = Verdict::Drop(DropReason::TtlExceeded);
-            expect(&rig, 1, ttl1, dropped, None);
-        }
-        let hits = rig.cache_hits();
-        let query = Pkt::from_client(CLIENT4, DNS4.0).udp();
-        let mut frame = query.build();
-        frame[40..42].fill(0);
-        assert_eq!(rig.process(&mut frame, 1), Verdict::Tx(Port::Backend));
-        let mut want = query.to_server(DNS4.1).build();
-        want[40..42].fill(0);
-        assert!(frame == want, "\n got  {frame:02x?}\n want {want:02x?}");
-        assert_eq!(rig.cache_hits(), hits + 1);
-    }
-
-    /// A line is good for the second it was written in, under the snapshot
-    /// it was written under: the flow's first frame in a new second, or
-    /// after a reload, takes the full path (which refreshes the flow) and
-    /// caches it again.
-    #[test]
-    fn the_cache_holds_a_flow_for_one_second_of_one_snapshot() {
-        let mut ids = Ids::default();
-        let mut rig = Rig::with_config(&config_with_udp4(), true, &mut ids);
-        let pkt = Pkt::from_client(CLIENT4, DNS4.0).udp();
-        let out = Some(pkt.to_server(DNS4.1));
-        let sent = Verdict::Tx(Port::Backend);
-        // (second, reload first, whether from the cache)
-        let steps = [
-            (1, false, false),
-            (1, false, false),
-            (1, false, true),
-            (2, false, false),
-            (2, false, true),
-            (2, true, false),
-            (2, false, true),
-        ];
-        for (i, (now, reload, cached)) in steps.into_iter().enumerate() {
-            if reload {
-                (rig.snapshot, _) = snapshot(&config_with_udp4(), &mut ids, true);
-            }
-            let before = rig.cache_hits();
-            expect(&rig, now, pkt, sent, out);
-            assert_eq!(rig.cache_hits() - before, cached as u64, "step {i}");
-        }
-        assert_eq!(rig.tables.flows.count_live(2 + 10), 1, "refreshed at 2");
-    }
-
-    /// SYN, FIN and RST change a flow's state: they take the full path,
-    /// and take the flow out of the cache, so that a connection closed and
-    /// reopened within a second follows its new entry.
-    #[test]
-    fn syn_fin_and_rst_take_the_full_path_and_uncache_the_flow() {
-        let rig = Rig::with_config(&config_with_udp4(), true, &mut Ids::default());
-        let data = Pkt::from_client(CLIENT4, WEB4.0).data();
-        let sent = Verdict::Tx(Port::Backend);
-        let hit_or_not = |now: u32, flags: Option<u8>| {
-            let mut f = flags.map_or_else(|| data.build(), |x| data.build_with_flags(x));
-            let before = rig.cache_hits();
-            assert_eq!(rig.process(&mut f, now), sent, "{flags:?} at {now}");
-            rig.cache_hits() - before
-        };
-        let mut now = 1;
-        for flags in [TCP_SYN, TCP_FIN | TCP_ACK, TCP_RST] {
-            // Past the idle timeout: a SYN opens a new flow, the ACK that
-            // completes the handshake establishes it, the next frame is
-            // cached, the one after comes from the cache.
-            now += 20;
-            let steps = [(Some(TCP_SYN), 0), (None, 0), (None, 0), (None, 1)];
-            for (i, (f, hits)) in steps.into_iter().enumerate() {
-                assert_eq!(hit_or_not(now, f), hits, "{flags:#x}: step {i}");
-            }
-            assert_eq!(hit_or_not(now, Some(flags)), 0, "{flags:#x}");
-            assert_eq!(hit_or_not(now, None), 0, "{flags:#x}: uncached");
-        }
-    }
-
-    /// Stage 1 found a frame's flow in the cache, then an earlier frame of
-    /// the same burst cached another flow in that line: the frame takes the
-    /// full path, and is forwarded the same.
-    #[test]
-    fn a_frame_whose_line_is_taken_within_its_burst_takes_the_full_path() {
-        let rig = Rig::with_config(&config_with_udp4(), true, &mut Ids::default());
-        let a = Pkt::from_client(CLIENT4, DNS4.0).udp();
-        let line = |p: &Pkt| rig.stats.cache.key(&p.build(), PROTO_UDP).index();
-        let b = (1..=u16::MAX)
-            .map(|port| Pkt::from_client(("198.18.4.9", port), DNS4.0).udp())
-            .find(|b| line(b) == line(&a))
-            .expect("a flow sharing A's line");
-        let sent = Verdict::Tx(Port::Backend);
-        // Both flows exist; A is cached in second 2, B is not.
-        for p in [a, b] {
-            expect(&rig, 1, p, sent, Some(p.to_server(DNS4.1)));
-        }
-        for _ in 0..2 {
-            expect(&rig, 2, a, sent, Some(a.to_server(DNS4.1)));
-        }
-        let hits = rig.cache_hits();
-        let (mut fb, mut fa) = (b.build(), a.build());
-        let verdicts = rig.process_burst(&mut [&mut fb[..], &mut fa[..]], 2);
-        assert_eq!(verdicts, [sent, sent]);
-        assert_eq!(fb, b.to_server(DNS4.1).build());
-        assert_eq!(fa, a.to_server(DNS4.1).build());
-        assert_eq!(rig.cache_hits(), hits, "B took the line first");
-        // A's full path wrote the line last: A is cached again.
-        expect(&rig, 2, a, sent, Some(a.to_server(DNS4.1)));
-        assert_eq!(rig.cache_hits(), hits + 1);
     }
 
     #[test]
