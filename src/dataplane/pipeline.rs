@@ -637,14 +637,19 @@ impl Processor<'_> {
         let timeout = t.flow_timeout_of(v);
         // The entry is there (just looked up): this replaces its value,
         // unless it expired or was evicted in between.
-        if let Upsert::Evicted(_) = t.flows.upsert_probe(fprobe, v, self.now, timeout, true) {
-            WorkerStats::add(&self.stats.core.flows_evicted, 1);
-        }
+        self.count_eviction(t.flows.upsert_probe(fprobe, v, self.now, timeout, true));
         if snap.sole_listener(b).is_none() {
             let rkey = backend_reply_key(p, &snap.backends[b as usize]);
-            if let Upsert::Evicted(_) = t.flows.upsert(&rkey, v, self.now, timeout, true) {
-                WorkerStats::add(&self.stats.core.flows_evicted, 1);
-            }
+            self.count_eviction(t.flows.upsert(&rkey, v, self.now, timeout, true));
+        }
+    }
+
+    /// Counts an upsert of an existing flow's entry (a new value, or its
+    /// reply entry brought back) that evicted another flow's entry.
+    #[inline]
+    fn count_eviction(&self, u: Upsert) {
+        if let Upsert::Evicted(_) = u {
+            WorkerStats::add(&self.stats.core.flows_evicted, 1);
         }
     }
 
@@ -1056,12 +1061,13 @@ impl Processor<'_> {
             if v.backend == be.id && v.listener == l.id {
                 t.flows.lookup(&key, self.now);
                 // The forward entry's value, closed or not, and its timeout.
-                if let Upsert::Evicted(_) =
-                    t.flows
-                        .upsert_probe(reply, v, self.now, t.flow_timeout_of(v), true)
-                {
-                    WorkerStats::add(&self.stats.core.flows_evicted, 1);
-                }
+                self.count_eviction(t.flows.upsert_probe(
+                    reply,
+                    v,
+                    self.now,
+                    t.flow_timeout_of(v),
+                    true,
+                ));
                 return Some(l);
             }
         }
