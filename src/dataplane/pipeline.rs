@@ -670,8 +670,10 @@ impl Processor<'_> {
             // It holds the forward entry's value, closed or not, and so
             // its timeout.
             let rkey = backend_reply_key(p, be);
-            t.flows
-                .upsert(&rkey, v, self.now, t.flow_timeout_of(v), true);
+            self.count_eviction(
+                t.flows
+                    .upsert(&rkey, v, self.now, t.flow_timeout_of(v), true),
+            );
         }
         if se.persistence_timeout > 0 {
             // The client's persistence lives as long as its flows:
@@ -1664,6 +1666,67 @@ protocol = "udp"
         // A client with no flow still gets nothing.
         let stranger = Pkt::from_server(server, ("198.18.4.8", 40000));
         expect(&rig, 2, stranger, Verdict::Drop(DropReason::NoFlow), None);
+    }
+
+    /// A full flow table makes room by evicting the entry closest to
+    /// expiry, and every eviction is counted: here the table is one bucket
+    /// of eight slots. A flow begun before its server was shared brings its
+    /// reply entry back (refresh) by evicting one; a new flow to the shared
+    /// server evicts two (its forward and reply entries).
+    #[test]
+    fn every_entry_evicted_from_a_full_flow_table_is_counted() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut ids = Ids::default();
+        let mut rig = Rig::with_ids(true, &mut ids);
+        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let vip = ("198.18.100.1", 80);
+        let server = ("198.18.2.11", 8080);
+        let fwd = Verdict::Tx(Port::Backend);
+        // Eight flows, one entry each (the server is not shared yet).
+        let clients: Vec<(&str, u16)> = (0..8).map(|i| ("198.18.4.7", 40000 + i)).collect();
+        for &client in &clients {
+            let syn = Pkt::from_client(client, vip);
+            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
+        }
+        let c = &rig.stats.core;
+        assert_eq!(rig.tables.flows.count_live(100), 8);
+        assert_eq!(c.flows_created.load(Relaxed), 8);
+        assert_eq!(c.flows_evicted.load(Relaxed), 0);
+
+        (rig.snapshot, _) = snapshot(&shared_config(), &mut ids, true);
+        // The first flow's timer moves to a new second: its reply entry is
+        // brought back, over the second flow's entry (the one closest to
+        // expiry, first in the bucket).
+        let first = Pkt::from_client(clients[0], vip);
+        expect(&rig, 101, first, fwd, Some(first.to_server(server)));
+        let c = &rig.stats.core;
+        assert_eq!(
+            c.flows_evicted.load(Relaxed),
+            1,
+            "the reply entry's eviction"
+        );
+        assert_eq!(c.flows_created.load(Relaxed), 8, "no new flow");
+        let reply = Pkt::from_server(server, clients[0]);
+        expect(
+            &rig,
+            101,
+            reply,
+            Verdict::Tx(Port::Client),
+            Some(reply.to_client(vip)),
+        );
+        // A new flow to the now shared server takes two entries, both by
+        // eviction.
+        let new = Pkt::from_client(("198.18.4.8", 40000), vip);
+        expect(&rig, 101, new, fwd, Some(new.to_server(server)));
+        assert_eq!(c.flows_evicted.load(Relaxed), 3);
+        assert_eq!(c.flows_created.load(Relaxed), 9);
+        assert_eq!(rig.tables.flows.count_live(101), 8, "still full");
+        // The second flow's entry was the one evicted first: its next
+        // packet is a new flow again (and evicts in turn).
+        let second = Pkt::from_client(clients[1], vip);
+        expect(&rig, 101, second, fwd, Some(second.to_server(server)));
+        assert_eq!(c.flows_created.load(Relaxed), 10);
+        assert_eq!(c.flows_evicted.load(Relaxed), 5);
     }
 
     /// [`CONFIG`] with a second listener in front of service `web`: its
