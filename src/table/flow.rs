@@ -34,7 +34,10 @@
 //!   claims the slot with one compare-and-swap from the sequence number it
 //!   saw when it looked, and never waits for anyone: if another writer
 //!   changed the slot in between, the claim fails and the writer looks
-//!   again (once), so concurrent inserts never overwrite each other.
+//!   again (once), so concurrent inserts never overwrite each other. An
+//!   insert that chose a live entry to evict checks, once the slot is
+//!   its own, that the entry's expiry is still the one it chose by: an
+//!   entry written or refreshed after the choice is never the one evicted.
 //!   The slot's expiry in the header is written under the same sequence
 //!   number, so a reader sees key, value and expiry of one entry. A hit's
 //!   refresh of that expiry (at most once a second) is a compare-and-swap
@@ -263,6 +266,16 @@ impl Probe {
     }
 }
 
+/// The slot an insert chose ([`FlowTable::insert_slot`]) and the expiry
+/// it saw there.
+#[derive(Debug, Clone, Copy)]
+struct Pick {
+    i: usize,
+    /// A live entry, to be evicted.
+    live: bool,
+    expires: u32,
+}
+
 /// One slot, read consistently.
 struct Entry {
     key: [u64; 5],
@@ -426,48 +439,72 @@ impl FlowTable {
     /// ([`FlowTable::insert_slot`]).
     #[inline(never)]
     fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) {
-        let (i, _) = self.dead_or_soonest(b, tags, now);
-        prefetch(&self.slots[b * WINDOW + i]);
+        let pick = self.dead_or_soonest(b, tags, now);
+        prefetch(&self.slots[b * WINDOW + pick.i]);
     }
 
     /// The slot an insert of a key with tag `tag` into bucket `b` (whose
     /// tag word is `tags`) takes: an expired entry with that tag (most
     /// likely the key's own, from before: a client returning after its
     /// session expired), else the first slot never used or expired, else
-    /// the live entry closest to expiry (then the flag is true). Reads only
+    /// the live entry closest to expiry (then [`Pick::live`]). Reads only
     /// the header. (Taking a free slot before the key's own expired one
     /// left copies of returning keys behind, which every later lookup of
     /// the key stepped over.)
     #[inline(always)]
-    fn insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) -> (usize, bool) {
+    fn insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) -> Pick {
         let header = &self.buckets[b];
         for i in flagged(zero_bytes(tags ^ (tag as u64).wrapping_mul(LOW_BITS))) {
-            if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
-                return (i, false);
+            let expires = header.expires[i].load(Ordering::Relaxed);
+            if !live_at(expires, now) {
+                return Pick {
+                    i,
+                    live: false,
+                    expires,
+                };
             }
         }
         self.dead_or_soonest(b, tags, now)
     }
 
     /// The first slot of bucket `b` never used or expired, else the live
-    /// entry closest to expiry (then the flag is true).
+    /// entry closest to expiry (then [`Pick::live`]).
     #[inline(always)]
-    fn dead_or_soonest(&self, b: usize, tags: u64, now: u32) -> (usize, bool) {
+    fn dead_or_soonest(&self, b: usize, tags: u64, now: u32) -> Pick {
         let header = &self.buckets[b];
-        let mut best = (0, i32::MAX);
+        let mut best = Pick {
+            i: 0,
+            live: true,
+            expires: 0,
+        };
+        let mut best_left = i32::MAX;
         for i in 0..WINDOW {
+            let expires = header.expires[i].load(Ordering::Relaxed);
             if (tags >> (8 * i)) as u8 == 0 {
-                return (i, false);
+                return Pick {
+                    i,
+                    live: false,
+                    expires,
+                };
             }
-            let left = header.expires[i].load(Ordering::Relaxed).wrapping_sub(now) as i32;
+            let left = expires.wrapping_sub(now) as i32;
             if left < 0 {
-                return (i, false);
+                return Pick {
+                    i,
+                    live: false,
+                    expires,
+                };
             }
-            if left < best.1 {
-                best = (i, left);
+            if left < best_left {
+                best = Pick {
+                    i,
+                    live: true,
+                    expires,
+                };
+                best_left = left;
             }
         }
-        (best.0, true)
+        best
     }
 
     /// Reads slot `i` of bucket `b` consistently. `None` while a writer
@@ -676,10 +713,27 @@ impl FlowTable {
         // read once it is ours.
         let header = &self.buckets[b];
         let tags = header.tags.load(Ordering::Acquire);
-        let (i, live) = self.insert_slot(b, tags, p.hint.tag, now);
-        if live && !evict {
+        let pick = self.insert_slot(b, tags, p.hint.tag, now);
+        if pick.live && !evict {
             return Some(Upsert::Full);
         }
+        self.take(p, pick, value, now, timeout)
+    }
+
+    /// The second half of an insert: claims the slot `pick` chose, checks
+    /// that it still holds what the choice saw, and writes the entry.
+    /// `None` if another writer got there first.
+    #[inline(always)]
+    fn take(
+        &self,
+        p: &Probe,
+        pick: Pick,
+        value: FlowValue,
+        now: u32,
+        timeout: u32,
+    ) -> Option<Upsert> {
+        let (b, i) = (p.bucket(), pick.i);
+        let header = &self.buckets[b];
         let slot = &self.slots[b * WINDOW + i];
         let s = slot.seq.load(Ordering::Relaxed);
         if !self.claim(b, i, s) {
@@ -687,22 +741,35 @@ impl FlowTable {
         }
         // Ours: what the slot holds now cannot change under us.
         let old_tag = (header.tags.load(Ordering::Relaxed) >> (8 * i)) as u8;
-        let old_live = live_at(header.expires[i].load(Ordering::Relaxed), now);
+        let old_expires = header.expires[i].load(Ordering::Relaxed);
         let old = FlowValue::unpack(slot.value.load(Ordering::Relaxed));
         let outcome = if old_tag == 0 {
             Upsert::Inserted(None)
-        } else if !old_live {
+        } else if !live_at(old_expires, now) {
             // Its flow ended without being seen closing.
             Upsert::Inserted(Some(old))
-        } else if live {
+        } else if pick.live && old_expires == pick.expires {
             Upsert::Evicted(old)
         } else {
             // Free or expired when looked at, live now: another writer
-            // inserted there (perhaps this very key). Leave it be.
+            // inserted there (perhaps this very key). Or the entry chosen
+            // for eviction was replaced, or refreshed by a hit, since the
+            // choice: it is no longer the one closest to expiry, and a
+            // flow just written or just used must not be the one evicted.
+            // Leave it be.
             slot.seq.store(s, Ordering::Release);
             return None;
         };
-        self.fill(b, i, s, &p.words, p.hint.tag, value, expires, timeout);
+        self.fill(
+            b,
+            i,
+            s,
+            &p.words,
+            p.hint.tag,
+            value,
+            now.wrapping_add(timeout),
+            timeout,
+        );
         Some(outcome)
     }
 
@@ -1121,6 +1188,58 @@ mod tests {
         assert_eq!(t.lookup(&key(1, 1), 21), None);
         assert_eq!(t.lookup(&key(0, 1), 21), Some(V));
         assert_eq!(t.lookup(&key(100, 1), 21), Some(V));
+    }
+
+    /// An insert into a full bucket chooses the entry closest to expiry
+    /// from the bucket's header, then claims its slot. If another writer
+    /// replaced that entry in between, or a hit refreshed it, the insert
+    /// must not evict what is there now (a flow just written or just
+    /// used): it backs off, and its retry evicts the entry closest to
+    /// expiry by then.
+    #[test]
+    fn an_eviction_spares_an_entry_replaced_or_refreshed_after_the_choice() {
+        let t = FlowTable::new(WINDOW); // one bucket = the whole table
+        for i in 0..WINDOW as u32 {
+            // Key i expires at 310 + i.
+            t.upsert(&key(i, 1), V, 10 + i, T, true);
+        }
+        let v2 = FlowValue::new(4, 5);
+        let choose = |p: &Probe, now: u32| {
+            let tags = t.buckets[0].tags.load(Ordering::Relaxed);
+            t.insert_slot(0, tags, p.hint.tag, now)
+        };
+
+        // A writer chooses key 0's slot for a newcomer...
+        let newcomer = t.probe(&key(100, 1));
+        let pick = choose(&newcomer, 20);
+        let (i0, e0) = t.find(&t.probe(&key(0, 1)), 20).expect("key 0 is live");
+        assert!(pick.live);
+        assert_eq!((pick.i, pick.expires), (i0, 310));
+        // ... another one replaces key 0 there with key 50, expiring at 320...
+        let k50 = t.probe(&key(50, 1));
+        assert!(t.claim(0, i0, e0.seq));
+        t.fill(0, i0, e0.seq, &k50.words, k50.hint.tag, V, 320, T);
+        // ... and the first one's claim backs off: key 50 stays.
+        assert_eq!(t.take(&newcomer, pick, v2, 20, T), None);
+        assert_eq!(t.peek(&key(50, 1), 20), Some(V));
+        // Its retry evicts the entry closest to expiry now: key 1.
+        assert_eq!(
+            t.upsert_probe(&newcomer, v2, 20, T, true),
+            Upsert::Evicted(V)
+        );
+        assert_eq!(t.peek(&key(1, 1), 20), None);
+        assert_eq!(t.peek(&key(100, 1), 20), Some(v2));
+
+        // The same with a hit in between: key 2 is chosen (expiring at
+        // 312), then used at second 25 (now expiring at 325).
+        let other = t.probe(&key(101, 1));
+        let pick = choose(&other, 25);
+        assert_eq!(pick.expires, 312);
+        assert_eq!(t.lookup(&key(2, 1), 25), Some(V));
+        assert_eq!(t.take(&other, pick, v2, 25, T), None);
+        assert_eq!(t.upsert_probe(&other, v2, 25, T, true), Upsert::Evicted(V));
+        assert_eq!(t.peek(&key(2, 1), 25), Some(V));
+        assert_eq!(t.peek(&key(3, 1), 25), None, "key 3 expired first by then");
     }
 
     #[test]
