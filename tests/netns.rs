@@ -180,6 +180,73 @@ fn refuses_to_start_on_a_missing_interface_with_a_clear_error() {
     );
 }
 
+/// The kernel drops frames longer than l4lb's AF_XDP sockets receive
+/// (1792 bytes) without a trace in l4lb's counters. So l4lb refuses an
+/// interface whose MTU lets them through, and at the largest MTU it
+/// accepts, datagrams that fill it are forwarded whole.
+#[test]
+fn refuses_an_mtu_above_what_it_receives_and_forwards_frames_of_the_largest_it_takes() {
+    let mut t = Topology::up("mtu", 10);
+    let cfg = t.config_text(|c| c);
+    std::fs::write(&t.config, &cfg).unwrap();
+    let mtu = |dev: &str, mtu: &str| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", "l4lb-lb", "link", "set", "dev", dev, "mtu", mtu])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set dev {dev} mtu {mtu}");
+    };
+    mtu("lb-c", "1779");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", "l4lb-lb", harness::L4LB, "run", "-c"])
+        .arg(&t.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: an l4lb that accepted the MTU would run until stopped.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("l4lb started on an interface with MTU 1779");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("instance.client_interface = \"lb-c\"")
+            && err.contains("its MTU is 1779, above 1778")
+            && err.contains("ip link set dev lb-c mtu 1778"),
+        "stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "stderr: {err}");
+    assert!(
+        !Topology::xdp_attached("lb-c"),
+        "nothing attached on failure"
+    );
+
+    t.set_path_mtu(1778);
+    t.start_lb(&cfg);
+    // 1750 bytes of payload: 1778-byte IP packets in 1792-byte frames.
+    let d = t.drive_with(
+        &[],
+        &[ECHO],
+        "198.18.4.1-198.18.4.10",
+        3,
+        &["--udp-size", "1750"],
+    );
+    assert_eq!(d.requests, 30);
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
+    let st = t.stats();
+    let w = &st["workers"][0];
+    assert_eq!(w["forwarded"], 30, "{st}");
+    assert_eq!(w["rx"], 60, "requests and replies: {st}");
+}
+
 #[test]
 fn two_workers_on_two_queue_veths_forward_correctly_whichever_queue_a_packet_lands_on() {
     let mut t = Topology::up_with_queues("two-workers", N_SOURCES, 2);

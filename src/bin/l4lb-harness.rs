@@ -137,6 +137,11 @@ struct DriveArgs {
     /// as done when sent.
     #[arg(long)]
     udp_send_only: bool,
+    /// UDP: bytes of payload per request ("ping", padded with dots): with
+    /// 1750, a request is a 1792-byte Ethernet frame.
+    #[arg(long, default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(4..=2000))]
+    udp_size: u16,
     /// Print one JSON object with every request's result to stdout.
     #[arg(long)]
     json: bool,
@@ -843,6 +848,7 @@ fn drive(args: DriveArgs) -> Result<()> {
         } else {
             UdpMode::Unconnected
         },
+        udp_size: args.udp_size,
     };
     let started = Instant::now();
     let results = run_workers(&sources, &targets, args.conns, args.parallel, timing)?;
@@ -889,6 +895,15 @@ struct Timing {
     timeout: Duration,
     hold: Duration,
     udp: UdpMode,
+    /// UDP payload bytes (`--udp-size`).
+    udp_size: u16,
+}
+
+/// A UDP request's payload: "ping", padded with dots to `size` bytes.
+fn udp_payload(size: u16) -> Vec<u8> {
+    let mut p = UDP_PING.to_vec();
+    p.resize((size as usize).max(UDP_PING.len()), b'.');
+    p
 }
 
 /// How a UDP request uses its socket (see `--udp-connect`,
@@ -1122,7 +1137,7 @@ fn udp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
     let deadline = Instant::now() + timing.timeout + timing.hold;
     let mut rec = Record::new(source, Proto::Udp, target);
     if timing.udp == UdpMode::SendOnly {
-        if let Err(e) = udp_send_and_close(source, target) {
+        if let Err(e) = udp_send_and_close(source, target, &udp_payload(timing.udp_size)) {
             rec.error = Some(e);
         } else {
             rec.ok = true;
@@ -1146,9 +1161,9 @@ fn udp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
     rec.finish(body)
 }
 
-fn udp_send_and_close(source: IpAddr, target: SocketAddr) -> Result<(), String> {
+fn udp_send_and_close(source: IpAddr, target: SocketAddr, payload: &[u8]) -> Result<(), String> {
     let sock: UdpSocket = bound_socket(source, Type::DGRAM, Protocol::UDP)?.into();
-    sock.send_to(UDP_PING, target)
+    sock.send_to(payload, target)
         .map_err(|e| io_error("send", &e))?;
     Ok(())
 }
@@ -1167,8 +1182,9 @@ fn udp_exchange(
     if timing.udp == UdpMode::Connected {
         sock.connect(target).map_err(|e| io_error("connect", &e))?;
     }
+    let payload = udp_payload(timing.udp_size);
     let ping = |sock: &UdpSocket| -> Result<(SocketAddr, Vec<u8>), String> {
-        sock.send_to(UDP_PING, target)
+        sock.send_to(&payload, target)
             .map_err(|e| io_error("send", &e))?;
         let mut buf = [0u8; 2048];
         loop {

@@ -26,7 +26,7 @@ use crate::config::{AttachMode, BindMode, Config, HealthCheck, Protocol, WhenFul
 use crate::dataplane::counters::{Shared, WorkerStats};
 use crate::dataplane::pipeline::Tables;
 use crate::dataplane::worker::Worker;
-use crate::dataplane::xsk::{Bind, XskPair};
+use crate::dataplane::xsk::{self, Bind, XskPair};
 use crate::table::FlowTable;
 use crate::util::Mac;
 use anyhow::{Context, Result};
@@ -367,6 +367,25 @@ fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
 }
 
+/// Refuses interface `name` (config key `key`) if its MTU lets through
+/// frames longer than the AF_XDP sockets receive: the kernel would drop
+/// them, and the clients would see a black hole for their large packets.
+fn check_mtu(key: &str, name: &str, config_name: &str) -> Result<()> {
+    let mtu = netdev::mtu(name).with_context(|| format!("{key} = {name:?} in {config_name}"))?;
+    if mtu > xsk::MAX_MTU {
+        anyhow::bail!(
+            "{key} = {name:?} in {config_name}: its MTU is {mtu}, above {max}, the largest \
+             l4lb forwards whole (its AF_XDP frames are {size} bytes, of which the kernel keeps \
+             256, so frames of at most {frame} bytes with the Ethernet header arrive; the kernel \
+             drops longer ones unseen); lower it with `ip link set dev {name} mtu {max}`",
+            max = xsk::MAX_MTU,
+            size = xsk::FRAME_SIZE,
+            frame = xsk::MAX_FRAME_LEN,
+        );
+    }
+    Ok(())
+}
+
 /// Runs an instance until SIGINT or SIGTERM. `path` is the config file (None
 /// for the built-in config), re-read on reload.
 pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<()> {
@@ -392,6 +411,16 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             inst.backend_interface
         )
     })?;
+    check_mtu(
+        "instance.client_interface",
+        &inst.client_interface,
+        config_name,
+    )?;
+    check_mtu(
+        "instance.backend_interface",
+        &inst.backend_interface,
+        config_name,
+    )?;
     let base_links = Links {
         client_if_mac: netdev::mac(&inst.client_interface)?,
         backend_if_mac: netdev::mac(&inst.backend_interface)?,

@@ -16,11 +16,14 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(idx)
 }
 
-pub fn mac(name: &str) -> Result<Mac> {
+/// Runs the interface ioctl `request` (a `SIOCGIF*` read) on `name` and
+/// returns the filled `ifreq`; `what` names the value for errors.
+fn ifreq_get(name: &str, request: libc::c_ulong, what: &str) -> Result<libc::ifreq> {
     // SAFETY: a plain datagram socket used for one ioctl, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket for SIOCGIFHWADDR");
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("socket for reading the {what} of {name}"));
     }
     // SAFETY: ifreq is plain data; zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -31,14 +34,20 @@ pub fn mac(name: &str) -> Result<Mac> {
     {
         *d = s as libc::c_char;
     }
-    // SAFETY: fd is valid and req is an initialised ifreq.
-    let ret = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: fd is valid and req is an initialised ifreq, which the
+    // SIOCGIF* reads fill.
+    let ret = unsafe { libc::ioctl(fd, request, &mut req) };
     let err = std::io::Error::last_os_error();
     // SAFETY: fd is ours.
     unsafe { libc::close(fd) };
     if ret < 0 {
-        return Err(err).with_context(|| format!("reading the MAC address of {name}"));
+        return Err(err).with_context(|| format!("reading the {what} of {name}"));
     }
+    Ok(req)
+}
+
+pub fn mac(name: &str) -> Result<Mac> {
+    let req = ifreq_get(name, libc::SIOCGIFHWADDR, "MAC address")?;
     // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
     let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
     let mut m = [0u8; 6];
@@ -46,6 +55,14 @@ pub fn mac(name: &str) -> Result<Mac> {
         *d = *s as u8;
     }
     Ok(m)
+}
+
+/// The interface's MTU (bytes of IP packet, Ethernet header not counted).
+pub fn mtu(name: &str) -> Result<u32> {
+    let req = ifreq_get(name, libc::SIOCGIFMTU, "MTU")?;
+    // SAFETY: SIOCGIFMTU filled the mtu member of the union.
+    let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+    u32::try_from(mtu).with_context(|| format!("{name} reports a negative MTU ({mtu})"))
 }
 
 /// The IPv4 and IPv6 addresses configured on `name`.

@@ -22,6 +22,15 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 pub const RING_SIZE: u32 = 2048;
 pub const FRAME_COUNT: u32 = 4 * RING_SIZE;
 pub const FRAME_SIZE: u32 = 2048;
+/// The kernel keeps `XDP_PACKET_HEADROOM` (256 bytes) of every UMEM frame
+/// for itself: the longest frame a socket receives is 1792 bytes, Ethernet
+/// header included. Longer ones are dropped by the kernel (counted only in
+/// the socket's `rx_dropped`), in native and SKB attach alike (measured on
+/// veth: a 1792-byte UDP frame forwarded, 1793 bytes lost).
+pub const MAX_FRAME_LEN: u32 = FRAME_SIZE - 256;
+/// The largest interface MTU whose every frame l4lb receives whole (no
+/// VLAN tags: see `packet.rs`).
+pub const MAX_MTU: u32 = MAX_FRAME_LEN - crate::dataplane::packet::ETH_LEN as u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bind {

@@ -237,6 +237,31 @@ impl Topology {
         panic!("l4lb did not come up within 15 s:\n{}", self.lb_log());
     }
 
+    /// Sets the MTU of every link a flow crosses: the client's veth,
+    /// both of l4lb's, the switch's ports and bridge, and the backends'.
+    pub fn set_path_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        let mut links = vec![
+            ("l4lb-client", "cl0".to_string()),
+            ("l4lb-lb", "lb-c".to_string()),
+            ("l4lb-lb", "lb-b".to_string()),
+            ("l4lb-sw", "sw-lb".to_string()),
+        ];
+        for k in 1..=3 {
+            links.push(("l4lb-sw", format!("sw-b{k}")));
+        }
+        links.push(("l4lb-sw", "br0".to_string()));
+        for ns in ["l4lb-b1", "l4lb-b2", "l4lb-b3"] {
+            links.push((ns, "eth0".to_string()));
+        }
+        for (ns, dev) in links {
+            run_ok(
+                Command::new("ip").args(["-n", ns, "link", "set", "dev", &dev, "mtu", &mtu]),
+                &format!("ip -n {ns} link set dev {dev} mtu {mtu}"),
+            );
+        }
+    }
+
     pub fn lb_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("l4lb.log")).unwrap_or_default()
     }
