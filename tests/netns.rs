@@ -245,6 +245,30 @@ fn refuses_an_mtu_above_what_it_receives_and_forwards_frames_of_the_largest_it_t
     let w = &st["workers"][0];
     assert_eq!(w["forwarded"], 30, "{st}");
     assert_eq!(w["rx"], 60, "requests and replies: {st}");
+    let sockets = w["sockets"].as_array().expect("sockets");
+    assert_eq!(sockets.len(), 2, "{st}");
+    for (sk, name) in sockets.iter().zip(["lb-c", "lb-b"]) {
+        assert_eq!(sk["interface"], name, "{st}");
+        assert_eq!(sk["rx_dropped"], 0, "{st}");
+    }
+
+    // The MTU is checked at start only. Raised under a running l4lb, it
+    // lets through frames the socket cannot take: the kernel drops them,
+    // and only the socket's own counter shows it.
+    t.set_path_mtu(1779);
+    let d = t.drive_with(
+        &[],
+        &[ECHO],
+        "198.18.4.1-198.18.4.4",
+        1,
+        &["--udp-size", "1751", "--timeout-ms", "500"],
+    );
+    assert_eq!((d.requests, d.failures), (4, 4), "{}", d.failures_text());
+    let st = t.stats();
+    let w = &st["workers"][0];
+    assert_eq!(w["rx"], 60, "nothing more reached l4lb: {st}");
+    assert_eq!(w["sockets"][0]["rx_dropped"], 4, "{st}");
+    assert_eq!(w["sockets"][1]["rx_dropped"], 0, "{st}");
 }
 
 #[test]

@@ -504,11 +504,18 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         .collect();
     let counters = Arc::new(Shared::new(worker_stats.clone()));
     let mut handles = Vec::new();
+    // Each worker's socket fds, for their kernel counters in `stats`: valid
+    // until the workers are joined, after the control loop.
+    let mut sockets = Vec::new();
     for (i, &core) in inst.workers.iter().enumerate() {
         let queue = i as u32;
         let pair = XskPair::new(&inst.client_interface, &inst.backend_interface, queue, bind)?;
         steer_c.add_socket(queue, pair.ports[0].fd())?;
         steer_b.add_socket(queue, pair.ports[1].fd())?;
+        sockets.push([
+            (inst.client_interface.as_str(), pair.ports[0].fd()),
+            (inst.backend_interface.as_str(), pair.ports[1].fd()),
+        ]);
         let w = Worker {
             id: i,
             xsk: pair,
@@ -559,6 +566,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
                         instance: &plane.config.instance.name,
                         snapshot: &snap,
                         workers: &workers,
+                        sockets: &sockets,
                         shared: &counters,
                         health: &plane.health.states(),
                         steering: &steering,

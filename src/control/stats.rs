@@ -6,6 +6,7 @@ use crate::control::snapshot::{proto_number, Snapshot};
 use crate::control::xdp::Steering;
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::pipeline::Tables;
+use crate::dataplane::xsk::{self, SocketStats};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,6 +67,19 @@ pub struct WorkerReport {
     pub flows_evicted: u64,
     pub flows_rebound: u64,
     pub drops: u64,
+    /// The kernel's counters of the worker's two AF_XDP sockets (client
+    /// side, then backend side).
+    pub sockets: Vec<SocketReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SocketReport {
+    pub interface: String,
+    #[serde(flatten)]
+    pub kernel: SocketStats,
+    /// Why the counters could not be read (they are then 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -98,6 +112,8 @@ pub struct Sources<'a> {
     pub instance: &'a str,
     pub snapshot: &'a Snapshot,
     pub workers: &'a [(usize, std::sync::Arc<WorkerStats>)],
+    /// Each worker's AF_XDP sockets: (interface, fd), client side first.
+    pub sockets: &'a [[(&'a str, std::os::fd::RawFd); 2]],
     pub shared: &'a Shared,
     /// Health check states: (target, up, last result).
     pub health: &'a [(TargetKey, bool, String)],
@@ -133,6 +149,23 @@ pub fn collect(s: &Sources) -> Stats {
             flows_evicted: c.flows_evicted.load(Relaxed),
             flows_rebound: c.flows_rebound.load(Relaxed),
             drops: total,
+            sockets: s
+                .sockets
+                .get(i)
+                .into_iter()
+                .flatten()
+                .map(|&(interface, fd)| {
+                    let (kernel, error) = match xsk::socket_stats(fd) {
+                        Ok(k) => (k, None),
+                        Err(e) => (SocketStats::default(), Some(e.to_string())),
+                    };
+                    SocketReport {
+                        interface: interface.to_string(),
+                        kernel,
+                        error,
+                    }
+                })
+                .collect(),
         });
     }
     let sum = |pick: &dyn Fn(&WorkerStats) -> (u64, u64)| {
@@ -264,6 +297,26 @@ pub fn render(st: &Stats) -> String {
             w.flows_evicted,
             w.flows_rebound
         );
+        for sk in &w.sockets {
+            let k = &sk.kernel;
+            let _ = write!(
+                o,
+                "    socket {}: rx_dropped {} rx_ring_full {} fill_ring_empty {} tx_ring_empty {} invalid rx {} tx {}",
+                sk.interface,
+                k.rx_dropped,
+                k.rx_ring_full,
+                k.rx_fill_ring_empty,
+                k.tx_ring_empty,
+                k.rx_invalid_descs,
+                k.tx_invalid_descs
+            );
+            match &sk.error {
+                Some(e) => {
+                    let _ = writeln!(o, " (unreadable: {e})");
+                }
+                None => o.push('\n'),
+            }
+        }
     }
     let _ = writeln!(o, "listeners (client -> backend packets):");
     for l in &st.listeners {

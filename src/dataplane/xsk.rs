@@ -179,6 +179,57 @@ impl XskPair {
     }
 }
 
+/// The kernel's counters of one AF_XDP socket (`XDP_STATISTICS`): what it
+/// dropped or could not do on the socket's behalf, which l4lb's own
+/// counters never see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SocketStats {
+    /// Frames dropped on receive: longer than a UMEM frame takes, or no
+    /// frame to put them in.
+    pub rx_dropped: u64,
+    /// Frames dropped because the RX ring was full (the worker fell
+    /// behind).
+    pub rx_ring_full: u64,
+    /// Times the kernel found the fill ring empty.
+    pub rx_fill_ring_empty: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    /// Times the kernel was asked to send and found the TX ring empty:
+    /// normal (an idle worker's `poll(2)` asks too, about 1000 times a
+    /// second).
+    pub tx_ring_empty: u64,
+}
+
+/// Reads the `XDP_STATISTICS` of the AF_XDP socket `fd`. Any thread may:
+/// the kernel sums its counters under the socket's lock.
+pub fn socket_stats(fd: RawFd) -> std::io::Result<SocketStats> {
+    // SAFETY: xdp_statistics is plain data; zero is a valid value.
+    let mut st: libc::xdp_statistics = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;
+    // SAFETY: `st` and `len` are live and `len` is `st`'s size; the kernel
+    // writes at most `len` bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_XDP,
+            libc::XDP_STATISTICS,
+            (&mut st as *mut libc::xdp_statistics).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(SocketStats {
+        rx_dropped: st.rx_dropped,
+        rx_ring_full: st.rx_ring_full,
+        rx_fill_ring_empty: st.rx_fill_ring_empty_descs,
+        rx_invalid_descs: st.rx_invalid_descs,
+        tx_invalid_descs: st.tx_invalid_descs,
+        tx_ring_empty: st.tx_ring_empty_descs,
+    })
+}
+
 /// Receives up to `out.len()` descriptors.
 #[inline]
 pub fn rx_burst(port: &mut XskPort, out: &mut [FrameDesc]) -> usize {
