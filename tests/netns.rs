@@ -269,6 +269,18 @@ fn refuses_an_mtu_above_what_it_receives_and_forwards_frames_of_the_largest_it_t
     assert_eq!(w["rx"], 60, "nothing more reached l4lb: {st}");
     assert_eq!(w["sockets"][0]["rx_dropped"], 4, "{st}");
     assert_eq!(w["sockets"][1]["rx_dropped"], 0, "{st}");
+    // And l4lb says so in its log, once per interface (it looks every
+    // second; the driver above took at least 0.5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let warning = "MTU raised above 1778 while running";
+    while t.lb_log().matches(warning).count() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = t.lb_log();
+    for dev in ["lb-c", "lb-b"] {
+        let line = format!("{dev}: {warning}");
+        assert_eq!(log.matches(&line).count(), 1, "{line:?} once in:\n{log}");
+    }
 }
 
 #[test]

@@ -546,6 +546,9 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
 
     let steering = [&steer_c, &steer_b];
     let mut last_refresh = Instant::now();
+    // Interfaces whose MTU was raised above the limit while running (the
+    // start-up check refuses it): warned about once until it is lowered.
+    let mut mtu_warned = [false; 2];
     let mut sweep_at = 0usize;
     // The whole flow table is swept once per SWEEP_PERIOD, in 10 slices a second.
     const SWEEP_PERIOD_S: usize = 64;
@@ -594,6 +597,20 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
 
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();
+            let ifaces = [&inst.client_interface, &inst.backend_interface];
+            for (name, warned) in ifaces.into_iter().zip(mtu_warned.iter_mut()) {
+                let over = netdev::mtu(name).is_ok_and(|m| m > xsk::MAX_MTU);
+                if over && !*warned {
+                    tracing::warn!(
+                        "{name}: MTU raised above {} while running: the kernel drops frames \
+                         longer than {} bytes before l4lb sees them (socket rx_dropped in \
+                         `l4lb stats`)",
+                        xsk::MAX_MTU,
+                        xsk::MAX_FRAME_LEN
+                    );
+                }
+                *warned = over;
+            }
             plane.nb.refresh();
             plane.solicit_missing();
             let cur = shared.load();
