@@ -305,11 +305,14 @@ pub struct FlowTable {
     seed: [u64; 3],
 }
 
-/// Key equality without a call to memcmp (which `==` on `[u64; 5]` becomes):
-/// five XORs folded into one test.
+/// A slot's value, timeout and expiry (inside a consistent read).
 #[inline(always)]
-fn same(a: &[u64; 5], b: &[u64; 5]) -> bool {
-    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4])) == 0
+fn rest(slot: &Slot, expires: &AtomicU32) -> (u64, u32, u32) {
+    (
+        slot.value.load(Ordering::Relaxed),
+        slot.timeout.load(Ordering::Relaxed),
+        expires.load(Ordering::Relaxed),
+    )
 }
 
 /// Whether an entry expiring at `expires` is live at `now`. Wrapping
@@ -512,10 +515,17 @@ impl FlowTable {
         best
     }
 
-    /// Reads slot `i` of bucket `b` consistently. `None` while a writer
-    /// owns the slot.
+    /// Runs `f` on slot `i` of bucket `b` (and its expiry in the header)
+    /// under the slot's sequence lock: its result, and the (even) sequence
+    /// number, if no writer changed the slot meanwhile. `None` while a
+    /// writer owns the slot.
     #[inline(always)]
-    fn read(&self, b: usize, i: usize) -> Option<Entry> {
+    fn consistent<R>(
+        &self,
+        b: usize,
+        i: usize,
+        f: impl Fn(&Slot, &AtomicU32) -> R,
+    ) -> Option<(R, u32)> {
         let slot = &self.slots[b * WINDOW + i];
         let expires = &self.buckets[b].expires[i];
         for _ in 0..4 {
@@ -524,25 +534,53 @@ impl FlowTable {
                 std::hint::spin_loop();
                 continue;
             }
-            let e = Entry {
-                key: [
-                    slot.key[0].load(Ordering::Relaxed),
-                    slot.key[1].load(Ordering::Relaxed),
-                    slot.key[2].load(Ordering::Relaxed),
-                    slot.key[3].load(Ordering::Relaxed),
-                    slot.key[4].load(Ordering::Relaxed),
-                ],
-                value: slot.value.load(Ordering::Relaxed),
-                timeout: slot.timeout.load(Ordering::Relaxed),
-                expires: expires.load(Ordering::Relaxed),
-                seq: s1,
-            };
+            let r = f(slot, expires);
             fence(Ordering::Acquire);
             if slot.seq.load(Ordering::Relaxed) == s1 {
-                return Some(e);
+                return Some((r, s1));
             }
         }
         None
+    }
+
+    /// Reads slot `i` of bucket `b` consistently. `None` while a writer
+    /// owns the slot.
+    #[inline(always)]
+    fn read(&self, b: usize, i: usize) -> Option<Entry> {
+        let ((key, (value, timeout, expires)), seq) = self.consistent(b, i, |slot, expires| {
+            let key = slot.key.each_ref().map(|k| k.load(Ordering::Relaxed));
+            (key, rest(slot, expires))
+        })?;
+        Some(Entry {
+            key,
+            value,
+            timeout,
+            expires,
+            seq,
+        })
+    }
+
+    /// Slot `i` of bucket `b`, read consistently, if it holds the key
+    /// `words`. The key is compared as it is read, word by word against
+    /// `words`, rather than copied out first: the lookup's hot path keeps
+    /// one register for it instead of five.
+    #[inline(always)]
+    fn read_key(&self, b: usize, i: usize, words: &[u64; 5]) -> Option<Entry> {
+        let ((diff, (value, timeout, expires)), seq) = self.consistent(b, i, |slot, expires| {
+            let diff = slot
+                .key
+                .iter()
+                .zip(words)
+                .fold(0, |d, (k, w)| d | (k.load(Ordering::Relaxed) ^ w));
+            (diff, rest(slot, expires))
+        })?;
+        (diff == 0).then_some(Entry {
+            key: *words,
+            value,
+            timeout,
+            expires,
+            seq,
+        })
     }
 
     /// The slot of the probe's bucket holding its key, live at `now`.
@@ -554,8 +592,8 @@ impl FlowTable {
         // The slot the burst pipeline saw the tag in, first: most lookups
         // end here without reading the header's tags again.
         if let Some(i) = (p.hint.slot as usize).checked_sub(1) {
-            if let Some(e) = self.read(p.bucket(), i & (WINDOW - 1)) {
-                if same(&e.key, &p.words) && live_at(e.expires, now) {
+            if let Some(e) = self.read_key(p.bucket(), i & (WINDOW - 1), &p.words) {
+                if live_at(e.expires, now) {
                     return Some((i & (WINDOW - 1), e));
                 }
             }
@@ -569,8 +607,8 @@ impl FlowTable {
             if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
                 continue;
             }
-            if let Some(e) = self.read(p.bucket(), i) {
-                if same(&e.key, &p.words) && live_at(e.expires, now) {
+            if let Some(e) = self.read_key(p.bucket(), i, &p.words) {
+                if live_at(e.expires, now) {
                     return Some((i, e));
                 }
             }
