@@ -553,7 +553,7 @@ impl Processor<'_> {
         if flags & (TCP_FIN | TCP_RST) != 0 {
             self.closing(p, fprobe, b);
         }
-        let Some(mac) = be.mac else {
+        let Some(mac) = &be.mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
         };
         let len = frame.len();
@@ -564,7 +564,7 @@ impl Processor<'_> {
             &be.addr16,
             be.port,
             &snap.links.backend_if_mac,
-            &mac,
+            mac,
         );
         self.stats.listener(le.id, len);
         self.stats.backend(be.id, len);
@@ -850,7 +850,7 @@ impl Processor<'_> {
         if p.ttl <= 1 {
             return Verdict::Drop(DropReason::TtlExceeded);
         }
-        let Some(gw) = snap.links.gateway_mac else {
+        let Some(gw) = &snap.links.gateway_mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
         };
         let fkey = reply_forward_key(p, l);
@@ -882,7 +882,7 @@ impl Processor<'_> {
             &l.vip16,
             l.port,
             &snap.links.client_if_mac,
-            &gw,
+            gw,
         );
         Verdict::Tx(Port::Client)
     }
@@ -983,7 +983,7 @@ impl Processor<'_> {
                     return Verdict::Drop(DropReason::NoFlow);
                 };
                 let be = &snap.backends[b as usize];
-                let Some(mac) = be.mac else {
+                let Some(mac) = &be.mac else {
                     return Verdict::Drop(DropReason::NoNeighbour);
                 };
                 let links = &snap.links;
@@ -994,7 +994,7 @@ impl Processor<'_> {
                     &be.addr16,
                     be.port,
                     &links.backend_if_mac,
-                    &mac,
+                    mac,
                 );
                 Verdict::Tx(Port::Backend)
             }
@@ -1019,7 +1019,7 @@ impl Processor<'_> {
                 let Some((l, _)) = self.reply_listener(&reply, b, &probe) else {
                     return Verdict::Drop(DropReason::NoFlow);
                 };
-                let Some(gw) = snap.links.gateway_mac else {
+                let Some(gw) = &snap.links.gateway_mac else {
                     return Verdict::Drop(DropReason::NoNeighbour);
                 };
                 let links = &snap.links;
@@ -1030,7 +1030,7 @@ impl Processor<'_> {
                     &l.vip16,
                     l.port,
                     &links.client_if_mac,
-                    &gw,
+                    gw,
                 );
                 Verdict::Tx(Port::Client)
             }
