@@ -644,8 +644,8 @@ impl Processor<'_> {
         }
     }
 
-    /// Counts an upsert of an existing flow's entry (a new value, or its
-    /// reply entry brought back) that evicted another flow's entry.
+    /// Counts an upsert of a flow's reply entry, or of an existing flow's
+    /// new value, that evicted another flow's entry.
     #[inline]
     fn count_eviction(&self, u: Upsert) {
         if let Upsert::Evicted(_) = u {
@@ -809,8 +809,7 @@ impl Processor<'_> {
             Upsert::Replaced(old) if !old.same_target(value) => {
                 WorkerStats::add(&c.flows_rebound, 1)
             }
-            Upsert::Evicted(_) => WorkerStats::add(&c.flows_evicted, 1),
-            _ => {}
+            u => self.count_eviction(u),
         }
     }
 
