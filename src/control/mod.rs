@@ -376,10 +376,11 @@ fn check_mtu(key: &str, name: &str, config_name: &str) -> Result<()> {
         anyhow::bail!(
             "{key} = {name:?} in {config_name}: its MTU is {mtu}, above {max}, the largest \
              l4lb forwards whole (its AF_XDP frames are {size} bytes, of which the kernel keeps \
-             256, so frames of at most {frame} bytes with the Ethernet header arrive; the kernel \
-             drops longer ones unseen); lower it with `ip link set dev {name} mtu {max}`",
+             {headroom}, so frames of at most {frame} bytes with the Ethernet header arrive; the \
+             kernel drops longer ones unseen); lower it with `ip link set dev {name} mtu {max}`",
             max = xsk::MAX_MTU,
             size = xsk::FRAME_SIZE,
+            headroom = xsk::KERNEL_HEADROOM,
             frame = xsk::MAX_FRAME_LEN,
         );
     }

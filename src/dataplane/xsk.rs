@@ -27,7 +27,9 @@ pub const FRAME_SIZE: u32 = 2048;
 /// header included. Longer ones are dropped by the kernel (counted only in
 /// the socket's `rx_dropped`), in native and SKB attach alike (measured on
 /// veth: a 1792-byte UDP frame forwarded, 1793 bytes lost).
-pub const MAX_FRAME_LEN: u32 = FRAME_SIZE - 256;
+pub const MAX_FRAME_LEN: u32 = FRAME_SIZE - KERNEL_HEADROOM;
+/// `XDP_PACKET_HEADROOM`: the bytes of each UMEM frame the kernel keeps.
+pub const KERNEL_HEADROOM: u32 = 256;
 /// The largest interface MTU whose every frame l4lb receives whole (no
 /// VLAN tags: see `packet.rs`).
 pub const MAX_MTU: u32 = MAX_FRAME_LEN - crate::dataplane::packet::ETH_LEN as u32;
