@@ -161,12 +161,7 @@ fn refuses_to_start_on_a_missing_interface_with_a_clear_error() {
             "client_interface = \"lb-nope\"",
         )
     });
-    std::fs::write(&t.config, &cfg).unwrap();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", "l4lb-lb", harness::L4LB, "run", "-c"])
-        .arg(&t.config)
-        .output()
-        .unwrap();
+    let out = t.run_lb_expecting_failure(&cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -188,33 +183,8 @@ fn refuses_to_start_on_a_missing_interface_with_a_clear_error() {
 fn refuses_an_mtu_above_what_it_receives_and_forwards_frames_of_the_largest_it_takes() {
     let mut t = Topology::up("mtu", 10);
     let cfg = t.config_text(|c| c);
-    std::fs::write(&t.config, &cfg).unwrap();
-    let mtu = |dev: &str, mtu: &str| {
-        let st = std::process::Command::new("ip")
-            .args(["-n", "l4lb-lb", "link", "set", "dev", dev, "mtu", mtu])
-            .status()
-            .unwrap();
-        assert!(st.success(), "ip link set dev {dev} mtu {mtu}");
-    };
-    mtu("lb-c", "1779");
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", "l4lb-lb", harness::L4LB, "run", "-c"])
-        .arg(&t.config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Bounded: an l4lb that accepted the MTU would run until stopped.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("l4lb started on an interface with MTU 1779");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+    Topology::set_mtu("l4lb-lb", "lb-c", 1779);
+    let out = t.run_lb_expecting_failure(&cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

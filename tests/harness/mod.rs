@@ -237,10 +237,18 @@ impl Topology {
         panic!("l4lb did not come up within 15 s:\n{}", self.lb_log());
     }
 
+    /// Sets the MTU of link `dev` in namespace `ns`.
+    pub fn set_mtu(ns: &str, dev: &str, mtu: u32) {
+        let mtu = mtu.to_string();
+        run_ok(
+            Command::new("ip").args(["-n", ns, "link", "set", "dev", dev, "mtu", &mtu]),
+            &format!("ip -n {ns} link set dev {dev} mtu {mtu}"),
+        );
+    }
+
     /// Sets the MTU of every link a flow crosses: the client's veth,
     /// both of l4lb's, the switch's ports and bridge, and the backends'.
     pub fn set_path_mtu(&self, mtu: u32) {
-        let mtu = mtu.to_string();
         let mut links = vec![
             ("l4lb-client", "cl0".to_string()),
             ("l4lb-lb", "lb-c".to_string()),
@@ -255,11 +263,32 @@ impl Topology {
             links.push((ns, "eth0".to_string()));
         }
         for (ns, dev) in links {
-            run_ok(
-                Command::new("ip").args(["-n", ns, "link", "set", "dev", &dev, "mtu", &mtu]),
-                &format!("ip -n {ns} link set dev {dev} mtu {mtu}"),
-            );
+            Self::set_mtu(ns, &dev, mtu);
         }
+    }
+
+    /// Runs l4lb on `config`, which must make it fail at start-up, and
+    /// returns its exit status and output. Bounded: an l4lb still running
+    /// after 10 s is killed and the test fails.
+    pub fn run_lb_expecting_failure(&self, config: &str) -> std::process::Output {
+        std::fs::write(&self.config, config).expect("writing the config");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", "l4lb-lb", L4LB, "run", "-c"])
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting l4lb");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("l4lb started, and was expected to fail");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("l4lb output")
     }
 
     pub fn lb_log(&self) -> String {
