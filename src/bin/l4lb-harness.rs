@@ -133,8 +133,10 @@ struct DriveArgs {
     udp_connect: bool,
     /// UDP: send each request and close the socket at once, without waiting
     /// for the reply: the reply then finds no socket, and this host's kernel
-    /// answers it with ICMP port unreachable, to the VIP. A request counts
-    /// as done when sent.
+    /// answers it with ICMP port unreachable, to the VIP. (The socket is
+    /// connected to another port of the target, so that a reply arriving
+    /// before the close finds no socket either.) A request counts as done
+    /// when sent.
     #[arg(long)]
     udp_send_only: bool,
     /// UDP: bytes of payload per request ("ping", padded with dots): with
@@ -1163,6 +1165,12 @@ fn udp_request(source: IpAddr, target: SocketAddr, timing: Timing) -> Record {
 
 fn udp_send_and_close(source: IpAddr, target: SocketAddr, payload: &[u8]) -> Result<(), String> {
     let sock: UdpSocket = bound_socket(source, Type::DGRAM, Protocol::UDP)?.into();
+    // Connected to a port the reply does not come from: the kernel matches
+    // the reply to no socket even while this one is still open, whatever
+    // the scheduler does between the send and the close.
+    let elsewhere = SocketAddr::new(target.ip(), target.port().checked_sub(1).unwrap_or(1));
+    sock.connect(elsewhere)
+        .map_err(|e| io_error("connect", &e))?;
     sock.send_to(payload, target)
         .map_err(|e| io_error("send", &e))?;
     Ok(())
