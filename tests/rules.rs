@@ -468,7 +468,7 @@ x TCP 0 TCP - 2 5 3 2 - -
             "rules.txt:24: domain \"x.example\" is only valid for HTTP health checks (write - for UDP)",
             "rules.txt:25: path is required for HTTP health checks (it must start with '/')",
             "rules.txt:26: path \"healthz\" is invalid (must start with '/', at most 1024 bytes, no whitespace)",
-            "rules.txt:27: domain \"a_b\" is invalid (1-253 characters: letters, digits, '.' and '-')",
+            "rules.txt:27: domain \"a_b\" is invalid (a host name of at most 253 characters: labels of 1-63 letters, digits and '-', not starting or ending with '-', joined by '.')",
             // Several problems on one line are all reported.
             "rules.txt:28: persistence 10 is out of range (0 = off, or 30-3600)",
             "rules.txt:28: unknown health check type \"icmp\" (allowed: TCP, HTTP, UDP)",
@@ -505,7 +505,7 @@ fn apply_rejects_bad_rules_with_every_error_and_no_text() {
             "rules.txt:4: path \"/x\" is only valid for HTTP health checks (write - for TCP)",
             "rules.txt:7: hc_port 0 is out of range (1-65535, or - for the server's port)",
             "rules.txt:7: path \"/a b\" is invalid (must start with '/', at most 1024 bytes, no whitespace)",
-            "rules.txt:7: domain \"\" is invalid (1-253 characters: letters, digits, '.' and '-')",
+            "rules.txt:7: domain \"\" is invalid (a host name of at most 253 characters: labels of 1-63 letters, digits and '-', not starting or ending with '-', joined by '.')",
             "rules.txt:9: no listener on port 8081/TCP",
         ]
     );

@@ -1443,11 +1443,45 @@ fn http_path_and_domain_rules() {
             format!("t.toml:22:8: path {bad:?} is invalid (must start with '/', at most 1024 bytes, no whitespace)")
         );
     }
-    for bad in ["", "a b", "under_score", "x/y", "\u{e9}.example"] {
+    let long_label = "a".repeat(64);
+    let long_name = ["a".repeat(63).as_str(); 4].join("."); // 255 characters
+    for bad in [
+        "",
+        "a b",
+        "under_score",
+        "x/y",
+        "\u{e9}.example",
+        "-",
+        "-web.example",
+        "web-.example",
+        "web..example",
+        ".example",
+        "example..",
+        &long_label,
+        &long_name,
+    ] {
         assert_eq!(
             error(&with_health_check(&format!("type = \"http\"\ndomain = {bad:?}\n"))),
-            format!("t.toml:22:10: domain {bad:?} is invalid (1-253 characters: letters, digits, '.' and '-')")
+            format!(
+                "t.toml:22:10: domain {bad:?} is invalid (a host name of at most 253 characters: \
+                 labels of 1-63 letters, digits and '-', not starting or ending with '-', joined by '.')"
+            )
         );
+    }
+    // The longest name and label, a final dot, digits only (an IPv4
+    // address): all valid.
+    let longest = ["a".repeat(63).as_str(); 4].join(".")[..253].to_string();
+    for good in [
+        longest.as_str(),
+        "web.example.",
+        "198.18.2.11",
+        "x",
+        "a-b.c-d",
+    ] {
+        let c = ok(&with_health_check(&format!(
+            "type = \"http\"\ndomain = {good:?}\n"
+        )));
+        assert_eq!(c.services[0].health_check.domain.as_deref(), Some(good));
     }
     let c = ok(&with_health_check(
         "type = \"http\"\npath = \"/status?x=1&y=%20\"\ndomain = \"Web-1.example.COM\"\n",

@@ -42,6 +42,8 @@ const MAX_CPU: i64 = 1024;
 const MAX_IFNAME: usize = 15;
 const MAX_NAME: usize = 64;
 const MAX_DOMAIN: usize = 253;
+/// Longest label of a host name (RFC 1035).
+const MAX_LABEL: usize = 63;
 const MAX_PATH: usize = 1024;
 /// Health check values of absent keys (the batch rules rely on them too).
 pub(crate) const DEFAULT_HC_TIMEOUT: u32 = 2;
@@ -248,11 +250,23 @@ pub(crate) fn path_problem(p: &str) -> Option<String> {
 
 /// What is wrong with an HTTP check's Host header, if anything.
 pub(crate) fn domain_problem(d: &str) -> Option<String> {
-    let ok = (1..=MAX_DOMAIN).contains(&d.len())
-        && d.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    // A host name (RFC 1123): labels of letters, digits and '-' that
+    // neither start nor end with '-', joined by '.', with an optional
+    // final '.'. ("-" alone would also read as "none" in a rules file.)
+    let label = |l: &str| {
+        (1..=MAX_LABEL).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let name = d.strip_suffix('.').unwrap_or(d);
+    let ok = (1..=MAX_DOMAIN).contains(&d.len()) && name.split('.').all(label);
     (!ok).then(|| {
-        format!("domain {d:?} is invalid (1-{MAX_DOMAIN} characters: letters, digits, '.' and '-')")
+        format!(
+            "domain {d:?} is invalid (a host name of at most {MAX_DOMAIN} characters: \
+             labels of 1-{MAX_LABEL} letters, digits and '-', not starting or ending with '-', \
+             joined by '.')"
+        )
     })
 }
 
