@@ -541,6 +541,33 @@ rules.txt:4: duplicate rule for port 80/TCP (first at line 1)"
 }
 
 #[test]
+fn a_bad_lines_port_is_checked_for_duplicates_and_a_listener_in_the_same_run() {
+    // Lines 1 and 3 are bad for other reasons; their ports still count.
+    let text = "80 TCP 29 HTTP 8080 2 5 3 2 / -\n\
+                80 TCP 300 HTTP 8080 2 5 3 2 / -\n\
+                81 TCP 0 TCP - 2 5 3 1 - -\n\
+                81 tcp 0 TCP - 2 5 3 2 - -\n";
+    let errors = rules::apply_text(DEMO, "l4lb.toml", text, "rules.txt").unwrap_err();
+    assert_eq!(
+        show(&errors),
+        "rules.txt:1: persistence 29 is out of range (0 = off, or 30-3600)
+rules.txt:2: duplicate rule for port 80/TCP (first at line 1)
+rules.txt:3: healthy 1 is out of range (2-10)
+rules.txt:3: no listener on port 81/TCP
+rules.txt:4: duplicate rule for port 81/TCP (first at line 3)"
+    );
+    assert_eq!(
+        parse_errors(text),
+        vec![
+            "rules.txt:1: persistence 29 is out of range (0 = off, or 30-3600)",
+            "rules.txt:2: duplicate rule for port 80/TCP (first at line 1)",
+            "rules.txt:3: healthy 1 is out of range (2-10)",
+            "rules.txt:4: duplicate rule for port 81/TCP (first at line 3)",
+        ]
+    );
+}
+
+#[test]
 fn an_invalid_config_is_reported_in_the_configs_own_terms() {
     let broken = edit(DEMO, "weight = 50", "weight = 500");
     let rules = parse("80 TCP 0 HTTP 8080 2 5 3 2 / -\n");

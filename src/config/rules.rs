@@ -20,7 +20,7 @@
 //! result is validated like any configuration before it is returned: a rules
 //! file with any error changes nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 
 use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
@@ -499,7 +499,7 @@ fn number(
 /// Reads a rules file; `file` names it in errors. Every line is checked and
 /// every problem reported (several per line if need be), in line order.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Rule>, Vec<RuleError>> {
-    let (rules, errors) = parse_all(text, file);
+    let (rules, errors, _) = parse_all(text, file);
     if errors.is_empty() {
         Ok(rules)
     } else {
@@ -517,7 +517,19 @@ pub fn apply_text(
     rules_text: &str,
     rules_name: &str,
 ) -> Result<String, Vec<RuleError>> {
-    let (rules, mut errors) = parse_all(rules_text, rules_name);
+    let (rules, mut errors, others) = parse_all(rules_text, rules_name);
+    // A line bad for another reason still needs a listener on its port.
+    if let Ok(config) = Config::from_str(config_text, config_name) {
+        for (line, port, protocol) in others {
+            if !has_listener(&config, port, protocol) {
+                errors.push(RuleError {
+                    file: rules_name.to_string(),
+                    line,
+                    message: no_listener(port, protocol),
+                });
+            }
+        }
+    }
     match apply(config_text, config_name, &rules, rules_name) {
         Ok(text) if errors.is_empty() => return Ok(text),
         Ok(_) => {}
@@ -540,15 +552,22 @@ pub fn apply_text(
     Err(errors)
 }
 
-/// The rules of the good lines, and the problems of the others.
-fn parse_all(text: &str, file: &str) -> (Vec<Rule>, Vec<RuleError>) {
+/// A rule line's port and protocol (line, port, protocol): what
+/// duplicates are found by, read from bad lines too.
+type Key = (usize, u16, Protocol);
+
+/// The rules of the good lines (the first rule of each port and protocol),
+/// every problem, and the keys of the bad lines that are the first of their
+/// port and protocol (so that whether a listener has that port can be
+/// checked too).
+fn parse_all(text: &str, file: &str) -> (Vec<Rule>, Vec<RuleError>, Vec<Key>) {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let at = |line: usize, message: String| RuleError {
         file: file.to_string(),
         line,
         message,
     };
-    let mut rules = Vec::new();
+    let mut lines: Vec<(Key, Option<Rule>)> = Vec::new();
     let mut errors = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -570,34 +589,68 @@ fn parse_all(text: &str, file: &str) -> (Vec<Rule>, Vec<RuleError>) {
             continue;
         }
         let mut problems = Vec::new();
-        let rule = Draft::read(&fields, &mut problems).check(line, &mut problems);
+        let draft = Draft::read(&fields, &mut problems);
+        let rule = draft.check(line, &mut problems);
         errors.extend(in_field_order(problems).map(|m| at(line, m)));
-        rules.extend(rule);
-    }
-    errors.extend(duplicates(&rules).into_iter().map(|(l, m)| at(l, m)));
-    errors.sort_by_key(|e| e.line);
-    (rules, errors)
-}
-
-/// Second and later rules for a port and protocol: (line, message).
-fn duplicates(rules: &[Rule]) -> Vec<(usize, String)> {
-    let mut first: HashMap<(u16, Protocol), usize> = HashMap::new();
-    let mut problems = Vec::new();
-    for r in rules {
-        match first.get(&(r.port, r.protocol)) {
-            Some(line) => problems.push((
-                r.line,
-                format!(
-                    "duplicate rule for port {} (first at line {line})",
-                    port_name(r.port, r.protocol)
-                ),
-            )),
-            None => {
-                first.insert((r.port, r.protocol), r.line);
-            }
+        let port = draft
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p > 0);
+        if let (Some(port), Some(protocol)) = (port, draft.protocol) {
+            lines.push(((line, port, protocol), rule));
         }
     }
-    problems
+    let firsts = duplicates(lines.iter().map(|(key, _)| *key), |l, m| {
+        errors.push(at(l, m))
+    });
+    errors.sort_by_key(|e| e.line);
+    let mut rules = Vec::new();
+    let mut others = Vec::new();
+    for ((key, rule), first) in lines.into_iter().zip(firsts) {
+        match rule {
+            Some(rule) if first => rules.push(rule),
+            None if first => others.push(key),
+            _ => {}
+        }
+    }
+    (rules, errors, others)
+}
+
+/// Reports the second and later rules for a port and protocol (line,
+/// message); returns, for each key in turn, whether it is the first.
+fn duplicates(keys: impl Iterator<Item = Key>, mut report: impl FnMut(usize, String)) -> Vec<bool> {
+    let mut first: HashMap<(u16, Protocol), usize> = HashMap::new();
+    keys.map(
+        |(line, port, protocol)| match first.get(&(port, protocol)) {
+            Some(at) => {
+                report(
+                    line,
+                    format!(
+                        "duplicate rule for port {} (first at line {at})",
+                        port_name(port, protocol)
+                    ),
+                );
+                false
+            }
+            None => {
+                first.insert((port, protocol), line);
+                true
+            }
+        },
+    )
+    .collect()
+}
+
+/// Whether some listener of `config` is on `port`/`protocol`.
+fn has_listener(config: &Config, port: u16, protocol: Protocol) -> bool {
+    config
+        .listeners
+        .iter()
+        .any(|l| (l.port, l.protocol) == (port, protocol))
+}
+
+fn no_listener(port: u16, protocol: Protocol) -> String {
+    format!("no listener on port {}", port_name(port, protocol))
 }
 
 // ----- apply -----
@@ -638,13 +691,13 @@ pub fn apply(
         *ok = problems.is_empty();
         errors.extend(in_field_order(problems).map(|m| at(rule.line, m)));
     }
-    let mut seen: HashSet<(u16, Protocol)> = HashSet::new();
-    for (rule, ok) in rules.iter().zip(usable.iter_mut()) {
-        if !seen.insert((rule.port, rule.protocol)) {
-            *ok = false;
-        }
+    let firsts = duplicates(
+        rules.iter().map(|r| (r.line, r.port, r.protocol)),
+        |l, m| errors.push(at(l, m)),
+    );
+    for (ok, first) in usable.iter_mut().zip(firsts) {
+        *ok &= first;
     }
-    errors.extend(duplicates(rules).into_iter().map(|(l, m)| at(l, m)));
 
     let config = match Config::from_str(config_text, config_name) {
         Ok(config) => config,
@@ -670,13 +723,7 @@ pub fn apply(
             }
         }
         if services.is_empty() {
-            errors.push(at(
-                rule.line,
-                format!(
-                    "no listener on port {}",
-                    port_name(rule.port, rule.protocol)
-                ),
-            ));
+            errors.push(at(rule.line, no_listener(rule.port, rule.protocol)));
             continue;
         }
         for si in services {
