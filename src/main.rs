@@ -154,10 +154,8 @@ fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathB
 /// reload a running instance.
 fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
     use l4lb::config::rules;
-    let config_text =
-        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
-    let rules_text =
-        std::fs::read_to_string(rules).with_context(|| format!("reading {}", rules.display()))?;
+    let config_text = read_text(config, true)?;
+    let rules_text = read_text(rules, false)?;
     let rules_name = rules.display().to_string();
     let config_name = config.display().to_string();
     let join = |errs: Vec<rules::RuleError>| {
@@ -177,10 +175,7 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    // Write beside the file and rename: a crash never leaves half a config.
-    let tmp = config.with_extension("toml.l4lb-tmp");
-    std::fs::write(&tmp, &new_text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, config).with_context(|| format!("replacing {}", config.display()))?;
+    replace_file(config, &new_text)?;
     println!("{config_name}: applied {} rule(s)", parsed.len());
     let cfg = load(config)?;
     let sock = cfg.instance.control_socket;
@@ -199,4 +194,68 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
         println!("no running instance ({} does not exist)", sock.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads a text file named on the command line. A file that is not UTF-8
+/// is bad input (exit 2), located at its first bad byte: `FILE:LINE:COL`,
+/// or `FILE:LINE` (`col` false, as for rules files).
+fn read_text(path: &Path, col: bool) -> Result<String, Failure> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
+        let at = if col {
+            let start = good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let chars = good[start..].iter().filter(|&&b| b & 0xC0 != 0x80).count();
+            format!("{line}:{}", chars + 1)
+        } else {
+            line.to_string()
+        };
+        Failure::Invalid(format!(
+            "{}:{at}: the file is not valid UTF-8",
+            path.display()
+        ))
+    })
+}
+
+/// Replaces the file at `path` (or, if it is a symbolic link, the file it
+/// points to) with `text`: written beside it, synced, then renamed over it,
+/// so that a crash leaves either the old file or the new one. The new file
+/// keeps the old one's mode and owner (a 0600 config stays private).
+fn replace_file(path: &Path, text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let target =
+        std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
+    let meta =
+        std::fs::metadata(&target).with_context(|| format!("reading {}", target.display()))?;
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".l4lb-tmp");
+    let tmp = target.with_file_name(name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        // (Changing the owner takes root: a user who may write the file
+        // but does not own it gets an error, not a file of theirs.)
+        let now = f.metadata()?;
+        if (now.uid(), now.gid()) != (meta.uid(), meta.gid()) {
+            std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
+        }
+        f.set_permissions(meta.permissions())?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Failure::Runtime(
+            anyhow::Error::new(e).context(format!("writing {}", tmp.display())),
+        ));
+    }
+    std::fs::rename(&tmp, &target).with_context(|| format!("replacing {}", target.display()))?;
+    // The rename itself is durable once the directory is synced.
+    if let Some(dir) = target.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }

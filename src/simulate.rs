@@ -79,8 +79,13 @@ pub fn simulate(
     let state = SimState::default();
     let mut persisted: HashMap<IpAddr, u32> = HashMap::new();
     let mut bad = 0;
-    for (n, line) in input.lines().enumerate() {
+    for (n, line) in input.split(b'\n').enumerate() {
         let line = line?;
+        let Ok(line) = std::str::from_utf8(&line) else {
+            bad += 1;
+            writeln!(errors, "<stdin>:{}: the line is not valid UTF-8", n + 1)?;
+            continue;
+        };
         let t = line.trim();
         if t.is_empty() || t.starts_with('#') {
             continue;

@@ -15,7 +15,7 @@ use std::time::Duration;
 const DEMO_CONFIG: &str = "config/l4lb.toml";
 
 /// Runs `l4lb ARGS` in `dir` with `stdin`, logging off.
-fn l4lb_in(dir: &Path, args: &[&str], stdin: &str) -> Output {
+fn l4lb_in(dir: &Path, args: &[&str], stdin: impl AsRef<[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_l4lb"))
         .args(args)
         .current_dir(dir)
@@ -28,14 +28,14 @@ fn l4lb_in(dir: &Path, args: &[&str], stdin: &str) -> Output {
     // A command that fails before reading its input (an unknown listener)
     // may exit before this write: a broken pipe is its outcome, not the
     // test's failure.
-    if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
+    if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_ref()) {
         assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write stdin: {e}");
     }
     child.wait_with_output().expect("wait for l4lb")
 }
 
 /// Runs `l4lb ARGS` from the crate root (where `config/` and `tests/` are).
-fn l4lb(args: &[&str], stdin: &str) -> Output {
+fn l4lb(args: &[&str], stdin: impl AsRef<[u8]>) -> Output {
     l4lb_in(Path::new(env!("CARGO_MANIFEST_DIR")), args, stdin)
 }
 
@@ -266,6 +266,26 @@ fn simulate_reports_bad_lines_by_number_and_exits_2() {
 }
 
 #[test]
+fn simulate_reports_a_line_that_is_not_utf8_and_answers_the_rest() {
+    let o = l4lb(
+        &["simulate", "-c", DEMO_CONFIG, "--listener", "web"],
+        b"198.18.4.1\n\xff\xfe\n198.18.4.2\r\n".as_slice(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_failure(&o);
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "198.18.4.1 {}\n198.18.4.2 {}\n",
+            picked("web", [198, 18, 4, 1]),
+            picked("web", [198, 18, 4, 2])
+        ),
+        "the lines around it are answered"
+    );
+    assert_eq!(stderr(&o), "<stdin>:2: the line is not valid UTF-8\n");
+}
+
+#[test]
 fn simulate_through_an_unknown_listener_lists_the_defined_ones() {
     let o = l4lb(
         &["simulate", "-c", DEMO_CONFIG, "--listener", "nope"],
@@ -389,4 +409,104 @@ fn replay_of_a_file_that_is_not_a_pcap_fails_naming_it() {
         err.starts_with(&format!("l4lb: {input}: not a pcap file")),
         "{err}"
     );
+}
+
+/// The demo config with a control socket of its own in `dir` (no instance
+/// answers there), written to `dir/name`.
+fn demo_config_in(dir: &TempDir, name: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(DEMO_CONFIG).unwrap();
+    let sock = dir.path("none.sock");
+    let text = text.replacen(
+        "# control_socket = \"/run/l4lb/l4lb.sock\"",
+        &format!("control_socket = {:?}", sock.to_str().unwrap()),
+        1,
+    );
+    assert!(
+        text.contains("none.sock"),
+        "the demo config names its socket"
+    );
+    let path = dir.path(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn rules_import_keeps_the_configs_mode_and_owner_and_writes_through_a_link() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = TempDir::new("import-mode");
+    let real = demo_config_in(&dir, "real.toml");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let owner = std::fs::metadata(&real).unwrap();
+    let link = dir.path("link.toml");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let rules = dir.path("rules.txt");
+    std::fs::write(&rules, "80 TCP 300 HTTP 8080 2 5 3 2 / web.example\n").unwrap();
+
+    let o = l4lb(
+        &[
+            "rules",
+            "import",
+            "-c",
+            link.to_str().unwrap(),
+            rules.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "{}: applied 1 rule(s)\nno running instance ({} does not exist)\n",
+            link.display(),
+            dir.path("none.sock").display()
+        )
+    );
+    let meta = std::fs::symlink_metadata(&link).unwrap();
+    assert!(meta.file_type().is_symlink(), "the link is still a link");
+    let after = std::fs::metadata(&real).unwrap();
+    assert_eq!(after.permissions().mode() & 0o7777, 0o600, "mode kept");
+    assert_eq!((after.uid(), after.gid()), (owner.uid(), owner.gid()));
+    let cfg = Config::from_file(&real).unwrap();
+    let web = cfg.listeners.iter().find(|l| l.name == "web").unwrap();
+    let svc = &cfg.services[web.service];
+    assert_eq!(svc.persistence_timeout, Some(300), "the target was updated");
+    assert_eq!(svc.health_check.domain.as_deref(), Some("web.example"));
+    let names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains("tmp")),
+        "no temporary file left: {names:?}"
+    );
+}
+
+#[test]
+fn rules_import_of_a_file_that_is_not_utf8_is_bad_input_located_and_changes_nothing() {
+    let dir = TempDir::new("import-utf8");
+    let config = demo_config_in(&dir, "l4lb.toml");
+    let before = std::fs::read(&config).unwrap();
+    let rules = dir.path("rules.txt");
+    std::fs::write(&rules, b"# ok\n80 TCP 0 HTTP 8080 2 5 3 2 /\xff -\n").unwrap();
+    let (c, r) = (config.to_str().unwrap(), rules.to_str().unwrap());
+    let o = l4lb(&["rules", "import", "-c", c, r], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_failure(&o);
+    assert_eq!(stderr(&o), format!("{r}:2: the file is not valid UTF-8\n"));
+    assert_eq!(std::fs::read(&config).unwrap(), before);
+
+    // A config that is not UTF-8: located as `check` locates it.
+    let mut broken = before.clone();
+    broken.extend_from_slice(b"# caf\xc3\xa9 \xe9\n");
+    std::fs::write(&config, &broken).unwrap();
+    std::fs::write(&rules, "80 TCP 0 HTTP 8080 2 5 3 2 / -\n").unwrap();
+    let o = l4lb(&["rules", "import", "-c", c, r], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert_clean_failure(&o);
+    let last = 1 + before.iter().filter(|&&b| b == b'\n').count();
+    let want = format!("{c}:{last}:8: the file is not valid UTF-8\n");
+    assert_eq!(stderr(&o), want);
+    let check = l4lb(&["check", "-c", c], "");
+    assert_eq!(stderr(&check), want, "the same place as `check` names");
+    assert_eq!(std::fs::read(&config).unwrap(), broken);
 }
