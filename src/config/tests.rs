@@ -1353,6 +1353,47 @@ fn server_address_rules() {
         error(&text),
         "t.toml:18:11: server address 0.0.0.0 is the unspecified address (must be a unicast address)"
     );
+    let text = format!("{INSTANCE}{WEB}").replace("\"192.0.2.11\"", "\"::ffff:192.0.2.11\"");
+    assert_eq!(
+        error(&text),
+        "t.toml:18:11: server address ::ffff:192.0.2.11 is an IPv4-mapped IPv6 address, \
+         which never appears on the wire (write 192.0.2.11)"
+    );
+    let text = format!("{INSTANCE}{WEB}").replace("\"192.0.2.11\"", "\"fe80::11\"");
+    assert_eq!(
+        error(&text),
+        "t.toml:18:11: server address fe80::11 is an IPv6 link-local address \
+         (must be a global or unique local address)"
+    );
+}
+
+#[test]
+fn a_vip_cannot_be_ipv4_mapped_or_link_local_but_a_gateway_may_be_link_local() {
+    let vip = |addr: &str| {
+        format!("{INSTANCE}{WEB}").replacen("vip = \"192.0.2.1\"", &format!("vip = \"{addr}\""), 1)
+    };
+    assert!(vip("192.0.2.1").contains("192.0.2.1"));
+    let text = vip("::ffff:192.0.2.1");
+    assert!(text.contains("::ffff:192.0.2.1"), "the test edits the VIP");
+    assert_eq!(
+        errors(&text)[0],
+        "t.toml:9:7: vip ::ffff:192.0.2.1 is an IPv4-mapped IPv6 address, \
+         which never appears on the wire (write 192.0.2.1)"
+    );
+    assert_eq!(
+        errors(&vip("fe80::1"))[0],
+        "t.toml:9:7: vip fe80::1 is an IPv6 link-local address \
+         (must be a global or unique local address)"
+    );
+    // An IPv6 default gateway is usually link-local: that is fine.
+    let text = format!("{INSTANCE}{WEB}")
+        .replace(
+            "client_gateway = \"10.0.0.1\"",
+            "client_gateway = \"fe80::1\"",
+        )
+        .replace("\"192.0.2.1\"", "\"2001:2::1\"")
+        .replace("\"192.0.2.11\"", "\"2001:2::11\"");
+    assert_eq!(ok(&text).instance.client_gateway, ip("fe80::1"));
 }
 
 // ----- health checks -----

@@ -414,6 +414,36 @@ impl Validator<'_> {
             );
             return None;
         }
+        if let IpAddr::V6(v6) = ip {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                // The data plane keys IPv4 by this form; on the wire it is
+                // never seen (RFC 4291 §2.5.5.2).
+                self.report(
+                    value.span(),
+                    format!(
+                        "{key} {ip} is an IPv4-mapped IPv6 address, which never appears on \
+                         the wire (write {v4})"
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(ip)
+    }
+
+    /// An address a VIP or a server can have: [`Validator::ip`], and not
+    /// IPv6 link-local, which means something only together with an
+    /// interface: health checks could not reach such a server (a connect
+    /// without a scope fails), and routers forward nothing to or from it.
+    fn routable_ip(&mut self, value: &Str, key: &str) -> Option<IpAddr> {
+        let ip = self.ip(value, key)?;
+        if matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()) {
+            self.report(
+                value.span(),
+                format!("{key} {ip} is an IPv6 link-local address (must be a global or unique local address)"),
+            );
+            return None;
+        }
         Some(ip)
     }
 
@@ -815,7 +845,7 @@ impl Validator<'_> {
     fn server(&mut self, raw: &Spanned<RawServer>) -> ParsedServer {
         let raw = raw.get_ref();
         ParsedServer {
-            address: self.ip(&raw.address, "server address"),
+            address: self.routable_ip(&raw.address, "server address"),
             port: self.port(&raw.port, "port"),
             weight: match &raw.weight {
                 Some(w) => self.int(w, "weight", 0, MAX_WEIGHT),
@@ -1228,7 +1258,7 @@ impl Validator<'_> {
             let name = l.name.get_ref().as_str();
             self.name(&l.name, "listener");
             self.unique_name(&mut seen, &l.name, "listener");
-            let vip = self.ip(&l.vip, "vip");
+            let vip = self.routable_ip(&l.vip, "vip");
             let protocol = self.protocol(&l.protocol);
             let port = self.port(&l.port, "port");
             let target = l.backend_service.get_ref();
