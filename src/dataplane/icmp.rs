@@ -18,9 +18,11 @@
 //! Only the error types are translated (IPv4: destination unreachable, time
 //! exceeded, parameter problem; ICMPv6: destination unreachable, packet too
 //! big, time exceeded, parameter problem), and only when they quote a TCP or
-//! UDP packet of a live flow. This is the slow path: the ICMP checksum is
-//! recomputed over the whole message, the quoted headers' checksums are
-//! updated incrementally (the quote is usually cut short of the payload).
+//! UDP packet of a live flow. This is the slow path: an error whose ICMP
+//! checksum is wrong is dropped (`malformed`), the checksum of one that is
+//! translated is recomputed over the whole message, and the quoted headers'
+//! checksums are updated incrementally (the quote is usually cut short of
+//! the payload).
 
 use crate::dataplane::checksum::{checksum, l4_checksum, Wsum};
 use crate::dataplane::counters::DropReason;
@@ -115,6 +117,11 @@ fn parse_v4(frame: &[u8]) -> Icmp {
     if msg.len() < ICMP_HEADER || !is_error_type(false, msg[0]) {
         return Icmp::NotError;
     }
+    if checksum(msg) != 0 {
+        // Damaged on its way: the translation recomputes the checksum, so
+        // passing it on would hide that from its receiver (RFC 5508 §7).
+        return Icmp::Bad(DropReason::Malformed);
+    }
     let quote = &msg[ICMP_HEADER..];
     // The quote: an IPv4 header and at least the 8 bytes with the ports
     // (RFC 792).
@@ -164,6 +171,10 @@ fn parse_v6(frame: &[u8]) -> Icmp {
     let msg = &ip[ipv6::LEN..ipv6::LEN + payload];
     if msg.len() < ICMP_HEADER || !is_error_type(true, msg[0]) {
         return Icmp::NotError;
+    }
+    if l4_checksum(&ip[ipv6::SRC], &ip[ipv6::DST], PROTO_ICMPV6, msg) != 0 {
+        // As for IPv4 (the sum covers the pseudo-header too).
+        return Icmp::Bad(DropReason::Malformed);
     }
     let quote = &msg[ICMP_HEADER..];
     if quote.len() < ipv6::LEN + 8 || quote[0] >> 4 != 6 {
@@ -261,10 +272,12 @@ pub fn translate(
             l4::TCP_CHECKSUM
         };
     if ck + 2 <= e.end {
-        // An IPv4 UDP checksum of zero means "none" and stays so.
+        // A UDP checksum of zero means "none" (IPv4) and stays so; l4lb
+        // forwards no IPv6 UDP without one, so such a quote is not of a
+        // packet it sent, and zero is left as found rather than made up.
         inner_delta
             .replace(old_port as u32, new_port as u32)
-            .update_l4(field2(frame, ck), udp, !e.v6);
+            .update_l4(field2(frame, ck), udp, true);
     }
 
     // The ICMP checksum, over the whole message (and, for ICMPv6, the
@@ -591,9 +604,17 @@ mod tests {
         );
 
         let q = quoted("198.18.4.7", 40000, "198.18.2.11", 9053, true);
+        // Each edit is checked on its own: the ICMP checksum is made right
+        // again after it (a wrong one is a case of its own, below).
         let bad = |edit: &dyn Fn(&mut Vec<u8>)| {
             let mut f = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &q);
             edit(&mut f);
+            if f.len() >= 38 {
+                let end = (14 + usize::from(u16::from_be_bytes([f[16], f[17]]))).min(f.len());
+                f[36..38].fill(0);
+                let sum = checksum(&f[34..end]);
+                f[36..38].copy_from_slice(&sum.to_be_bytes());
+            }
             parse(&f)
         };
         // Quote starts at 14 + 20 + 8 = 42.
@@ -622,6 +643,30 @@ mod tests {
             Icmp::Bad(DropReason::Malformed),
             "quoted IHL 16"
         );
+        // A wrong ICMP checksum, in the header or anywhere in the quote.
+        for at in [36, 42 + 12, 42 + 20 + 7] {
+            let mut f = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &q);
+            f[at] ^= 0x01;
+            assert_eq!(
+                parse(&f),
+                Icmp::Bad(DropReason::Malformed),
+                "ICMP checksum wrong (byte {at} flipped)"
+            );
+        }
+        let q6 = quoted("2001:2::7", 40000, "2001:2:0:2::11", 9053, true);
+        let good6 = error_frame((A, B), "2001:2:0:2::11", "2001:2::7", 64, false, &q6);
+        assert!(matches!(parse(&good6), Icmp::Error(_)));
+        // The ICMPv6 sum covers the outer addresses (pseudo-header) too.
+        for at in [14 + 8, 14 + 40 + 2, 14 + 40 + 8 + 40 + 7] {
+            let mut f = good6.clone();
+            f[at] ^= 0x01;
+            assert_eq!(
+                parse(&f),
+                Icmp::Bad(DropReason::Malformed),
+                "ICMPv6 checksum wrong (byte {at} flipped)"
+            );
+        }
+
         // Cut inside the quoted ports: shorten the IP total length too.
         let mut cut = error_frame((A, B), "198.18.2.11", "198.18.4.7", 64, false, &q[..24]);
         assert_eq!(parse(&cut), Icmp::Bad(DropReason::Malformed));
