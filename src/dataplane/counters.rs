@@ -42,10 +42,15 @@ pub enum DropReason {
     /// The TX ring stayed full: the frame was recycled unsent.
     /// Normal: 0; non-zero means the egress link is saturated.
     TxRingFull,
+    /// A packet that would open a flow comes from an address no router
+    /// forwards from (loopback, unspecified, multicast, broadcast,
+    /// link-local, IPv4 0/8 and 240/4). Normal: 0; otherwise spoofed or
+    /// misrouted traffic.
+    BadSource,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::Malformed,
         DropReason::Fragment,
@@ -56,6 +61,7 @@ impl DropReason {
         DropReason::NoFlow,
         DropReason::NotOurs,
         DropReason::TxRingFull,
+        DropReason::BadSource,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +75,7 @@ impl DropReason {
             DropReason::NoFlow => "no_flow",
             DropReason::NotOurs => "not_ours",
             DropReason::TxRingFull => "tx_ring_full",
+            DropReason::BadSource => "bad_source",
         }
     }
 }

@@ -234,6 +234,16 @@ fn parse_v6(ip: &[u8]) -> Frame {
     };
     let src: Addr16 = ip[ipv6::SRC].try_into().expect("16 bytes");
     let dst: Addr16 = ip[ipv6::DST].try_into().expect("16 bytes");
+    if is_v4_mapped(&src) || is_v4_mapped(&dst) {
+        // IPv4-mapped addresses never appear on the wire (RFC 4291
+        // §2.5.5.2), and l4lb keys IPv4 by exactly that form: such a
+        // packet would otherwise pass for IPv4 traffic of a flow or VIP.
+        return Frame::Unusable {
+            src,
+            dst,
+            why: DropReason::Malformed,
+        };
+    }
     let proto = hdr.next_header().0;
     const ICMPV6: u8 = 58;
     if proto == ICMPV6 {
@@ -255,7 +265,17 @@ fn parse_v6(ip: &[u8]) -> Frame {
             why: DropReason::Malformed,
         };
     }
-    match ports(&ip[ipv6::LEN..end], proto) {
+    let seg = &ip[ipv6::LEN..end];
+    match ports(seg, proto) {
+        // IPv6 receivers discard UDP with a zero checksum (RFC 8200 §8.1):
+        // there is no sum to update, and a made-up one would be wrong.
+        Some(_) if proto == PROTO_UDP && seg[l4::UDP_CHECKSUM..l4::UDP_CHECKSUM + 2] == [0, 0] => {
+            Frame::Unusable {
+                src,
+                dst,
+                why: DropReason::Malformed,
+            }
+        }
         Some((sport, dport)) => Frame::L4(Parsed {
             v6: true,
             l3: ETH_LEN,
@@ -272,6 +292,28 @@ fn parse_v6(ip: &[u8]) -> Frame {
             dst,
             why: DropReason::Malformed,
         },
+    }
+}
+
+/// Whether `a` is an IPv4-mapped IPv6 address (`::ffff:0:0/96`), the form
+/// l4lb stores IPv4 addresses in.
+#[inline]
+pub fn is_v4_mapped(a: &Addr16) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
+/// Whether `a` (of the family `v6` says; IPv4 as [`map_v4`] gives it) can
+/// not be the source of a packet a router forwards (RFC 1812 §5.3.7, RFC
+/// 3927 §7, RFC 4291 §2.5): IPv4 0/8, 127/8, 169.254/16, and 224/4 and
+/// above (multicast, reserved, broadcast); IPv6 `::`, `::1`, `fe80::/10`
+/// and `ff00::/8`.
+#[inline]
+pub fn is_martian_source(a: &Addr16, v6: bool) -> bool {
+    if v6 {
+        a[0] == 0xff || (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || (a[..15] == [0; 15] && a[15] <= 1)
+    } else {
+        let (x, y) = (a[12], a[13]);
+        x == 0 || x == 127 || x >= 224 || (x == 169 && y == 254)
     }
 }
 
@@ -364,6 +406,9 @@ mod tests {
     ];
     /// UDP 50000 → 53, length 8.
     const UDP_EMPTY: [u8; 8] = [0xc3, 0x50, 0x00, 0x35, 0x00, 0x08, 0x00, 0x00];
+    /// The same with a checksum (IPv6 UDP must carry one; the parser does
+    /// not verify it, only that it is not zero).
+    const UDP6_EMPTY: [u8; 8] = [0xc3, 0x50, 0x00, 0x35, 0x00, 0x08, 0x12, 0x34];
     /// IPv6, payload length 8, UDP, hop limit 33, 2001:2::7 → 2001:2::100.
     const IPV6_UDP: [u8; 40] = [
         0x60, 0, 0, 0, // version, traffic class, flow label
@@ -442,7 +487,7 @@ mod tests {
 
     #[test]
     fn ipv6_udp_frame_yields_offsets_addresses_ports_and_hop_limit() {
-        let f = frame(&[&ETH_V6, &IPV6_UDP, &UDP_EMPTY]);
+        let f = frame(&[&ETH_V6, &IPV6_UDP, &UDP6_EMPTY]);
         let Frame::L4(p) = parse(&f) else {
             panic!("{:?}", parse(&f))
         };
@@ -457,7 +502,7 @@ mod tests {
     #[test]
     fn frames_without_a_readable_ip_header_are_not_attributed() {
         let tcp = tcp4();
-        let v6 = frame(&[&ETH_V6, &IPV6_UDP, &UDP_EMPTY]);
+        let v6 = frame(&[&ETH_V6, &IPV6_UDP, &UDP6_EMPTY]);
         let mut vlan = tcp4();
         vlan[12..14].copy_from_slice(&[0x81, 0x00]);
         let mut arp = tcp4();
@@ -571,7 +616,49 @@ mod tests {
             frame(&[&ETH_V6, &ip, rest])
         };
         let unusable = |why| Frame::Unusable { src, dst, why };
-        let table: [(&str, Vec<u8>, Frame); 6] = [
+        let mapped = |at: usize| {
+            let mut ip = IPV6_UDP;
+            ip[at..at + 16].copy_from_slice(&map_v4([198, 18, 100, 1]));
+            let f = frame(&[&ETH_V6, &ip, &UDP6_EMPTY]);
+            let (src, dst) = (
+                ip[8..24].try_into().unwrap(),
+                ip[24..40].try_into().unwrap(),
+            );
+            (f, src, dst)
+        };
+        for (at, what) in [(8, "source"), (24, "destination")] {
+            let (f, src, dst) = mapped(at);
+            assert_eq!(
+                parse(&f),
+                Frame::Unusable {
+                    src,
+                    dst,
+                    why: DropReason::Malformed
+                },
+                "IPv4-mapped {what}"
+            );
+        }
+        let table: [(&str, Vec<u8>, Frame); 8] = [
+            (
+                "UDP with a zero checksum",
+                with(17, 8, &UDP_EMPTY),
+                unusable(DropReason::Malformed),
+            ),
+            (
+                "UDP with a checksum",
+                with(17, 8, &UDP6_EMPTY),
+                Frame::L4(Parsed {
+                    v6: true,
+                    l3: 14,
+                    l4: 54,
+                    proto: PROTO_UDP,
+                    src,
+                    dst,
+                    sport: 50000,
+                    dport: 53,
+                    ttl: 33,
+                }),
+            ),
             (
                 "hop-by-hop options",
                 with(0, 8, &[17, 0, 0, 0, 0, 0, 0, 0]),
@@ -605,6 +692,53 @@ mod tests {
         ];
         for (what, f, want) in table {
             assert_eq!(parse(&f), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn martian_sources_are_exactly_the_reserved_ranges() {
+        let v4 = |a: [u8; 4]| is_martian_source(&map_v4(a), false);
+        let v6 = |s: &str| {
+            let a: std::net::Ipv6Addr = s.parse().unwrap();
+            is_martian_source(&a.octets(), true)
+        };
+        for a in [
+            [0, 0, 0, 0],
+            [0, 255, 255, 255],
+            [127, 0, 0, 1],
+            [127, 255, 255, 255],
+            [169, 254, 0, 1],
+            [169, 254, 255, 255],
+            [224, 0, 0, 0],
+            [239, 255, 255, 255],
+            [240, 0, 0, 1],
+            [255, 255, 255, 255],
+        ] {
+            assert!(v4(a), "{a:?} is martian");
+        }
+        for a in [
+            [1, 0, 0, 0],
+            [126, 255, 255, 255],
+            [128, 0, 0, 0],
+            [169, 253, 255, 255],
+            [169, 255, 0, 0],
+            [198, 18, 4, 7],
+            [223, 255, 255, 255],
+        ] {
+            assert!(!v4(a), "{a:?} is an ordinary source");
+        }
+        for a in ["::", "::1", "fe80::1", "febf:ffff::1", "ff02::1", "ff0e::1"] {
+            assert!(v6(a), "{a} is martian");
+        }
+        for a in [
+            "::2",
+            "fec0::1",
+            "fe7f::1",
+            "fc00::1",
+            "2001:2::7",
+            "64:ff9b::1",
+        ] {
+            assert!(!v6(a), "{a} is an ordinary source");
         }
     }
 
@@ -663,7 +797,7 @@ mod tests {
     fn no_prefix_of_a_frame_panics_or_reads_past_its_end() {
         let frames = [
             tcp4(),
-            frame(&[&ETH_V6, &IPV6_UDP, &UDP_EMPTY]),
+            frame(&[&ETH_V6, &IPV6_UDP, &UDP6_EMPTY]),
             tcp4_with(&[(14, 0x4f)]),
         ];
         for f in &frames {

@@ -10,7 +10,7 @@ use crate::control::snapshot::{BackendEntry, ListenerEntry, SchedState, ServiceE
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::icmp::{self, Icmp, Toward};
 use crate::dataplane::nat::{rewrite, Side};
-use crate::dataplane::packet::{parse_into, Frame, Parsed, PROTO_TCP};
+use crate::dataplane::packet::{is_martian_source, parse_into, Frame, Parsed, PROTO_TCP};
 use crate::sched::client_hash_bytes;
 use crate::table::{
     FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
@@ -690,6 +690,12 @@ impl Processor<'_> {
     /// recorded as opening.
     #[inline(always)]
     fn open(&self, p: &Parsed, le: &ListenerEntry, m: &Meta, syn: bool) -> Result<u32, DropReason> {
+        // No flow (nor session, nor least-connections count) for a source
+        // no router would forward from: only here, since every flow
+        // starts here.
+        if is_martian_source(&p.src, p.v6) {
+            return Err(DropReason::BadSource);
+        }
         let snap = self.snapshot;
         let t = self.tables;
         let svc = le.service;
@@ -1383,6 +1389,44 @@ protocol = "udp"
     }
 
     #[test]
+    fn a_client_address_no_router_forwards_from_opens_no_flow() {
+        let rig = Rig::new(true);
+        let v4 = ("198.18.100.1", 80);
+        let martians4 = [
+            "0.1.2.3",
+            "127.0.0.1",
+            "169.254.1.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+        ];
+        let martians6 = ["::", "::1", "fe80::7", "ff02::1"];
+        // TCP to both web listeners, UDP to dns6.
+        let tries = (martians4.iter().map(|&a| (a, v4, false)))
+            .chain(martians6.iter().map(|&a| (a, VIP6, false)))
+            .chain(martians6.iter().map(|&a| (a, ("2001:2::100", 53), true)));
+        for (src, vip, udp) in tries {
+            let p = Pkt {
+                udp,
+                ..Pkt::from_client((src, 40000), vip)
+            };
+            expect(&rig, 1, p, Verdict::Drop(DropReason::BadSource), None);
+        }
+        assert_eq!(rig.stats.drops(DropReason::BadSource), 14);
+        assert_eq!(rig.tables.flows.count_live(1), 0, "no flow recorded");
+        assert_eq!(rig.tables.persist.count_live(1), 0, "no session either");
+        // Ordinary clients of both families still get through.
+        for (client, vip, server) in [
+            (("198.18.4.7", 40000), v4, ("198.18.2.11", 8080)),
+            (CLIENT6, VIP6, SERVER6),
+        ] {
+            let syn = Pkt::from_client(client, vip);
+            let forwarded = Some(syn.to_server(server));
+            expect(&rig, 1, syn, Verdict::Tx(Port::Backend), forwarded);
+        }
+    }
+
+    #[test]
     fn ipv6_hop_limit_1_to_the_vip_is_dropped() {
         let rig = Rig::new(true);
         let syn = Pkt {
@@ -1402,6 +1446,26 @@ protocol = "udp"
         assert_eq!(v, Verdict::Drop(DropReason::Unsupported));
         assert_eq!(frame, before);
         assert_eq!(rig.stats.drops(DropReason::Unsupported), 1);
+    }
+
+    #[test]
+    fn ipv6_with_an_ipv4_mapped_address_or_udp_without_checksum_is_malformed() {
+        let rig = Rig::new(true);
+        // To the IPv4 VIP in its mapped form, and from an IPv4 client's
+        // mapped form to the IPv6 VIP: neither may pass for the other
+        // family's traffic.
+        let to_mapped = Pkt::from_client(CLIENT6, ("::ffff:198.18.100.1", 80));
+        let from_mapped = Pkt::from_client(("::ffff:198.18.4.7", 40000), VIP6);
+        let mut no_sum = Pkt::from_client(CLIENT6, ("2001:2::100", 53)).udp().build();
+        no_sum[14 + 40 + 6..14 + 40 + 8].fill(0);
+        for mut frame in [to_mapped.build(), from_mapped.build(), no_sum] {
+            let before = frame.clone();
+            let v = rig.process(&mut frame, 1);
+            assert_eq!(v, Verdict::Drop(DropReason::Malformed));
+            assert_eq!(frame, before);
+        }
+        assert_eq!(rig.stats.drops(DropReason::Malformed), 3);
+        assert_eq!(rig.tables.flows.count_live(1), 0);
     }
 
     /// A FIN or RST closes a connection for least-connections exactly once,
