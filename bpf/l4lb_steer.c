@@ -14,8 +14,10 @@
 //     fragmented, bad IHL), so that user space counts them as malformed
 //     instead of the kernel dropping them silently;
 //   * ICMP and ICMPv6 errors to a VIP (unreachable, packet too big, time
-//     exceeded, parameter problem): user space translates those about a
-//     flow and sends them on to its server;
+//     exceeded, parameter problem) that quote a listener's TCP or UDP
+//     packet, or whose quote cannot be read: user space translates those
+//     about a flow and sends them on to its server (errors about the
+//     host's own traffic from a VIP address stay with the kernel);
 //   * frames from a backend address to an address that is not one of this
 //     host's own, nor a group (multicast, broadcast) address: replies of
 //     NAT'ed flows. Replies to the host itself (its health checks, ssh,
@@ -145,6 +147,49 @@ static __always_inline int is_icmp_error(__u8 proto, __u8 type)
 	return type == 3 || type == 11 || type == 12; // unreachable, time, parameter
 }
 
+// Whether user space must see the ICMP error (`proto`) whose quoted packet
+// starts at `q`. The quote is a packet this host sent from the VIP: user
+// space translates errors about a listener's TCP or UDP flows (the quote's
+// source address and port are the listener's), and counts quotes it cannot
+// read here. An error about anything else the host sends from a VIP (its
+// own services on other ports, its ICMP) is the kernel's (= the
+// Toward::Server case of Processor::icmp).
+static __always_inline int quote_is_users(__u8 proto, void *q, void *data_end)
+{
+	struct l4_key lk;
+	__u8 qproto;
+	void *ql4;
+
+	if (proto == IPPROTO_ICMP) {
+		struct iphdr *qip = q;
+		if ((void *)(qip + 1) > data_end)
+			return 1;
+		__u32 qihl = qip->ihl & 0xf;
+		if (qihl < 5 || (qip->frag_off & bpf_htons(0x1fff)) != 0)
+			return 1; // broken, or a later fragment: no ports
+		qproto = qip->protocol;
+		ql4 = (void *)qip + qihl * 4;
+		struct addr_key a;
+		map_v4(&a, qip->saddr);
+		__builtin_memcpy(lk.addr, a.addr, 16);
+	} else {
+		struct ipv6hdr *qip6 = q;
+		if ((void *)(qip6 + 1) > data_end)
+			return 1;
+		qproto = qip6->nexthdr;
+		ql4 = (void *)(qip6 + 1);
+		__builtin_memcpy(lk.addr, &qip6->saddr, 16);
+	}
+	if (qproto != IPPROTO_TCP && qproto != IPPROTO_UDP)
+		return 0;
+	if (ql4 + 2 > data_end)
+		return 1;
+	lk.port = *(__u16 *)ql4; // the quoted source port
+	lk.proto = qproto;
+	lk.pad = 0;
+	return bpf_map_lookup_elem(&l4lb_listeners, &lk) != NULL;
+}
+
 // Decide for a frame whose L3 addresses are known. `l4` points at the L4
 // header or is NULL when it cannot be read (truncated or a fragment).
 static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struct addr_key *src,
@@ -152,9 +197,13 @@ static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struc
 {
 	if (bpf_map_lookup_elem(&l4lb_vips, dst)) {
 		if (proto == IPPROTO_ICMP || proto == IPPROTO_ICMPV6) {
-			// Errors may be about a flow: user space translates them.
-			// Echo and the rest are the kernel's business.
-			if (l4 && l4 + 1 <= data_end && is_icmp_error(proto, *(__u8 *)l4))
+			// Errors about a listener's flows: user space translates
+			// them. Echo, the rest, and errors about the host's own
+			// traffic from the VIP are the kernel's business.
+			if (!l4 || l4 + 1 > data_end || !is_icmp_error(proto, *(__u8 *)l4))
+				return pass();
+			// (A message cut short of its quote: user space counts it.)
+			if (l4 + 8 > data_end || quote_is_users(proto, l4 + 8, data_end))
 				return redirect(ctx);
 			return pass();
 		}

@@ -221,3 +221,63 @@ fn icmp_errors_about_flows_reach_the_other_end_translated() {
         st["workers"][0]
     );
 }
+
+/// The host itself may use a VIP address for traffic of its own. An error
+/// about that traffic (here: a client's "port unreachable" about a datagram
+/// the host sent from the VIP) is the kernel's: the steering program leaves
+/// it to the kernel, whose connected socket then hears "connection
+/// refused", instead of sending it to l4lb, which could only drop it.
+#[test]
+fn icmp_errors_about_the_hosts_own_traffic_on_a_vip_reach_its_kernel() {
+    let mut t = Topology::up("icmp-host", 1);
+    no_icmp_rate_limit("l4lb-client");
+    let cfg = t.config_file_text("dual-stack.toml", |c| c);
+    t.start_lb(&cfg);
+    // The VIPs as addresses of the host itself.
+    in_ns(
+        "l4lb-lb",
+        &["ip", "addr", "add", "198.18.100.1/32", "dev", "lo"],
+    );
+    in_ns(
+        "l4lb-lb",
+        &["ip", "addr", "add", "2001:2:0:100::1/128", "dev", "lo"],
+    );
+    let passed = |t: &Topology| -> u64 {
+        let st = t.stats();
+        st["steering"]
+            .as_array()
+            .expect("steering counters")
+            .iter()
+            .map(|x| x["passed"].as_u64().expect("passed"))
+            .sum()
+    };
+    let passed_before = passed(&t);
+    // From the VIP to a client's closed port: the client's kernel refuses.
+    for (target, source) in [
+        ("198.18.4.1:9", "198.18.100.1"),
+        ("[2001:2:0:4::1]:9", "2001:2:0:100::1"),
+    ] {
+        let d = t.drive_in(
+            "l4lb-lb",
+            &[target],
+            source,
+            &["--udp-connect", "--timeout-ms", "3000", "--parallel", "1"],
+        );
+        assert_eq!(d.requests, 1, "{target}");
+        assert_eq!(
+            d.results[0].error.as_deref(),
+            Some("recv: Connection refused (os error 111)"),
+            "{target}: {:?}",
+            d.results[0]
+        );
+    }
+    let st = t.stats();
+    for (reason, n) in st["drops"].as_object().expect("drops") {
+        assert_eq!(n.as_u64(), Some(0), "drop counter {reason}: {st}");
+    }
+    assert_eq!(st["workers"][0]["icmp"], 0, "nothing translated");
+    assert!(
+        passed(&t) >= passed_before + 2,
+        "both errors passed to the kernel by the steering program"
+    );
+}

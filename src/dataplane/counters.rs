@@ -21,7 +21,8 @@ pub enum DropReason {
     /// it by port. Normal: 0 unless clients send oversized UDP.
     Fragment,
     /// IPv6 extension headers; ICMP from a backend to a client that is not
-    /// an error; an ICMP error quoting neither TCP nor UDP. Normal: near 0.
+    /// an error; an ICMP error from a backend quoting neither TCP nor UDP.
+    /// Normal: near 0.
     Unsupported,
     /// The listener's backend service has no server with weight > 0 that is
     /// up. Normal: 0; non-zero means an outage.

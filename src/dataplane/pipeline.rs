@@ -940,8 +940,10 @@ impl Processor<'_> {
 
     /// An ICMP message to a VIP (`Toward::Server`) or from a server host to
     /// a client (`Toward::Client`). Errors about a live flow are translated
-    /// (see `dataplane::icmp`) and sent on; other messages to a VIP are the
-    /// kernel's; other messages from a server to a client are dropped.
+    /// (see `dataplane::icmp`) and sent on; errors about a listener's
+    /// packet with no flow are dropped; other messages to a VIP (errors
+    /// about the host's own traffic included) are the kernel's; other
+    /// messages from a server to a client are dropped.
     #[cold]
     #[inline(never)]
     fn icmp(&self, frame: &mut [u8], toward: Toward) -> Verdict {
@@ -953,6 +955,9 @@ impl Processor<'_> {
                     Toward::Client => Verdict::Drop(DropReason::Unsupported),
                 }
             }
+            // A quote of neither TCP nor UDP sent from a VIP is the host's
+            // own (its ICMP, say): as the steering program decides.
+            Icmp::Bad(DropReason::Unsupported) if toward == Toward::Server => return Verdict::Pass,
             Icmp::Bad(why) => return Verdict::Drop(why),
         };
         if e.ttl <= 1 {
@@ -962,9 +967,11 @@ impl Processor<'_> {
         let verdict = match toward {
             Toward::Server => {
                 // The quote is a reply, VIP:port -> client; its flow's
-                // forward entry is client -> VIP:port.
+                // forward entry is client -> VIP:port. From a port no
+                // listener has, it is the host's own traffic (the kernel's,
+                // as the steering program decides).
                 let Some(l) = snap.listener(&e.src, e.sport, e.proto) else {
-                    return Verdict::Drop(DropReason::NoFlow);
+                    return Verdict::Pass;
                 };
                 let le = &snap.listeners[l as usize];
                 let key = ForwardKey {
@@ -1592,6 +1599,27 @@ protocol = "udp"
             let other = pkt(Pkt::from_client((client.0, 40001), vip));
             let mut f = refused(&ip_of(other.to_server(server)));
             assert_eq!(rig.process(&mut f, 1), Verdict::Drop(DropReason::NoFlow));
+
+            // To the VIP about a listener's reply of no flow: dropped. About
+            // the host's own traffic from the VIP (a port no listener has,
+            // or its ICMP): the kernel's, untouched.
+            let too_big_about = |quote: &[u8]| {
+                icmp::error_frame((GATEWAY, CLIENT_IF), router, vip.0, 64, true, quote)
+            };
+            let stray = pkt(Pkt::from_server(server, (client.0, 40001)));
+            let mut f = too_big_about(&ip_of(stray.to_client(vip)));
+            assert_eq!(rig.process(&mut f, 1), Verdict::Drop(DropReason::NoFlow));
+            let own = pkt(Pkt::from_client((vip.0, 22), client));
+            let mut f = too_big_about(&ip_of(own));
+            let before = f.clone();
+            assert_eq!(rig.process(&mut f, 1), Verdict::Pass, "the host's port 22");
+            assert_eq!(f, before);
+            // The same quote made ICMP (its protocol / next header field).
+            let v6 = vip.0.contains(':');
+            let mut echo_reply = ip_of(own);
+            echo_reply[if v6 { 6 } else { 9 }] = if v6 { 58 } else { 1 };
+            let mut f = too_big_about(&echo_reply);
+            assert_eq!(rig.process(&mut f, 1), Verdict::Pass, "the host's ICMP");
         }
 
         // An echo request to a VIP stays the kernel's.

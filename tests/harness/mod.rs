@@ -387,20 +387,17 @@ impl Topology {
         conns: u32,
         extra: &[&str],
     ) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", "l4lb-client", HARNESS, "drive", "--json"]);
-        if !tcp.is_empty() {
-            cmd.args(["--vip-tcp", &tcp.join(",")]);
-        }
-        if !udp.is_empty() {
-            cmd.args(["--vip-udp", &udp.join(",")]);
-        }
-        cmd.args(["--sources", sources, "--conns", &conns.to_string()]);
-        if !extra.contains(&"--parallel") {
-            cmd.args(["--parallel", "64"]);
-        }
-        cmd.args(extra);
-        cmd
+        drive_cmd_in("l4lb-client", tcp, udp, sources, conns, extra)
+    }
+
+    /// [`Topology::drive_with`] from namespace `ns` instead of the client's
+    /// (the load balancer's host itself, say).
+    pub fn drive_in(&self, ns: &str, udp: &[&str], sources: &str, extra: &[&str]) -> Drive {
+        let out = run_ok(
+            &mut drive_cmd_in(ns, &[], udp, sources, 1, extra),
+            "l4lb-harness drive",
+        );
+        serde_json::from_str(&out).expect("drive output is JSON")
     }
 
     /// Runs `l4lb reload` against this instance: (exit code, stdout, stderr).
@@ -535,4 +532,29 @@ pub fn backend_addr(name: &str, port: u16) -> String {
 /// Backend name (b1..b3) → its IPv6 address in the harness.
 pub fn backend_addr6(name: &str, port: u16) -> String {
     format!("[2001:2:0:2::1{}]:{port}", &name[1..])
+}
+
+/// The `l4lb-harness drive` command, run in namespace `ns`.
+fn drive_cmd_in(
+    ns: &str,
+    tcp: &[&str],
+    udp: &[&str],
+    sources: &str,
+    conns: u32,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, HARNESS, "drive", "--json"]);
+    if !tcp.is_empty() {
+        cmd.args(["--vip-tcp", &tcp.join(",")]);
+    }
+    if !udp.is_empty() {
+        cmd.args(["--vip-udp", &udp.join(",")]);
+    }
+    cmd.args(["--sources", sources, "--conns", &conns.to_string()]);
+    if !extra.contains(&"--parallel") {
+        cmd.args(["--parallel", "64"]);
+    }
+    cmd.args(extra);
+    cmd
 }
