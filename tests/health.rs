@@ -4,7 +4,7 @@
 //! every wait is a bounded poll loop, so each test takes a few seconds.
 
 use l4lb::control::health::{
-    first_probe_offset, CheckSpec, HealthMonitor, Probe, TargetKey, Transition,
+    first_probe_offset, CheckSpec, HealthMonitor, Probe, TargetKey, Transition, WantedTarget,
 };
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream, UdpSocket};
@@ -24,6 +24,15 @@ fn key(port: u16, proto: u8) -> TargetKey {
         port,
         proto,
         check: 0,
+    }
+}
+
+/// A target of one service, "web".
+fn target(key: TargetKey, spec: CheckSpec) -> WantedTarget {
+    WantedTarget {
+        key,
+        spec,
+        services: vec!["web".to_string()],
     }
 }
 
@@ -158,7 +167,7 @@ fn a_listening_tcp_server_stays_up() {
     let server = Server::tcp(drop);
     let k = key(server.port, 6);
     let mut m = HealthMonitor::new(64);
-    m.set_targets(vec![(k, spec(Probe::Tcp, server.port))]);
+    m.set_targets(vec![target(k, spec(Probe::Tcp, server.port))]);
     assert!(m.is_up(&k), "a new target starts up");
     let first = wait_for_result(&mut m, &k, "ok", INTERVAL + SLACK);
     // Two more probes, and no transition.
@@ -176,7 +185,7 @@ fn a_closed_tcp_port_goes_down_after_exactly_unhealthy_threshold_probes() {
     let k = key(port, 6);
     let mut m = HealthMonitor::new(64);
     let t0 = Instant::now();
-    m.set_targets(vec![(k, spec(Probe::Tcp, port))]);
+    m.set_targets(vec![target(k, spec(Probe::Tcp, port))]);
     let (at, t) = next_transition(&mut m, 3 * INTERVAL).expect("goes down");
     assert_eq!(
         t,
@@ -219,7 +228,7 @@ fn http_goes_down_on_503_and_back_up_after_healthy_threshold_200s() {
     });
     let k = key(server.port, 6);
     let mut m = HealthMonitor::new(64);
-    m.set_targets(vec![(
+    m.set_targets(vec![target(
         k,
         spec(http("/healthz?deep=1", Some("health.example")), server.port),
     )]);
@@ -264,7 +273,7 @@ fn http_without_a_domain_sends_the_server_address_as_host() {
     });
     let k = key(server.port, 6);
     let mut m = HealthMonitor::new(64);
-    m.set_targets(vec![(k, spec(http("/", None), server.port))]);
+    m.set_targets(vec![target(k, spec(http("/", None), server.port))]);
     wait_for_result(&mut m, &k, "ok", INTERVAL + SLACK);
     let heads = heads.lock().unwrap();
     assert!(
@@ -280,7 +289,7 @@ fn http_that_accepts_but_never_answers_times_out() {
     let server = Server::tcp(move |s| acc.lock().unwrap().push((Instant::now(), s)));
     let k = key(server.port, 6);
     let mut m = HealthMonitor::new(64);
-    m.set_targets(vec![(k, spec(http("/", None), server.port))]);
+    m.set_targets(vec![target(k, spec(http("/", None), server.port))]);
     let failed = wait_for_result(&mut m, &k, "timeout", INTERVAL + TIMEOUT + SLACK);
     let first_accept = accepted.lock().unwrap()[0].0;
     let took = failed - first_accept;
@@ -342,7 +351,7 @@ fn a_udp_echo_server_stays_up_and_gets_the_payload() {
     let probe = Probe::Udp {
         payload: b"l4lb-health".to_vec(),
     };
-    m.set_targets(vec![(k, spec(probe, echo.port))]);
+    m.set_targets(vec![target(k, spec(probe, echo.port))]);
     wait_for_result(&mut m, &k, "ok", INTERVAL + SLACK);
     assert!(m.is_up(&k));
     assert_eq!(echo.got.lock().unwrap()[0], b"l4lb-health");
@@ -357,7 +366,7 @@ fn a_closed_udp_port_goes_down_on_icmp_port_unreachable() {
     let probe = Probe::Udp {
         payload: b"l4lb-health".to_vec(),
     };
-    m.set_targets(vec![(k, spec(probe, port))]);
+    m.set_targets(vec![target(k, spec(probe, port))]);
     let (at, t) = next_transition(&mut m, 3 * INTERVAL).expect("goes down");
     assert_eq!(
         t,
@@ -378,7 +387,7 @@ fn a_server_that_comes_back_is_up_after_healthy_threshold_probes() {
     let port = closed_tcp_port();
     let k = key(port, 6);
     let mut m = HealthMonitor::new(64);
-    m.set_targets(vec![(k, spec(Probe::Tcp, port))]);
+    m.set_targets(vec![target(k, spec(Probe::Tcp, port))]);
     let (_, t) = next_transition(&mut m, 3 * INTERVAL).expect("goes down");
     assert!(!t.up);
     // std sets SO_REUSEADDR on listeners, so the port can be taken again.

@@ -177,6 +177,17 @@ impl fmt::Display for TargetKey {
     }
 }
 
+/// One target as a configuration asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedTarget {
+    pub key: TargetKey,
+    pub spec: CheckSpec,
+    /// Names of the backend services that check the server this way. A
+    /// reload that changes a service's check hands the new target the
+    /// up/down state that this service had for the server.
+    pub services: Vec<String>,
+}
+
 /// A server changed state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -336,11 +347,16 @@ struct Done {
 }
 
 /// The targets as they were; see [`HealthMonitor::saved_targets`].
-pub struct SavedTargets(BTreeMap<TargetKey, Target>);
+pub struct SavedTargets {
+    targets: BTreeMap<TargetKey, Target>,
+    users: BTreeMap<(String, Endpoint), TargetKey>,
+}
 
 /// Health checks of a set of targets. See the module docs.
 pub struct HealthMonitor {
     targets: BTreeMap<TargetKey, Target>,
+    /// The target each backend service uses for each of its servers.
+    users: BTreeMap<(String, Endpoint), TargetKey>,
     threads: Vec<ProbeThread>,
     done: Receiver<Done>,
     max_in_flight: usize,
@@ -385,6 +401,7 @@ impl HealthMonitor {
             .collect();
         HealthMonitor {
             targets: BTreeMap::new(),
+            users: BTreeMap::new(),
             threads,
             done,
             max_in_flight: max_in_flight.max(1),
@@ -397,14 +414,18 @@ impl HealthMonitor {
     /// A copy of every target's state, for [`HealthMonitor::restore_targets`]
     /// (a reload that fails after [`HealthMonitor::set_targets`]).
     pub fn saved_targets(&self) -> SavedTargets {
-        SavedTargets(self.targets.clone())
+        SavedTargets {
+            targets: self.targets.clone(),
+            users: self.users.clone(),
+        }
     }
 
     /// Puts the targets back as [`HealthMonitor::saved_targets`] found them.
     /// Probes started since report under ids the saved targets do not
     /// wait for, and are dropped.
     pub fn restore_targets(&mut self, saved: SavedTargets) {
-        self.targets = saved.0;
+        self.targets = saved.targets;
+        self.users = saved.users;
     }
 
     /// Replaces the set of targets (a duplicate key: the last one counts).
@@ -414,24 +435,41 @@ impl HealthMonitor {
     ///   removed another check of the same server); a probe then in flight
     ///   reports under the old key and is dropped, and the target is probed
     ///   again at the next `poll`.
-    /// * A new target starts **up** (optimistic: it is taken out after
-    ///   `unhealthy_threshold` failures) and is first probed at
-    ///   [`first_probe_offset`] after the next `poll`.
-    /// * A target whose spec changed under the same key keeps its up/down
-    ///   state, resets its consecutive counters and is rescheduled like a
+    /// * Otherwise, a target whose services checked the server before
+    ///   (with another spec) keeps the up/down state those services had
+    ///   for it, resets its consecutive counters and is scheduled like a
     ///   new one; the result of a probe of the old spec still in flight is
-    ///   dropped.
+    ///   dropped. The state goes by service name, not by check number:
+    ///   check numbers are positions in the file, and a reload that removes
+    ///   or reorders services gives them to other services' checks. If the
+    ///   services had different states (a reload gave two of them the same
+    ///   check), down wins: one of them saw the server fail.
+    /// * A target that none of its services checked before starts **up**
+    ///   (optimistic: it is taken out after `unhealthy_threshold`
+    ///   failures) and is first probed at [`first_probe_offset`] after the
+    ///   next `poll`.
     /// * Targets not in the new set are forgotten.
-    pub fn set_targets(&mut self, targets: Vec<(TargetKey, CheckSpec)>) {
-        let wanted: BTreeMap<TargetKey, CheckSpec> = targets.into_iter().collect();
+    pub fn set_targets(&mut self, targets: Vec<WantedTarget>) {
+        let wanted: BTreeMap<TargetKey, WantedTarget> =
+            targets.into_iter().map(|w| (w.key, w)).collect();
         let mut old = std::mem::take(&mut self.targets);
+        let old_users = std::mem::take(&mut self.users);
+        // What each service knew about each server, taken before any
+        // target moves.
+        let known: BTreeMap<&(String, Endpoint), TargetState> = old_users
+            .iter()
+            .filter_map(|(user, k)| Some((user, old.get(k)?.state.clone())))
+            .collect();
         // First, every target whose server and spec are unchanged, whatever
-        // its number; then the rest, by key.
+        // its number; then the rest.
         let mut rest = Vec::new();
-        for (key, spec) in wanted {
+        for (key, w) in wanted {
+            for service in &w.services {
+                self.users.insert((service.clone(), key.endpoint()), key);
+            }
             let same = old
                 .iter()
-                .find(|(k, t)| k.endpoint() == key.endpoint() && *t.spec == spec)
+                .find(|(k, t)| k.endpoint() == key.endpoint() && *t.spec == w.spec)
                 .map(|(k, _)| *k);
             match same.and_then(|k| old.remove(&k).map(|t| (k, t))) {
                 Some((k, mut t)) => {
@@ -440,22 +478,24 @@ impl HealthMonitor {
                     }
                     self.targets.insert(key, t);
                 }
-                None => rest.push((key, spec)),
+                None => rest.push(w),
             }
         }
-        for (key, spec) in rest {
-            let target = match old.remove(&key) {
-                Some(mut t) => {
-                    t.state
-                        .reset_counters(spec.unhealthy_threshold, spec.healthy_threshold);
-                    t.spec = Arc::new(spec);
-                    t.next_due = None;
-                    t.running = None;
-                    t
-                }
-                None => Target::new(spec),
-            };
-            self.targets.insert(key, target);
+        for w in rest {
+            let mut target = Target::new(w.spec);
+            let before: Vec<&TargetState> = w
+                .services
+                .iter()
+                .filter_map(|s| known.get(&(s.clone(), w.key.endpoint())))
+                .collect();
+            if let Some(state) = before.iter().find(|s| !s.is_up()).or(before.first()) {
+                let spec = &target.spec;
+                target.state = (*state).clone();
+                target
+                    .state
+                    .reset_counters(spec.unhealthy_threshold, spec.healthy_threshold);
+            }
+            self.targets.insert(w.key, target);
         }
     }
 
@@ -922,6 +962,22 @@ mod tests {
         }
     }
 
+    /// Targets that one service, "web", uses.
+    fn web(targets: Vec<(TargetKey, CheckSpec)>) -> Vec<WantedTarget> {
+        targets
+            .into_iter()
+            .map(|(key, spec)| wanted(key, spec, &["web"]))
+            .collect()
+    }
+
+    fn wanted(key: TargetKey, spec: CheckSpec, services: &[&str]) -> WantedTarget {
+        WantedTarget {
+            key,
+            spec,
+            services: services.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
     fn tcp_spec(unhealthy: u32, healthy: u32) -> CheckSpec {
         CheckSpec {
             probe: Probe::Tcp,
@@ -1049,11 +1105,11 @@ mod tests {
     fn set_targets_keeps_unchanged_targets_and_resets_counters_of_changed_ones() {
         let mut m = HealthMonitor::new(4);
         let (a, b, c) = (key(1, 80), key(2, 80), key(3, 80));
-        m.set_targets(vec![
+        m.set_targets(web(vec![
             (a, tcp_spec(2, 2)),
             (b, tcp_spec(2, 2)),
             (c, tcp_spec(3, 2)),
-        ]);
+        ]));
         let t0 = Instant::now();
         m.targets.get_mut(&a).unwrap().next_due = Some(t0);
         assert_eq!(finish(&mut m, a, false, "timeout"), None);
@@ -1074,11 +1130,11 @@ mod tests {
         let mut b_spec = tcp_spec(2, 2);
         b_spec.port = 8080;
         let d = key(4, 80);
-        m.set_targets(vec![
+        m.set_targets(web(vec![
             (a, tcp_spec(2, 2)),
             (b, b_spec.clone()),
             (d, tcp_spec(2, 2)),
-        ]);
+        ]));
         // a: unchanged: state, counters and schedule kept.
         assert_eq!(m.targets[&a].state, a_before);
         assert_eq!(m.targets[&a].state.counters(), (1, 0));
@@ -1120,7 +1176,10 @@ mod tests {
             host: None,
             codes: vec![(200, 399)],
         };
-        m.set_targets(vec![(first, tcp_spec(2, 2)), (second, http.clone())]);
+        m.set_targets(vec![
+            wanted(first, tcp_spec(2, 2), &["a"]),
+            wanted(second, http.clone(), &["b"]),
+        ]);
         finish(&mut m, second, false, "status 503");
         assert_eq!(
             finish(&mut m, second, false, "status 503").map(|t| t.up),
@@ -1129,7 +1188,7 @@ mod tests {
         m.targets.get_mut(&second).unwrap().running = Some(77);
         assert!(m.is_up(&first));
 
-        m.set_targets(vec![(first, http.clone())]);
+        m.set_targets(vec![wanted(first, http.clone(), &["b"])]);
         assert!(
             !m.is_up(&first),
             "the HTTP check's down state moved with it"
@@ -1144,18 +1203,111 @@ mod tests {
         assert_eq!(m.targets.len(), 1);
     }
 
+    fn http_spec(path: &str) -> CheckSpec {
+        CheckSpec {
+            probe: Probe::Http {
+                path: path.into(),
+                host: None,
+                codes: vec![(200, 399)],
+            },
+            ..tcp_spec(2, 2)
+        }
+    }
+
+    /// Services a and b check one server with their own HTTP paths; the
+    /// server is `a_up` for a and `b_up` for b (a's target is check 0, b's
+    /// check 1).
+    fn two_services_on_one_server(a_up: bool, b_up: bool) -> (HealthMonitor, TargetKey) {
+        let mut m = HealthMonitor::new(4);
+        let k0 = key(1, 80);
+        let k1 = TargetKey { check: 1, ..k0 };
+        m.set_targets(vec![
+            wanted(k0, http_spec("/a"), &["a"]),
+            wanted(k1, http_spec("/b"), &["b"]),
+        ]);
+        for (k, up) in [(k0, a_up), (k1, b_up)] {
+            if !up {
+                finish(&mut m, k, false, "status 503");
+                assert_eq!(
+                    finish(&mut m, k, false, "status 503").map(|t| t.up),
+                    Some(false)
+                );
+            } else {
+                assert_eq!(finish(&mut m, k, true, "ok"), None);
+            }
+        }
+        (m, k0)
+    }
+
+    /// The reviewer's case: a reload drops service a and changes b's path.
+    /// b's new check is check 0, the number a's had; it keeps b's state.
+    #[test]
+    fn a_changed_check_keeps_its_own_services_up_state_not_another_services_down() {
+        let (mut m, k0) = two_services_on_one_server(false, true);
+        m.set_targets(vec![wanted(k0, http_spec("/b2"), &["b"])]);
+        assert_eq!(m.states(), vec![(k0, true, "ok".to_string())]);
+        assert_eq!(m.targets[&k0].state.counters(), (0, 0));
+    }
+
+    #[test]
+    fn a_changed_check_keeps_its_own_services_down_state_not_another_services_up() {
+        let (mut m, k0) = two_services_on_one_server(true, false);
+        m.set_targets(vec![wanted(k0, http_spec("/b2"), &["b"])]);
+        assert_eq!(m.states(), vec![(k0, false, "status 503".to_string())]);
+        // Back up after healthy_threshold successes of the new check.
+        assert_eq!(finish(&mut m, k0, true, "ok"), None);
+        assert_eq!(finish(&mut m, k0, true, "ok").map(|t| t.up), Some(true));
+    }
+
+    /// Both services change their checks and swap places in the file, so
+    /// their check numbers swap too.
+    #[test]
+    fn reordered_services_with_changed_checks_keep_their_own_states() {
+        let (mut m, k0) = two_services_on_one_server(false, true);
+        let k1 = TargetKey { check: 1, ..k0 };
+        m.set_targets(vec![
+            wanted(k0, http_spec("/b2"), &["b"]),
+            wanted(k1, http_spec("/a2"), &["a"]),
+        ]);
+        assert!(m.is_up(&k0), "b's server, up for b");
+        assert!(!m.is_up(&k1), "a's server, down for a");
+    }
+
+    /// A reload gives a and b the same new check: one target for both. a
+    /// saw the server fail, so it stays down until the new check passes.
+    #[test]
+    fn services_merged_onto_one_changed_check_keep_the_server_down_if_either_had_it_down() {
+        for (a_up, b_up) in [(false, true), (true, false)] {
+            let (mut m, k0) = two_services_on_one_server(a_up, b_up);
+            m.set_targets(vec![wanted(k0, http_spec("/ready"), &["a", "b"])]);
+            assert!(!m.is_up(&k0), "a up {a_up}, b up {b_up}");
+        }
+        let (mut m, k0) = two_services_on_one_server(true, true);
+        m.set_targets(vec![wanted(k0, http_spec("/ready"), &["a", "b"])]);
+        assert!(m.is_up(&k0));
+    }
+
+    /// A service that did not use the server before gets a new target,
+    /// up, even where another service's check of it was down.
+    #[test]
+    fn a_service_new_to_a_server_starts_it_up() {
+        let (mut m, k0) = two_services_on_one_server(false, false);
+        m.set_targets(vec![wanted(k0, http_spec("/c"), &["c"])]);
+        assert_eq!(m.states(), vec![(k0, true, NOT_PROBED.to_string())]);
+    }
+
     /// A reload that fails after setting the new targets puts the old ones
     /// back, state and probe in flight included.
     #[test]
     fn restored_targets_are_as_they_were() {
         let mut m = HealthMonitor::new(4);
         let (a, b) = (key(1, 80), key(2, 80));
-        m.set_targets(vec![(a, tcp_spec(2, 2))]);
+        m.set_targets(web(vec![(a, tcp_spec(2, 2))]));
         finish(&mut m, a, false, "timeout");
         finish(&mut m, a, false, "timeout");
         m.targets.get_mut(&a).unwrap().running = Some(5);
         let saved = m.saved_targets();
-        m.set_targets(vec![(b, tcp_spec(2, 2))]);
+        m.set_targets(web(vec![(b, tcp_spec(2, 2))]));
         assert!(m.is_up(&a), "a forgotten, so unknown, so up");
         m.restore_targets(saved);
         assert!(!m.is_up(&a));
@@ -1169,13 +1321,13 @@ mod tests {
     fn a_changed_spec_keeps_a_down_server_down() {
         let mut m = HealthMonitor::new(4);
         let a = key(1, 80);
-        m.set_targets(vec![(a, tcp_spec(2, 2))]);
+        m.set_targets(web(vec![(a, tcp_spec(2, 2))]));
         finish(&mut m, a, false, "timeout");
         assert_eq!(
             finish(&mut m, a, false, "timeout").map(|t| t.up),
             Some(false)
         );
-        m.set_targets(vec![(a, tcp_spec(2, 3))]);
+        m.set_targets(web(vec![(a, tcp_spec(2, 3))]));
         assert!(!m.is_up(&a));
         assert_eq!(finish(&mut m, a, true, "ok"), None);
         assert_eq!(finish(&mut m, a, true, "ok"), None);
@@ -1205,7 +1357,7 @@ mod tests {
             healthy_threshold: 2,
         };
         let mut m = HealthMonitor::new(8);
-        m.set_targets(vec![(k, spec)]);
+        m.set_targets(web(vec![(k, spec)]));
         let t0 = Instant::now();
         let offset = first_probe_offset(&k, Duration::from_secs(1));
         m.poll(t0);
@@ -1261,7 +1413,7 @@ mod tests {
             })
             .collect();
         let mut m = HealthMonitor::new(3);
-        m.set_targets(targets);
+        m.set_targets(web(targets));
         let t0 = Instant::now();
         m.poll(t0);
         m.poll(t0 + Duration::from_secs(1));

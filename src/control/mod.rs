@@ -31,7 +31,7 @@ use crate::table::FlowTable;
 use crate::util::Mac;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
-use health::{CheckSpec, Endpoint, HealthMonitor, TargetKey};
+use health::{CheckSpec, Endpoint, HealthMonitor, TargetKey, WantedTarget};
 use ids::Ids;
 use snapshot::{proto_number, Inputs, Links, Snapshot};
 use std::collections::HashMap;
@@ -136,8 +136,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 /// checks (see [`Plane::targets`]).
 struct Targets {
     /// In configuration order, each server's distinct checks numbered from
-    /// 0 ([`TargetKey::check`]).
-    list: Vec<(TargetKey, CheckSpec)>,
+    /// 0 ([`TargetKey::check`]), each with the services that use it.
+    list: Vec<WantedTarget>,
     /// Endpoint → indices into `list`.
     by_server: HashMap<Endpoint, Vec<usize>>,
 }
@@ -153,7 +153,11 @@ impl Targets {
             for s in &svc.servers {
                 let spec = CheckSpec::from_config(&svc.health_check, s.port);
                 let known = t.by_server.entry((s.address, s.port, proto)).or_default();
-                if known.iter().any(|&i| t.list[i].1 == spec) {
+                if let Some(&i) = known.iter().find(|&&i| t.list[i].spec == spec) {
+                    let services = &mut t.list[i].services;
+                    if !services.contains(&svc.name) {
+                        services.push(svc.name.clone());
+                    }
                     continue;
                 }
                 let key = TargetKey {
@@ -166,7 +170,11 @@ impl Targets {
                     check: u8::try_from(known.len()).unwrap_or(u8::MAX),
                 };
                 known.push(t.list.len());
-                t.list.push((key, spec));
+                t.list.push(WantedTarget {
+                    key,
+                    spec,
+                    services: vec![svc.name.clone()],
+                });
             }
         }
         t
@@ -179,7 +187,7 @@ impl Targets {
         let spec = CheckSpec::from_config(hc, port);
         self.by_server
             .get(&(addr, port, proto))
-            .and_then(|known| known.iter().find(|&&i| self.list[i].1 == spec))
+            .and_then(|known| known.iter().find(|&&i| self.list[i].spec == spec))
             .map_or(
                 TargetKey {
                     addr,
@@ -187,9 +195,19 @@ impl Targets {
                     proto,
                     check: 0,
                 },
-                |&i| self.list[i].0,
+                |&i| self.list[i].key,
             )
     }
+}
+
+/// Whether a service's server may take new clients: what the service's own
+/// check of it says.
+fn up_by_own_check<'a>(
+    config: &Config,
+    health: &'a HealthMonitor,
+) -> impl Fn(&IpAddr, u16, Protocol, &HealthCheck) -> bool + 'a {
+    let targets = Targets::of(config);
+    move |addr, port, proto, hc| health.is_up(&targets.key(*addr, port, proto, hc))
 }
 
 /// The control plane's state.
@@ -212,7 +230,7 @@ impl Plane {
     /// A server used by two services is checked once if their checks are
     /// the same, and once by each if they differ: each service then takes
     /// the server out on its own check's say.
-    fn targets(&self) -> Vec<(TargetKey, CheckSpec)> {
+    fn targets(&self) -> Vec<WantedTarget> {
         Targets::of(&self.config).list
     }
 
@@ -221,11 +239,8 @@ impl Plane {
         links.gateway_mac = self
             .nb
             .get(self.client_idx, &self.config.instance.client_gateway);
-        let (b, nb, health) = (self.backend_idx, &self.nb, &self.health);
-        let targets = Targets::of(&self.config);
-        let is_up = |addr: &IpAddr, port: u16, p: Protocol, hc: &HealthCheck| {
-            health.is_up(&targets.key(*addr, port, p, hc))
-        };
+        let (b, nb) = (self.backend_idx, &self.nb);
+        let is_up = up_by_own_check(&self.config, &self.health);
         Snapshot::build(
             &mut self.ids,
             &Inputs {
@@ -688,7 +703,7 @@ mod tests {
         .concat();
         let config = Config::from_str(&text, "t.toml").expect("valid");
         let targets = Targets::of(&config);
-        let keys: Vec<String> = targets.list.iter().map(|(k, _)| k.to_string()).collect();
+        let keys: Vec<String> = targets.list.iter().map(|w| w.key.to_string()).collect();
         assert_eq!(
             keys,
             [
@@ -709,6 +724,115 @@ mod tests {
             [0, 0, 1, 0],
             "a and b share, c has its own, d is UDP"
         );
+        let users: Vec<&[String]> = targets.list.iter().map(|w| &w.services[..]).collect();
+        assert_eq!(users, [&["a", "b"][..], &["c"], &["d"]]);
+    }
+
+    /// End to end, against real HTTP servers on 127.0.0.1 that answer 503
+    /// on paths starting with /down and 200 on others: services a1 and b1
+    /// share server 1, a2 and b2 server 2. Before the reload server 1 is
+    /// down for a1 and up for b1; server 2 is up for a2 and down for b2.
+    /// The reload drops a1 and a2 and changes the paths of b1 and b2, whose
+    /// checks then take the numbers a1's and a2's had. Each b keeps what
+    /// its own check said.
+    #[test]
+    fn a_reload_keeps_each_services_own_health_state_for_a_shared_server() {
+        use std::io::{Read, Write};
+        let http_server = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            std::thread::spawn(move || {
+                for mut s in l.incoming().flatten() {
+                    let mut buf = [0u8; 2048];
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    let resp = if buf[..n].starts_with(b"GET /down") {
+                        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                    };
+                    let _ = s.write_all(resp.as_bytes());
+                }
+            });
+            port
+        };
+        let (port1, port2) = (http_server(), http_server());
+        let head = "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\nclient_gateway = \"198.18.0.2\"\n";
+        // Service `name` on listener port `listen`, checking its one server
+        // 127.0.0.1:`port` at `path`.
+        let service = |name: &str, listen: u16, path: &str, port: u16| {
+            format!(
+                "[[listener]]\nname = \"{name}\"\nvip = \"198.18.100.1\"\nprotocol = \"tcp\"\n\
+                 port = {listen}\nbackend_service = \"{name}\"\n\
+                 [[backend_service]]\nname = \"{name}\"\nprotocol = \"tcp\"\n\
+                 [backend_service.health_check]\ntype = \"http\"\npath = \"{path}\"\n\
+                 interval = 1\ntimeout = 1\nunhealthy_threshold = 2\nhealthy_threshold = 2\n\
+                 [[backend_service.server]]\naddress = \"127.0.0.1\"\nport = {port}\n"
+            )
+        };
+        let old = [
+            head.to_string(),
+            service("a1", 1, "/down-a1", port1),
+            service("a2", 2, "/a2", port2),
+            service("b1", 3, "/b1", port1),
+            service("b2", 4, "/down-b2", port2),
+        ]
+        .concat();
+        let new = [
+            head.to_string(),
+            service("b1", 3, "/b1-v2", port1),
+            service("b2", 4, "/down-b2-v2", port2),
+        ]
+        .concat();
+        let old = Config::from_str(&old, "old.toml").expect("valid");
+        let new = Config::from_str(&new, "new.toml").expect("valid");
+        let eligible = |config: &Config, h: &HealthMonitor| -> Vec<(String, usize)> {
+            let is_up = up_by_own_check(config, h);
+            let snap = Snapshot::build(
+                &mut Ids::default(),
+                &Inputs {
+                    config,
+                    generation: 1,
+                    links: Links::default(),
+                    local: &[],
+                    mac_of: &|_| None,
+                    is_up: &is_up,
+                },
+            )
+            .expect("builds");
+            let mut e: Vec<(String, usize)> = snap
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.eligible.len()))
+                .collect();
+            e.sort();
+            e
+        };
+
+        let mut h = HealthMonitor::new(64);
+        h.set_targets(Targets::of(&old).list);
+        // Offset < 1 s, then 2 probes 1 s apart: settled within 3 s.
+        let end = Instant::now() + Duration::from_secs(6);
+        let settled = |h: &HealthMonitor| {
+            let s = h.states();
+            s.len() == 4
+                && s.iter()
+                    .all(|(_, up, last)| *up == (last == "ok") && last != health::NOT_PROBED)
+        };
+        while Instant::now() < end && !settled(&h) {
+            h.poll(Instant::now());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(settled(&h), "{:?}", h.states());
+        let to_vec = |v: &[(&str, usize)]| -> Vec<(String, usize)> {
+            v.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+        };
+        assert_eq!(
+            eligible(&old, &h),
+            to_vec(&[("a1", 0), ("a2", 1), ("b1", 1), ("b2", 0)])
+        );
+
+        h.set_targets(Targets::of(&new).list);
+        assert_eq!(eligible(&new, &h), to_vec(&[("b1", 1), ("b2", 0)]));
     }
 
     /// The table sizes and timeouts are fixed when the tables are made: a
