@@ -41,7 +41,7 @@
 //! beside it.
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
@@ -346,10 +346,63 @@ struct Done {
     reason: String,
 }
 
+/// How many removed (service, server) pairs keep their last state: a few
+/// hundred bytes each, so a bounded few MiB at most however often reloads
+/// add and remove servers.
+const REMEMBERED_REMOVALS: usize = 4096;
+
+/// The last state of servers that reloads removed from services, so that
+/// one added back later does not start up as if never checked. Bounded:
+/// past `capacity` pairs the oldest removal is forgotten first.
+#[derive(Clone)]
+struct Removed {
+    capacity: usize,
+    /// Pair → (removal number, its state then).
+    states: HashMap<(String, Endpoint), (u64, TargetState)>,
+    /// Removal number → pair, oldest first.
+    order: BTreeMap<u64, (String, Endpoint)>,
+    next: u64,
+}
+
+impl Removed {
+    fn new(capacity: usize) -> Self {
+        Removed {
+            capacity,
+            states: HashMap::new(),
+            order: BTreeMap::new(),
+            next: 0,
+        }
+    }
+
+    fn get(&self, user: &(String, Endpoint)) -> Option<&TargetState> {
+        self.states.get(user).map(|(_, s)| s)
+    }
+
+    fn insert(&mut self, user: (String, Endpoint), state: TargetState) {
+        self.remove(&user);
+        self.order.insert(self.next, user.clone());
+        self.states.insert(user, (self.next, state));
+        self.next += 1;
+        while self.states.len() > self.capacity {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.states.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, user: &(String, Endpoint)) {
+        if let Some((n, _)) = self.states.remove(user) {
+            self.order.remove(&n);
+        }
+    }
+}
+
 /// The targets as they were; see [`HealthMonitor::saved_targets`].
 pub struct SavedTargets {
     targets: BTreeMap<TargetKey, Target>,
     users: BTreeMap<(String, Endpoint), TargetKey>,
+    removed: Removed,
 }
 
 /// Health checks of a set of targets. See the module docs.
@@ -357,6 +410,7 @@ pub struct HealthMonitor {
     targets: BTreeMap<TargetKey, Target>,
     /// The target each backend service uses for each of its servers.
     users: BTreeMap<(String, Endpoint), TargetKey>,
+    removed: Removed,
     threads: Vec<ProbeThread>,
     done: Receiver<Done>,
     max_in_flight: usize,
@@ -402,6 +456,7 @@ impl HealthMonitor {
         HealthMonitor {
             targets: BTreeMap::new(),
             users: BTreeMap::new(),
+            removed: Removed::new(REMEMBERED_REMOVALS),
             threads,
             done,
             max_in_flight: max_in_flight.max(1),
@@ -417,6 +472,7 @@ impl HealthMonitor {
         SavedTargets {
             targets: self.targets.clone(),
             users: self.users.clone(),
+            removed: self.removed.clone(),
         }
     }
 
@@ -426,6 +482,7 @@ impl HealthMonitor {
     pub fn restore_targets(&mut self, saved: SavedTargets) {
         self.targets = saved.targets;
         self.users = saved.users;
+        self.removed = saved.removed;
     }
 
     /// Replaces the set of targets (a duplicate key: the last one counts).
@@ -444,11 +501,15 @@ impl HealthMonitor {
     ///   or reorders services gives them to other services' checks. If the
     ///   services had different states (a reload gave two of them the same
     ///   check), down wins: one of them saw the server fail.
+    /// * A server that an earlier reload removed from a service and this
+    ///   one adds back takes the state it had then, counters reset (the
+    ///   last [`REMEMBERED_REMOVALS`] removals are remembered).
     /// * A target that none of its services checked before starts **up**
     ///   (optimistic: it is taken out after `unhealthy_threshold`
     ///   failures) and is first probed at [`first_probe_offset`] after the
     ///   next `poll`.
-    /// * Targets not in the new set are forgotten.
+    /// * Targets not in the new set are dropped; what their services knew
+    ///   of their servers is remembered as above.
     pub fn set_targets(&mut self, targets: Vec<WantedTarget>) {
         let wanted: BTreeMap<TargetKey, WantedTarget> =
             targets.into_iter().map(|w| (w.key, w)).collect();
@@ -486,7 +547,10 @@ impl HealthMonitor {
             let before: Vec<&TargetState> = w
                 .services
                 .iter()
-                .filter_map(|s| known.get(&(s.clone(), w.key.endpoint())))
+                .filter_map(|s| {
+                    let user = (s.clone(), w.key.endpoint());
+                    known.get(&user).or_else(|| self.removed.get(&user))
+                })
                 .collect();
             if let Some(state) = before.iter().find(|s| !s.is_up()).or(before.first()) {
                 let spec = &target.spec;
@@ -496,6 +560,14 @@ impl HealthMonitor {
                     .reset_counters(spec.unhealthy_threshold, spec.healthy_threshold);
             }
             self.targets.insert(w.key, target);
+        }
+        for (user, state) in known {
+            if !self.users.contains_key(user) {
+                self.removed.insert(user.clone(), state);
+            }
+        }
+        for user in self.users.keys() {
+            self.removed.remove(user);
         }
     }
 
@@ -1294,6 +1366,72 @@ mod tests {
         let (mut m, k0) = two_services_on_one_server(false, false);
         m.set_targets(vec![wanted(k0, http_spec("/c"), &["c"])]);
         assert_eq!(m.states(), vec![(k0, true, NOT_PROBED.to_string())]);
+    }
+
+    /// A down server removed by one reload and added back by the next
+    /// comes back down: l4lb has checked it before.
+    #[test]
+    fn a_down_server_removed_and_added_back_comes_back_down() {
+        let mut m = HealthMonitor::new(4);
+        let (a, b) = (key(1, 80), key(2, 80));
+        m.set_targets(web(vec![(a, tcp_spec(2, 2)), (b, tcp_spec(2, 2))]));
+        finish(&mut m, a, false, "connection refused");
+        assert_eq!(
+            finish(&mut m, a, false, "connection refused").map(|t| t.up),
+            Some(false)
+        );
+        m.set_targets(web(vec![(b, tcp_spec(2, 2))]));
+        m.set_targets(web(vec![(a, tcp_spec(2, 2)), (b, tcp_spec(2, 2))]));
+        assert_eq!(
+            m.states(),
+            vec![
+                (a, false, "connection refused".to_string()),
+                (b, true, NOT_PROBED.to_string()),
+            ]
+        );
+        // Counters restart: healthy_threshold successes bring it back.
+        assert_eq!(finish(&mut m, a, true, "ok"), None);
+        assert_eq!(finish(&mut m, a, true, "ok").map(|t| t.up), Some(true));
+        // Back in the configuration, it is no longer a removal: removed
+        // again while up, it comes back up.
+        m.set_targets(web(vec![(b, tcp_spec(2, 2))]));
+        m.set_targets(web(vec![(a, tcp_spec(2, 3))]));
+        assert!(m.is_up(&a));
+    }
+
+    /// What one service saw is not another's: the server added to another
+    /// service starts up there.
+    #[test]
+    fn a_removed_server_added_to_another_service_starts_up() {
+        let mut m = HealthMonitor::new(4);
+        let a = key(1, 80);
+        m.set_targets(vec![wanted(a, tcp_spec(2, 2), &["old"])]);
+        finish(&mut m, a, false, "timeout");
+        finish(&mut m, a, false, "timeout");
+        m.set_targets(vec![]);
+        m.set_targets(vec![wanted(a, tcp_spec(2, 2), &["new"])]);
+        assert!(m.is_up(&a));
+    }
+
+    #[test]
+    fn removals_past_the_capacity_forget_the_oldest_first() {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let user = |n: u16| ("web".to_string(), (ip, n, 6));
+        let down = {
+            let mut s = TargetState::new(1, 1);
+            s.record(false, "timeout");
+            s
+        };
+        let mut r = Removed::new(2);
+        r.insert(user(1), down.clone());
+        r.insert(user(2), down.clone());
+        r.insert(user(1), down.clone()); // removed again: now the newest
+        r.insert(user(3), down.clone());
+        assert_eq!(r.get(&user(2)), None);
+        assert_eq!(r.get(&user(1)), Some(&down));
+        assert_eq!(r.get(&user(3)), Some(&down));
+        r.remove(&user(1));
+        assert_eq!((r.states.len(), r.order.len()), (1, 1));
     }
 
     /// A reload that fails after setting the new targets puts the old ones
