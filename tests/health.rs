@@ -4,8 +4,10 @@
 //! every wait is a bounded poll loop, so each test takes a few seconds.
 
 use l4lb::control::health::{
-    first_probe_offset, CheckSpec, HealthMonitor, Probe, TargetKey, Transition, WantedTarget,
+    first_probe_offset, probe_fd_budget, CheckSpec, HealthMonitor, Probe, TargetKey, Transition,
+    WantedTarget,
 };
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -395,4 +397,66 @@ fn a_server_that_comes_back_is_up_after_healthy_threshold_probes() {
     let (_, t) = next_transition(&mut m, 2 * INTERVAL + SLACK).expect("comes back");
     assert_eq!((t.up, t.reason.as_str()), (true, "ok"));
     drop(listener);
+}
+
+/// 300 UDP servers that never answer each keep a probe in flight for its
+/// whole timeout, all the time, far more than 64 at once. Every probe must
+/// still start on schedule: each target goes down within the README's bound
+/// for a dead new server, offset + (unhealthy_threshold − 1) × interval +
+/// timeout, and so does a closed port among them (whose probes fail at
+/// once, so without the timeout).
+#[test]
+fn three_hundred_silent_udp_servers_all_go_down_within_the_detection_bound() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let closed = key(closed_udp_port(), 17);
+    let udp = || Probe::Udp {
+        payload: b"ping".to_vec(),
+    };
+    // The silent targets' own ports are below the ephemeral range, so none
+    // is the closed port; all of them are probed at the silent socket.
+    let mut targets: Vec<WantedTarget> = (1..=300)
+        .map(|p| target(key(p, 17), spec(udp(), silent_port)))
+        .collect();
+    targets.push(target(closed, spec(udp(), closed.port)));
+    let bound = |k: &TargetKey| {
+        let fails_at_once = if *k == closed {
+            Duration::ZERO
+        } else {
+            TIMEOUT
+        };
+        first_probe_offset(k, INTERVAL) + INTERVAL + fails_at_once
+    };
+
+    let mut m = HealthMonitor::new(probe_fd_budget());
+    let t0 = Instant::now();
+    m.set_targets(targets);
+    let mut down_at: HashMap<TargetKey, Instant> = HashMap::new();
+    while t0.elapsed() < 10 * INTERVAL && down_at.len() < 301 {
+        for t in m.poll(Instant::now()) {
+            assert!(!t.up, "{t:?}");
+            down_at.insert(t.key, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(down_at.len(), 301, "down within 10 intervals");
+    assert_eq!(
+        m.states().iter().filter(|(_, _, r)| r == "timeout").count(),
+        300
+    );
+    let (worst, late) = down_at
+        .iter()
+        .map(|(k, at)| {
+            let due = t0 + bound(k);
+            assert!(*at >= due, "{k} down before its second probe ended");
+            (*k, *at - due)
+        })
+        .max_by_key(|(_, late)| *late)
+        .unwrap();
+    // More slack than one target needs: 301 probes share two threads and
+    // the test's own 10 ms polling.
+    assert!(
+        late < 2 * SLACK,
+        "{worst} went down {late:?} after its bound"
+    );
 }

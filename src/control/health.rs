@@ -11,8 +11,11 @@
 //! ## Probes
 //! A small fixed pool of probe threads ([`PROBE_THREADS`]) runs the probes.
 //! Each thread multiplexes its probes over non-blocking sockets with poll(2),
-//! so a dead server costs a file descriptor for `timeout`, not a thread; at
-//! most `max_in_flight` probes are outstanding at once. Each probe has one
+//! so a dead server costs a file descriptor for `timeout`, not a thread. The
+//! cap on outstanding probes follows the targets ([`probes_needed`]): a probe
+//! that waits for a free slot starts late and stretches its target's
+//! interval, so the cap leaves room for every target's probes, within the
+//! file descriptors the process may open ([`probe_fd_budget`]). Each probe has one
 //! deadline, `timeout` after it starts, covering connect, request and reply.
 //! * `tcp`: the connect completes → success.
 //! * `http`: connect, send one `GET` with `Connection: close`, read the status
@@ -59,6 +62,21 @@ pub const PROBE_THREADS: usize = 2;
 /// Longest HTTP status line accepted (RFC 9112 §4 sets no limit; a real one
 /// is ~20 bytes, so 1 KiB only guards against a server streaming garbage).
 const MAX_STATUS_LINE: usize = 1024;
+
+/// The floor of the in-flight cap: small configurations get room for a
+/// burst of probes that the hash happened to place close together.
+const MIN_IN_FLIGHT: usize = 64;
+
+/// File descriptors kept for the rest of l4lb when sizing the probes'
+/// share: 2 AF_XDP sockets for each of up to 64 workers (128), the XDP
+/// programs and maps of two interfaces, the control socket and its waiting
+/// clients, netlink, the probe threads' wake-up sockets and stdio; 256
+/// covers them with room to spare.
+const RESERVED_FDS: u64 = 256;
+
+/// Shortest time between two "probes deferred" warnings: the condition
+/// lasts as long as the configuration does, one line a minute says so.
+const DEFERRED_WARNING_PERIOD: Duration = Duration::from_secs(60);
 
 /// Seed of the XXH3 hash that spreads first probes ("l4lb-hc0").
 const OFFSET_SEED: u64 = 0x6c34_6c62_2d68_6330;
@@ -196,6 +214,57 @@ pub struct Transition {
     /// The result of the probe that flipped it: "ok", "timeout",
     /// "connection refused", "status 503", "ICMP port unreachable", ...
     pub reason: String,
+}
+
+/// How many probes may need to be in flight at once to start every probe of
+/// `specs` on time: a target has at most one probe running, for at most
+/// `timeout` of every `interval`, so on average the sum of timeout/interval
+/// (at most 1 each) are running. The phases are spread by a hash, so the
+/// count at any moment varies around that mean; half again on top covers
+/// the variation (its standard deviation is at most half the square root of
+/// the mean), and [`MIN_IN_FLIGHT`] covers small configurations.
+pub fn probes_needed<'a>(specs: impl IntoIterator<Item = &'a CheckSpec>) -> usize {
+    let busy: f64 = specs
+        .into_iter()
+        .map(|s| {
+            if s.interval.is_zero() {
+                1.0
+            } else {
+                (s.timeout.as_secs_f64() / s.interval.as_secs_f64()).min(1.0)
+            }
+        })
+        .sum();
+    // Saturating float-to-int cast; busy is at most the number of targets.
+    ((busy * 1.5).ceil() as usize).max(MIN_IN_FLIGHT)
+}
+
+/// The most probes that may be in flight at once, one socket each: the
+/// soft RLIMIT_NOFILE less [`RESERVED_FDS`]. First raises the soft limit
+/// to the hard one, as the Go runtime does at start since Go 1.19: l4lb
+/// uses poll(2), never select(2), so descriptors above 1024 are fine. Call
+/// it once at start; if the limits cannot be read, 64 probes.
+pub fn probe_fd_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return MIN_IN_FLIGHT;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: plain setrlimit on a valid rlimit. A hard limit above
+        // the kernel's nr_open fails with EPERM; the soft limit then stays.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let budget = lim.rlim_cur.saturating_sub(RESERVED_FDS).max(1);
+    usize::try_from(budget).unwrap_or(usize::MAX)
 }
 
 /// Where the first probe of `key` falls within its interval: a fixed hash
@@ -413,21 +482,29 @@ pub struct HealthMonitor {
     removed: Removed,
     threads: Vec<ProbeThread>,
     done: Receiver<Done>,
+    /// The most probes in flight the file descriptor limit allows.
+    fd_limit: usize,
+    /// The cap on probes in flight: what the targets need, within
+    /// `fd_limit`; set with the targets.
     max_in_flight: usize,
     in_flight: usize,
+    /// When due probes last had to wait for a slot and said so.
+    deferred_warned: Option<Instant>,
     next_id: u64,
     /// Probes started, ever (for tests and stats).
     started: u64,
 }
 
 impl HealthMonitor {
-    /// Starts [`PROBE_THREADS`] probe threads. `max_in_flight` bounds
-    /// concurrent probes (e.g. 64; 0 counts as 1).
+    /// Starts [`PROBE_THREADS`] probe threads. `fd_limit` is the most
+    /// probes that may ever be in flight at once, one socket each (see
+    /// [`probe_fd_budget`]; 0 counts as 1); within it, the cap follows the
+    /// targets ([`probes_needed`]).
     ///
     /// # Panics
     /// If the OS refuses a thread or a socket pair (out of processes or
     /// file descriptors at start-up).
-    pub fn new(max_in_flight: usize) -> Self {
+    pub fn new(fd_limit: usize) -> Self {
         let (done_tx, done) = mpsc::channel();
         let threads = (0..PROBE_THREADS)
             .map(|i| {
@@ -459,8 +536,10 @@ impl HealthMonitor {
             removed: Removed::new(REMEMBERED_REMOVALS),
             threads,
             done,
-            max_in_flight: max_in_flight.max(1),
+            fd_limit: fd_limit.max(1),
+            max_in_flight: fd_limit.clamp(1, MIN_IN_FLIGHT),
             in_flight: 0,
+            deferred_warned: None,
             next_id: 1,
             started: 0,
         }
@@ -483,6 +562,7 @@ impl HealthMonitor {
         self.targets = saved.targets;
         self.users = saved.users;
         self.removed = saved.removed;
+        self.size_in_flight_cap();
     }
 
     /// Replaces the set of targets (a duplicate key: the last one counts).
@@ -569,6 +649,28 @@ impl HealthMonitor {
         for user in self.users.keys() {
             self.removed.remove(user);
         }
+        self.size_in_flight_cap();
+    }
+
+    /// Sets the in-flight cap from the targets, within the file descriptor
+    /// limit; warns if the limit is the lower.
+    fn size_in_flight_cap(&mut self) {
+        let needed = probes_needed(self.targets.values().map(|t| &*t.spec));
+        if needed > self.fd_limit {
+            tracing::warn!(
+                "health checks of {} targets need up to {needed} probes in flight to keep \
+                 their intervals, but the file descriptor limit leaves room for {}: probes \
+                 will start late (raise RLIMIT_NOFILE, e.g. LimitNOFILE= in the systemd unit)",
+                self.targets.len(),
+                self.fd_limit
+            );
+        }
+        self.max_in_flight = needed.min(self.fd_limit);
+    }
+
+    /// The cap on probes in flight now.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
     }
 
     /// Collects finished probes, starts the ones that are due (oldest due
@@ -596,6 +698,19 @@ impl HealthMonitor {
         }
         due.sort_unstable();
         let room = self.max_in_flight.saturating_sub(self.in_flight);
+        let deferred = due.len().saturating_sub(room);
+        if deferred > 0
+            && self
+                .deferred_warned
+                .is_none_or(|at| now.saturating_duration_since(at) >= DEFERRED_WARNING_PERIOD)
+        {
+            self.deferred_warned = Some(now);
+            tracing::warn!(
+                "{deferred} due health probe(s) wait: all {} probe slots are busy, so checks \
+                 run later than their interval",
+                self.max_in_flight
+            );
+        }
         let mut woken = [false; PROBE_THREADS];
         for (at, key) in due.into_iter().take(room) {
             let Some(thread) = self.pick_thread() else {
@@ -1523,6 +1638,40 @@ mod tests {
         let t = Instant::now();
         drop(m);
         assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_in_flight_cap_covers_every_targets_share_of_its_interval() {
+        let spec = |timeout: u64, interval: u64| CheckSpec {
+            timeout: Duration::from_secs(timeout),
+            interval: Duration::from_secs(interval),
+            ..tcp_spec(2, 2)
+        };
+        let many = |n: usize, s: CheckSpec| vec![s; n];
+        assert_eq!(probes_needed(&[]), MIN_IN_FLIGHT);
+        assert_eq!(probes_needed(&many(10, spec(1, 1))), MIN_IN_FLIGHT);
+        // 301 targets busy all the time: 301 × 1.5, rounded up.
+        assert_eq!(probes_needed(&many(301, spec(1, 1))), 452);
+        // The defaults, 2 s of every 5 s: 1000 × 0.4 × 1.5.
+        assert_eq!(probes_needed(&many(1000, spec(2, 5))), 600);
+        // A timeout longer than the interval still runs one probe at a
+        // time; a zero interval counts as busy all the time.
+        assert_eq!(probes_needed(&many(100, spec(30, 1))), 150);
+        assert_eq!(probes_needed(&many(100, spec(0, 0))), 150);
+
+        let mut m = HealthMonitor::new(1000);
+        let targets = (0..301u16)
+            .map(|i| (key(1, 1000 + i), spec(1, 1)))
+            .collect();
+        m.set_targets(web(targets));
+        assert_eq!(m.max_in_flight(), 452);
+        let mut m = HealthMonitor::new(100);
+        m.set_targets(web(vec![(key(1, 80), spec(1, 1))]));
+        assert_eq!(m.max_in_flight(), 64);
+        m.set_targets(web((0..301u16)
+            .map(|i| (key(1, 1000 + i), spec(1, 1)))
+            .collect()));
+        assert_eq!(m.max_in_flight(), 100, "the file descriptor limit");
     }
 
     #[test]

@@ -454,7 +454,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         base_links,
         local,
         nb: Neighbours::default(),
-        health: HealthMonitor::new(64),
+        health: HealthMonitor::new(health::probe_fd_budget()),
         generation: 0,
     };
     plane.nb.set_statics(&plane.config);
