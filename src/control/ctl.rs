@@ -3,17 +3,53 @@
 //!
 //! Requests: `stats` → the JSON [`Stats`](crate::control::stats::Stats);
 //! `reload` → `ok: ...` or `error: ...` (the running config is unchanged).
+//!
+//! The control thread serves this socket between health checks, reloads
+//! and neighbour refreshes, so reading a request never waits: connections
+//! are read without blocking on each call of [`ControlSocket::pending`]
+//! until their line is complete, and one whose line has not arrived
+//! [`REQUEST_DEADLINE`] after it connected is closed.
 
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Time a client has, from connecting, to send its request line. `l4lb`
+/// sends it at once; a second is ample even on a loaded host.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Longest request line accepted, newline excluded: the requests are
+/// single words, so anything longer is not one.
+pub const MAX_REQUEST_LINE: usize = 64;
+
+/// Connections read at once; more wait in the listen backlog. Each holds a
+/// file descriptor until its line is in or its deadline passes.
+const MAX_WAITING: usize = 16;
 
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// Connections whose request line is still incomplete.
+    waiting: Vec<Waiting>,
+}
+
+struct Waiting {
+    stream: UnixStream,
+    line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What reading a waiting connection gave.
+enum LineRead {
+    /// The whole line (without the newline), or what came before EOF.
+    Line(String),
+    /// Not all there yet.
+    More,
+    /// Too long, timed out or broken: closed, with this reply if any.
+    Drop(Option<String>),
 }
 
 impl ControlSocket {
@@ -38,26 +74,96 @@ impl ControlSocket {
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
+            waiting: Vec::new(),
         })
     }
 
-    /// The requests waiting now, each with its connection. Never blocks on
-    /// a slow client for more than a second.
-    pub fn pending(&self) -> Vec<Request> {
-        let mut out = Vec::new();
-        while let Ok((stream, _)) = self.listener.accept() {
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-            let mut line = String::new();
-            if BufReader::new(&stream).read_line(&mut line).is_ok() {
-                out.push(Request {
-                    line: line.trim().to_string(),
+    /// The requests whose line is complete now, each with its connection.
+    /// Never blocks: it reads what has arrived and returns; a request line
+    /// still incomplete is read on a later call, until its deadline.
+    pub fn pending(&mut self) -> Vec<Request> {
+        let now = Instant::now();
+        while self.waiting.len() < MAX_WAITING {
+            let Ok((stream, _)) = self.listener.accept() else {
+                break;
+            };
+            // A connection that cannot be made non-blocking is dropped
+            // rather than risk a blocking read.
+            if stream.set_nonblocking(true).is_ok() {
+                self.waiting.push(Waiting {
                     stream,
+                    line: Vec::new(),
+                    deadline: now + REQUEST_DEADLINE,
                 });
             }
         }
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let read = self.waiting[i].read(now);
+            if let LineRead::More = read {
+                i += 1;
+                continue;
+            }
+            let w = self.waiting.swap_remove(i);
+            match read {
+                LineRead::Line(line) => {
+                    // The reply is written blocking, each write bounded
+                    // by the timeout (see `Request::reply`).
+                    let _ = w.stream.set_nonblocking(false);
+                    let _ = w.stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    out.push(Request {
+                        line: line.trim().to_string(),
+                        stream: w.stream,
+                    });
+                }
+                LineRead::Drop(Some(reply)) => {
+                    let _ = (&w.stream).write_all(reply.as_bytes());
+                }
+                LineRead::Drop(None) | LineRead::More => {}
+            }
+        }
         out
+    }
+}
+
+fn too_long() -> String {
+    format!("error: request line longer than {MAX_REQUEST_LINE} bytes\n")
+}
+
+impl Waiting {
+    fn read(&mut self, now: Instant) -> LineRead {
+        let mut chunk = [0u8; MAX_REQUEST_LINE + 1];
+        loop {
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => return LineRead::Line(String::from_utf8_lossy(&self.line).into_owned()),
+                Ok(n) => {
+                    self.line.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = self.line.iter().position(|&b| b == b'\n') {
+                        self.line.truncate(end);
+                        if end > MAX_REQUEST_LINE {
+                            return LineRead::Drop(Some(too_long()));
+                        }
+                        return LineRead::Line(String::from_utf8_lossy(&self.line).into_owned());
+                    }
+                    if self.line.len() > MAX_REQUEST_LINE {
+                        return LineRead::Drop(Some(too_long()));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return if now >= self.deadline {
+                        LineRead::Drop(Some(format!(
+                            "error: no request line within {} ms\n",
+                            REQUEST_DEADLINE.as_millis()
+                        )))
+                    } else {
+                        LineRead::More
+                    };
+                }
+                Err(_) => return LineRead::Drop(None),
+            }
+        }
     }
 }
 
@@ -68,6 +174,9 @@ pub struct Request {
 }
 
 impl Request {
+    /// Writes the reply and closes. A reply that fits the socket buffer
+    /// (a few hundred KiB) is written at once; a larger one waits for the
+    /// client to read, up to a second per write.
     pub fn reply(self, text: &str) {
         let mut w = &self.stream;
         let _ = w.write_all(text.as_bytes());
@@ -94,4 +203,105 @@ pub fn request(path: &Path, req: &str) -> Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    /// A control socket in /tmp, unique to this test.
+    fn socket(name: &str) -> (ControlSocket, PathBuf) {
+        let path = PathBuf::from(format!(
+            "/tmp/l4lb-ctl-test-{}-{name}.sock",
+            std::process::id()
+        ));
+        (ControlSocket::bind(&path).unwrap(), path)
+    }
+
+    /// Calls `pending` every 10 ms for `span`, replying `reply` to each
+    /// request; returns the requests' lines and the longest single call.
+    fn serve(ctl: &mut ControlSocket, span: Duration, reply: &str) -> (Vec<String>, Duration) {
+        let end = Instant::now() + span;
+        let (mut lines, mut longest) = (Vec::new(), Duration::ZERO);
+        while Instant::now() < end {
+            let t = Instant::now();
+            let reqs = ctl.pending();
+            longest = longest.max(t.elapsed());
+            for r in reqs {
+                lines.push(r.line.clone());
+                r.reply(reply);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        (lines, longest)
+    }
+
+    #[test]
+    fn a_request_gets_its_reply() {
+        let (mut ctl, path) = socket("reply");
+        let client = thread::spawn(move || request(&path, "stats").unwrap());
+        let (lines, _) = serve(&mut ctl, Duration::from_millis(500), "the stats\n");
+        assert_eq!(lines, ["stats"]);
+        assert_eq!(client.join().unwrap(), "the stats\n");
+    }
+
+    /// A client that sends its line one byte every 900 ms never holds up
+    /// the control thread: every call returns at once, and the client is
+    /// told off and closed once its second is up.
+    #[test]
+    fn a_trickling_client_never_blocks_the_control_thread() {
+        let (mut ctl, path) = socket("trickle");
+        let client = thread::spawn(move || {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            for b in b"stats\n" {
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(900));
+                // Closed by the server: what did it say?
+                let mut reply = String::new();
+                if let Ok(n) = s.read_to_string(&mut reply) {
+                    if n > 0 {
+                        return reply;
+                    }
+                }
+            }
+            String::new()
+        });
+        let (lines, longest) = serve(&mut ctl, Duration::from_millis(2500), "");
+        assert!(lines.is_empty(), "{lines:?}");
+        assert!(
+            longest < Duration::from_millis(100),
+            "one call took {longest:?}"
+        );
+        assert_eq!(
+            client.join().unwrap(),
+            "error: no request line within 1000 ms\n"
+        );
+    }
+
+    #[test]
+    fn an_overlong_request_line_is_refused() {
+        let (mut ctl, path) = socket("long");
+        // Closed with the rest of the line unread, the connection is
+        // reset after the reply: read up to the reset.
+        let client = thread::spawn(move || {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(&[b'x'; 1000]).unwrap();
+            let (mut reply, mut buf) = (Vec::new(), [0u8; 256]);
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                reply.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8(reply).unwrap()
+        });
+        let (lines, _) = serve(&mut ctl, Duration::from_millis(500), "");
+        assert!(lines.is_empty(), "{lines:?}");
+        assert_eq!(
+            client.join().unwrap(),
+            "error: request line longer than 64 bytes\n"
+        );
+    }
 }

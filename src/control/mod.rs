@@ -552,7 +552,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             })?;
         handles.push(h);
     }
-    let ctl = ctl::ControlSocket::bind(&inst.control_socket)?;
+    let mut ctl = ctl::ControlSocket::bind(&inst.control_socket)?;
     tracing::info!(
         "l4lb running: {} worker(s), {} listener(s), control socket {}",
         inst.workers.len(),
