@@ -222,8 +222,18 @@ struct Plane {
     local: Vec<IpAddr>,
     nb: Neighbours,
     health: HealthMonitor,
+    /// A health change is not in the published snapshot yet: its publish
+    /// failed, and is retried on every turn of the control loop.
+    health_unpublished: bool,
+    /// When a failed health publish was last logged (see
+    /// [`PUBLISH_ERROR_LOG_PERIOD`]); `None` after a success.
+    publish_error_logged: Option<Instant>,
     generation: u64,
 }
+
+/// While publishing a health change keeps failing (it is retried every
+/// 10 ms), one error line per this period.
+const PUBLISH_ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 impl Plane {
     /// Health check targets: one per server endpoint and distinct check.
@@ -265,7 +275,41 @@ impl Plane {
         }
         self.generation += 1;
         shared.store(Arc::new(snap));
+        // Built from the health state as it is now: nothing left to publish.
+        self.health_unpublished = false;
         Ok(())
+    }
+
+    /// Polls the health checker and publishes its changes in a new
+    /// snapshot. A change whose publish fails is not lost: the publish is
+    /// retried on every call until one succeeds.
+    fn check_health(&mut self, now: Instant, shared: &ArcSwap<Snapshot>, steering: &[&Steering]) {
+        // (The health checker logs each transition with its reason.)
+        if !self.health.poll(now).is_empty() {
+            self.health_unpublished = true;
+        }
+        if !self.health_unpublished {
+            return;
+        }
+        match self.publish(shared, steering) {
+            Ok(()) => {
+                if self.publish_error_logged.take().is_some() {
+                    tracing::info!(
+                        "published the health change at snapshot {} after failed attempts",
+                        self.generation
+                    );
+                }
+            }
+            Err(e) => {
+                let quiet = self
+                    .publish_error_logged
+                    .is_some_and(|at| now.saturating_duration_since(at) < PUBLISH_ERROR_LOG_PERIOD);
+                if !quiet {
+                    self.publish_error_logged = Some(now);
+                    tracing::error!("publishing the health change failed: {e:#}; retrying");
+                }
+            }
+        }
     }
 
     /// Asks the kernel to resolve next hops whose MAC is missing; returns
@@ -455,6 +499,8 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         local,
         nb: Neighbours::default(),
         health: HealthMonitor::new(health::probe_fd_budget()),
+        health_unpublished: false,
+        publish_error_logged: None,
         generation: 0,
     };
     plane.nb.set_statics(&plane.config);
@@ -604,12 +650,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             reload(&mut plane, &shared, &steering, "SIGHUP");
         }
 
-        // (The health checker logs each transition with its reason.)
-        if !plane.health.poll(Instant::now()).is_empty() {
-            if let Err(e) = plane.publish(&shared, &steering) {
-                tracing::error!("publishing the health change failed: {e:#}");
-            }
-        }
+        plane.check_health(Instant::now(), &shared, &steering);
 
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();
@@ -833,6 +874,77 @@ mod tests {
 
         h.set_targets(Targets::of(&new).list);
         assert_eq!(eligible(&new, &h), to_vec(&[("b1", 1), ("b2", 0)]));
+    }
+
+    /// A control plane as `run` makes it, minus the interfaces.
+    fn plane_of(config: Config) -> Plane {
+        Plane {
+            config,
+            config_path: None,
+            config_name: "t.toml".into(),
+            ids: Ids::default(),
+            client_idx: 1,
+            backend_idx: 2,
+            base_links: Links::default(),
+            local: Vec::new(),
+            nb: Neighbours::default(),
+            health: HealthMonitor::new(64),
+            health_unpublished: false,
+            publish_error_logged: None,
+            generation: 0,
+        }
+    }
+
+    /// A health change whose publish fails (here: no listener id left) is
+    /// published by a later turn of the control loop, without another
+    /// change to set it off.
+    #[test]
+    fn a_health_change_whose_publish_failed_is_published_by_a_later_turn() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = format!(
+            "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\n\
+             client_gateway = \"198.18.0.2\"\n\
+             [[listener]]\nname = \"web\"\nvip = \"198.18.100.1\"\nprotocol = \"tcp\"\nport = 80\n\
+             backend_service = \"web\"\n\
+             [[backend_service]]\nname = \"web\"\nprotocol = \"tcp\"\n\
+             [backend_service.health_check]\ninterval = 1\ntimeout = 1\n\
+             unhealthy_threshold = 2\nhealthy_threshold = 2\n\
+             [[backend_service.server]]\naddress = \"127.0.0.1\"\nport = {port}\n"
+        );
+        let mut plane = plane_of(Config::from_str(&text, "t.toml").expect("valid"));
+        plane.health.set_targets(plane.targets());
+        plane.generation = 1;
+        let shared = ArcSwap::from_pointee(plane.build(1).unwrap());
+        assert_eq!(shared.load().services[0].eligible.len(), 1);
+
+        // Every listener id taken by other names: builds fail.
+        let mut full = Ids::default();
+        for i in 0..ids::MAX_ID {
+            full.listener(&format!("other{i}")).unwrap();
+        }
+        let ids = std::mem::replace(&mut plane.ids, full);
+        // The closed port goes down at its second probe, within 2 s.
+        let end = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < end && plane.health.states()[0].1 {
+            plane.check_health(Instant::now(), &shared, &[]);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!plane.health.states()[0].1, "went down");
+        plane.check_health(Instant::now(), &shared, &[]);
+        assert_eq!(shared.load().generation, 1, "nothing published");
+        assert_eq!(shared.load().services[0].eligible.len(), 1);
+
+        plane.ids = ids;
+        plane.check_health(Instant::now(), &shared, &[]);
+        assert_eq!(shared.load().generation, 2);
+        assert_eq!(shared.load().services[0].eligible, []);
+        // Published: the next turns publish nothing more.
+        plane.check_health(Instant::now(), &shared, &[]);
+        assert_eq!(shared.load().generation, 2);
     }
 
     /// The table sizes and timeouts are fixed when the tables are made: a
