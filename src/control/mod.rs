@@ -210,6 +210,13 @@ fn up_by_own_check<'a>(
     move |addr, port, proto, hc| health.is_up(&targets.key(*addr, port, proto, hc))
 }
 
+/// `server ADDR:PORT is up|down (REASON)`, as the README promises.
+fn transition_line(t: &health::Transition) -> String {
+    let state = if t.up { "up" } else { "down" };
+    let server = std::net::SocketAddr::new(t.key.addr, t.key.port);
+    format!("server {server} is {state} ({})", t.reason)
+}
+
 /// The control plane's state.
 struct Plane {
     config: Config,
@@ -284,8 +291,10 @@ impl Plane {
     /// snapshot. A change whose publish fails is not lost: the publish is
     /// retried on every call until one succeeds.
     fn check_health(&mut self, now: Instant, shared: &ArcSwap<Snapshot>, steering: &[&Steering]) {
-        // (The health checker logs each transition with its reason.)
-        if !self.health.poll(now).is_empty() {
+        // The health checker logs each transition with its counts; this
+        // line is the control plane's: the change it is about to publish.
+        for t in self.health.poll(now) {
+            tracing::warn!("{}", transition_line(&t));
             self.health_unpublished = true;
         }
         if !self.health_unpublished {
@@ -898,13 +907,9 @@ mod tests {
     /// A health change whose publish fails (here: no listener id left) is
     /// published by a later turn of the control loop, without another
     /// change to set it off.
-    #[test]
-    fn a_health_change_whose_publish_failed_is_published_by_a_later_turn() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    /// One TCP service whose one server, 127.0.0.1:`port`, is checked
+    /// every second and goes down after 2 failures.
+    fn one_server_config(port: u16) -> Config {
         let text = format!(
             "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\n\
              client_gateway = \"198.18.0.2\"\n\
@@ -915,7 +920,20 @@ mod tests {
              unhealthy_threshold = 2\nhealthy_threshold = 2\n\
              [[backend_service.server]]\naddress = \"127.0.0.1\"\nport = {port}\n"
         );
-        let mut plane = plane_of(Config::from_str(&text, "t.toml").expect("valid"));
+        Config::from_str(&text, "t.toml").expect("valid")
+    }
+
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[test]
+    fn a_health_change_whose_publish_failed_is_published_by_a_later_turn() {
+        let mut plane = plane_of(one_server_config(closed_port()));
         plane.health.set_targets(plane.targets());
         plane.generation = 1;
         let shared = ArcSwap::from_pointee(plane.build(1).unwrap());
@@ -945,6 +963,87 @@ mod tests {
         // Published: the next turns publish nothing more.
         plane.check_health(Instant::now(), &shared, &[]);
         assert_eq!(shared.load().generation, 2);
+    }
+
+    /// The README's log lines for a server that goes down: the health
+    /// checker's, then the control loop's.
+    #[test]
+    fn a_server_going_down_is_logged_as_the_readme_says() {
+        #[derive(Clone, Default)]
+        struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Log {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Log::default();
+        let writer = log.clone();
+        // The process-wide subscriber, not a scoped one: tracing caches
+        // whether a log call is wanted when a thread first reaches it, and
+        // with a scoped subscriber it asks that thread's, so a call that
+        // another test's thread reached first is lost here. Other tests'
+        // lines land in the log too; the port picks out this test's.
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_target(false)
+                .without_time()
+                .finish(),
+        )
+        .expect("no other test sets a subscriber");
+
+        let port = closed_port();
+        let mut plane = plane_of(one_server_config(port));
+        plane.health.set_targets(plane.targets());
+        plane.generation = 1;
+        let shared = ArcSwap::from_pointee(plane.build(1).unwrap());
+        let end = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < end && plane.generation == 1 {
+            plane.check_health(Instant::now(), &shared, &[]);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("127.0.0.1:{port}")))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                format!(
+                    " WARN server 127.0.0.1:{port}/tcp is down: connection refused (2 consecutive failures)"
+                ),
+                format!(" WARN server 127.0.0.1:{port} is down (connection refused)"),
+            ]
+        );
+        assert_eq!(shared.load().generation, 2);
+    }
+
+    #[test]
+    fn transition_lines_name_the_server_its_state_and_the_reason() {
+        let t = |addr: &str, up: bool, reason: &str| health::Transition {
+            key: TargetKey {
+                addr: addr.parse().unwrap(),
+                port: 53,
+                proto: 17,
+                check: 1,
+            },
+            up,
+            reason: reason.into(),
+        };
+        assert_eq!(
+            transition_line(&t("198.18.2.11", true, "ok")),
+            "server 198.18.2.11:53 is up (ok)"
+        );
+        assert_eq!(
+            transition_line(&t("2001:db8::1", false, "ICMP port unreachable")),
+            "server [2001:db8::1]:53 is down (ICMP port unreachable)"
+        );
     }
 
     /// The table sizes and timeouts are fixed when the tables are made: a
