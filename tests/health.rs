@@ -264,6 +264,30 @@ fn http_goes_down_on_503_and_back_up_after_healthy_threshold_200s() {
     assert_eq!(after.len(), 2, "up after exactly two 200s: {heads:?}");
 }
 
+/// A server that sends 103 Early Hints before its 200 is healthy: the
+/// interim response is skipped and the final status judged.
+#[test]
+fn http_with_an_early_hints_response_first_stays_up() {
+    let server = Server::tcp(|mut s| {
+        read_head(&mut s);
+        let _ = s.write_all(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+    });
+    let k = key(server.port, 6);
+    let mut m = HealthMonitor::new(64);
+    m.set_targets(vec![target(k, spec(http("/", None), server.port))]);
+    let first = wait_for_result(&mut m, &k, "ok", INTERVAL + SLACK);
+    // Two more probes, and no transition.
+    let end = first + 2 * INTERVAL;
+    while Instant::now() < end {
+        assert_eq!(m.poll(Instant::now()), vec![]);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(m.states(), vec![(k, true, "ok".to_string())]);
+}
+
 #[test]
 fn http_without_a_domain_sends_the_server_address_as_host() {
     let heads = Arc::new(Mutex::new(Vec::<String>::new()));

@@ -19,7 +19,8 @@
 //! deadline, `timeout` after it starts, covering connect, request and reply.
 //! * `tcp`: the connect completes → success.
 //! * `http`: connect, send one `GET` with `Connection: close`, read the status
-//!   line (RFC 9112 §4); success iff its code is in one of the ranges.
+//!   line (RFC 9112 §4), skipping interim 1xx responses (RFC 9110 §15.2);
+//!   success iff its code is in one of the ranges.
 //! * `udp`: a connected UDP socket sends the payload; any reply → success. A
 //!   connected UDP socket receives the kernel's report of an ICMP port
 //!   unreachable as `ECONNREFUSED` on `recv` (udp(7)), hence the failure
@@ -59,9 +60,11 @@ use std::time::{Duration, Instant};
 /// keeps probing if one is stalled by a slow `socket`/`connect` call.
 pub const PROBE_THREADS: usize = 2;
 
-/// Longest HTTP status line accepted (RFC 9112 §4 sets no limit; a real one
-/// is ~20 bytes, so 1 KiB only guards against a server streaming garbage).
-const MAX_STATUS_LINE: usize = 1024;
+/// Most bytes of an HTTP response read for its final status line: the line
+/// itself and any interim 1xx responses before it (RFC 9112 §4 sets no
+/// limit; a status line is ~20 bytes and a 103 Early Hints a few hundred,
+/// so 1 KiB only guards against a server streaming garbage).
+const MAX_STATUS_READ: usize = 1024;
 
 /// The floor of the in-flight cap: small configurations get room for a
 /// burst of probes that the hash happened to place close together.
@@ -910,6 +913,34 @@ fn judge_status(line: &[u8], codes: &[(u16, u16)]) -> Outcome {
     }
 }
 
+/// Judges the start of an HTTP response once its final status line has
+/// arrived; `None` until then. A server may send any number of interim
+/// 1xx responses first, each a status line and a header block ending in an
+/// empty line (RFC 9110 §15.2, e.g. 103 Early Hints); they are skipped.
+/// Not 101 Switching Protocols: it is final for this connection, and the
+/// probe asked for no upgrade, so it is judged (and fails).
+fn judge_response(buf: &[u8], codes: &[(u16, u16)]) -> Option<Outcome> {
+    let mut rest = buf;
+    loop {
+        let end = rest.iter().position(|&b| b == b'\n')?;
+        let line = &rest[..end];
+        match status_code(line) {
+            Some(c) if (100..200).contains(&c) && c != 101 => {
+                rest = &rest[end + 1..];
+                loop {
+                    let end = rest.iter().position(|&b| b == b'\n')?;
+                    let field = &rest[..end];
+                    rest = &rest[end + 1..];
+                    if field.is_empty() || field == b"\r" {
+                        break;
+                    }
+                }
+            }
+            _ => return Some(judge_status(line, codes)),
+        }
+    }
+}
+
 impl Active {
     /// Opens the socket and starts the exchange; `Err` if it is over already.
     fn start(job: Job) -> Result<Active, Outcome> {
@@ -1008,14 +1039,14 @@ impl Active {
                     Ok(0) => return Some((false, "bad response".into())),
                     Ok(n) => {
                         buf.extend_from_slice(&chunk[..n]);
-                        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                            let codes = match &self.spec.probe {
-                                Probe::Http { codes, .. } => codes.as_slice(),
-                                _ => &[],
-                            };
-                            return Some(judge_status(&buf[..end], codes));
+                        let codes = match &self.spec.probe {
+                            Probe::Http { codes, .. } => codes.as_slice(),
+                            _ => &[],
+                        };
+                        if let Some(outcome) = judge_response(buf, codes) {
+                            return Some(outcome);
                         }
-                        if buf.len() > MAX_STATUS_LINE {
+                        if buf.len() > MAX_STATUS_READ {
                             return Some((false, "bad response".into()));
                         }
                     }
@@ -1793,6 +1824,54 @@ mod tests {
             judge_status(b"hello", &codes),
             (false, "bad response".into())
         );
+    }
+
+    #[test]
+    fn interim_1xx_responses_are_skipped_and_the_final_status_is_judged() {
+        let codes = [(200, 399)];
+        let ok = Some((true, "ok".to_string()));
+        let table: [(&str, &[u8], Option<Outcome>); 9] = [
+            ("final at once", b"HTTP/1.1 200 OK\r\n", ok.clone()),
+            (
+                "103 Early Hints, then 200",
+                b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n",
+                ok.clone(),
+            ),
+            (
+                "100 Continue with no fields, then 503",
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Unavailable\r\n",
+                Some((false, "status 503".into())),
+            ),
+            (
+                "two interim responses, bare LF line ends",
+                b"HTTP/1.1 100 Continue\n\nHTTP/1.1 103 Early Hints\nLink: <a>\n\nHTTP/1.1 204\n",
+                ok.clone(),
+            ),
+            (
+                "101 is final",
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                Some((false, "status 101".into())),
+            ),
+            (
+                "garbage after an interim response",
+                b"HTTP/1.1 103 Early Hints\r\n\r\nhello\n",
+                Some((false, "bad response".into())),
+            ),
+            ("status line incomplete", b"HTTP/1.1 20", None),
+            (
+                "interim header block incomplete",
+                b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n",
+                None,
+            ),
+            (
+                "final status line incomplete",
+                b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200 O",
+                None,
+            ),
+        ];
+        for (what, response, want) in table {
+            assert_eq!(judge_response(response, &codes), want, "{what}");
+        }
     }
 
     #[test]
