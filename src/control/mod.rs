@@ -235,12 +235,19 @@ struct Plane {
     /// When a failed health publish was last logged (see
     /// [`PUBLISH_ERROR_LOG_PERIOD`]); `None` after a success.
     publish_error_logged: Option<Instant>,
+    /// After a failed publish of a health change: not before then again.
+    publish_retry_at: Option<Instant>,
     generation: u64,
 }
 
 /// While publishing a health change keeps failing (it is retried every
 /// 10 ms), one error line per this period.
 const PUBLISH_ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Shortest time between two attempts to publish a health change after
+/// one failed: each builds a whole snapshot (every service's Maglev
+/// tables), too much for every 10 ms turn of the control loop.
+const PUBLISH_RETRY_PERIOD: Duration = Duration::from_secs(1);
 
 impl Plane {
     /// Health check targets: one per server endpoint and distinct check.
@@ -297,11 +304,12 @@ impl Plane {
             tracing::warn!("{}", transition_line(&t));
             self.health_unpublished = true;
         }
-        if !self.health_unpublished {
+        if !self.health_unpublished || self.publish_retry_at.is_some_and(|at| now < at) {
             return;
         }
         match self.publish(shared, steering) {
             Ok(()) => {
+                self.publish_retry_at = None;
                 if self.publish_error_logged.take().is_some() {
                     tracing::info!(
                         "published the health change at snapshot {} after failed attempts",
@@ -310,6 +318,7 @@ impl Plane {
                 }
             }
             Err(e) => {
+                self.publish_retry_at = Some(now + PUBLISH_RETRY_PERIOD);
                 let quiet = self
                     .publish_error_logged
                     .is_some_and(|at| now.saturating_duration_since(at) < PUBLISH_ERROR_LOG_PERIOD);
@@ -510,6 +519,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         health: HealthMonitor::new(health::probe_fd_budget()),
         health_unpublished: false,
         publish_error_logged: None,
+        publish_retry_at: None,
         generation: 0,
     };
     plane.nb.set_statics(&plane.config);
@@ -900,6 +910,7 @@ mod tests {
             health: HealthMonitor::new(64),
             health_unpublished: false,
             publish_error_logged: None,
+            publish_retry_at: None,
             generation: 0,
         }
     }
@@ -958,10 +969,12 @@ mod tests {
 
         plane.ids = ids;
         plane.check_health(Instant::now(), &shared, &[]);
+        assert_eq!(shared.load().generation, 1, "not retried within a second");
+        plane.check_health(Instant::now() + PUBLISH_RETRY_PERIOD, &shared, &[]);
         assert_eq!(shared.load().generation, 2);
         assert_eq!(shared.load().services[0].eligible, []);
         // Published: the next turns publish nothing more.
-        plane.check_health(Instant::now(), &shared, &[]);
+        plane.check_health(Instant::now() + 2 * PUBLISH_RETRY_PERIOD, &shared, &[]);
         assert_eq!(shared.load().generation, 2);
     }
 
