@@ -258,7 +258,9 @@ impl Plane {
         Targets::of(&self.config).list
     }
 
-    fn build(&mut self, generation: u64) -> Result<Snapshot> {
+    /// The snapshot of the current config and health; `previous`, the one
+    /// it replaces, lends it the Maglev tables that did not change.
+    fn build(&mut self, generation: u64, previous: Option<&Snapshot>) -> Result<Snapshot> {
         let mut links = self.base_links;
         links.gateway_mac = self
             .nb
@@ -274,6 +276,7 @@ impl Plane {
                 local: &self.local,
                 mac_of: &|ip| nb.get(b, ip),
                 is_up: &is_up,
+                previous,
             },
         )
         .map_err(anyhow::Error::msg)
@@ -282,7 +285,7 @@ impl Plane {
     /// Builds the next snapshot and publishes it: XDP maps first (new keys
     /// before stale ones go), then the snapshot.
     fn publish(&mut self, shared: &ArcSwap<Snapshot>, steering: &[&Steering]) -> Result<()> {
-        let snap = self.build(self.generation + 1)?;
+        let snap = self.build(self.generation + 1, Some(&shared.load()))?;
         let (v, l, b, lo) = snap.steering_sets();
         for s in steering {
             s.sync(&v, &l, &b, &lo)?;
@@ -544,7 +547,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
     }
 
     plane.generation = 1;
-    let shared = Arc::new(ArcSwap::from_pointee(plane.build(1)?));
+    let shared = Arc::new(ArcSwap::from_pointee(plane.build(1, None)?));
     let tables = Arc::new(Tables {
         flows: FlowTable::new(inst.flow_table_capacity),
         persist: FlowTable::new(inst.persistence_capacity),
@@ -856,6 +859,7 @@ mod tests {
                     local: &[],
                     mac_of: &|_| None,
                     is_up: &is_up,
+                    previous: None,
                 },
             )
             .expect("builds");
@@ -947,7 +951,7 @@ mod tests {
         let mut plane = plane_of(one_server_config(closed_port()));
         plane.health.set_targets(plane.targets());
         plane.generation = 1;
-        let shared = ArcSwap::from_pointee(plane.build(1).unwrap());
+        let shared = ArcSwap::from_pointee(plane.build(1, None).unwrap());
         assert_eq!(shared.load().services[0].eligible.len(), 1);
 
         // Every listener id taken by other names: builds fail.
@@ -1014,7 +1018,7 @@ mod tests {
         let mut plane = plane_of(one_server_config(port));
         plane.health.set_targets(plane.targets());
         plane.generation = 1;
-        let shared = ArcSwap::from_pointee(plane.build(1).unwrap());
+        let shared = ArcSwap::from_pointee(plane.build(1, None).unwrap());
         let end = Instant::now() + Duration::from_secs(4);
         while Instant::now() < end && plane.generation == 1 {
             plane.check_health(Instant::now(), &shared, &[]);

@@ -11,6 +11,7 @@ use crate::config::{AllDown, Config, HealthCheck, Protocol, Scheduler};
 use crate::control::ids::{Ids, MAX_ID};
 use crate::sched::{client_hash_bytes, Maglev, MaglevBackend, DEFAULT_TABLE_SIZE};
 use crate::util::{addr16, addr_words, is_group, Addr16, FxMap, Mac, WordIndex};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 /// 1 + a dense index, per stable id (0: no such id): one entry for every
@@ -102,6 +103,11 @@ pub struct ServiceEntry {
     /// server go (spread by weight) while it is down.
     pub fallback: Maglev,
     pub fallback_backends: Vec<u32>,
+    /// What `maglev` and `fallback` were built from, in order (the build
+    /// is a function of exactly this): how the next snapshot finds a table
+    /// it can share.
+    maglev_input: Vec<MaglevBackend>,
+    fallback_input: Vec<MaglevBackend>,
     /// Smooth weighted round robin sequence of backend indices.
     pub wrr: Box<[u32]>,
 }
@@ -149,6 +155,11 @@ pub struct Inputs<'a> {
     pub mac_of: &'a dyn Fn(&IpAddr) -> Option<Mac>,
     /// Health: whether (address, port, protocol) is up.
     pub is_up: &'a dyn Fn(&IpAddr, u16, Protocol, &HealthCheck) -> bool,
+    /// The snapshot this one replaces, if any: its Maglev tables are
+    /// shared where a table's servers and weights are the same (a health
+    /// change then builds only the affected service's fallback table, not
+    /// two tables for every service).
+    pub previous: Option<&'a Snapshot>,
 }
 
 #[derive(Debug, Clone)]
@@ -245,6 +256,12 @@ impl Snapshot {
         let mut backends: Vec<BackendEntry> = Vec::new();
         let mut backend_index: FxMap<L4Key, u32> = FxMap::default();
         let mut services = Vec::with_capacity(config.services.len());
+        // The previous snapshot's tables by what they were built from.
+        let mut built: HashMap<Vec<MaglevBackend>, Maglev> = HashMap::new();
+        for svc in inp.previous.map_or(&[][..], |p| &p.services[..]) {
+            built.insert(svc.maglev_input.clone(), svc.maglev.clone());
+            built.insert(svc.fallback_input.clone(), svc.fallback.clone());
+        }
         // Per service: its members' backend indices (for `sole_listener`).
         let mut service_members: Vec<Vec<u32>> = Vec::with_capacity(config.services.len());
         for svc in &config.services {
@@ -300,7 +317,7 @@ impl Snapshot {
                 .collect();
             keep.sort_unstable();
             keep.dedup();
-            let table = |set: &[(u32, u8)]| {
+            let mut table = |set: &[(u32, u8)]| {
                 let mag: Vec<MaglevBackend> = set
                     .iter()
                     .map(|(i, w)| {
@@ -308,15 +325,23 @@ impl Snapshot {
                         MaglevBackend::new(b.address, b.port, *w)
                     })
                     .collect();
-                Maglev::build(&mag, DEFAULT_TABLE_SIZE)
-                    .map_err(|e| format!("backend service {}: {e}", svc.name))
+                let table = match built.get(&mag) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = Maglev::build(&mag, DEFAULT_TABLE_SIZE)
+                            .map_err(|e| format!("backend service {}: {e}", svc.name))?;
+                        built.insert(mag.clone(), t.clone());
+                        t
+                    }
+                };
+                Ok::<_, String>((table, mag))
             };
             let mut weighted: Vec<(u32, u8)> =
                 members.iter().copied().filter(|(_, w)| *w > 0).collect();
             weighted.sort_unstable();
             weighted.dedup_by_key(|(i, _)| *i);
-            let maglev = table(&weighted)?;
-            let fallback = table(&eligible)?;
+            let (maglev, maglev_input) = table(&weighted)?;
+            let (fallback, fallback_input) = table(&eligible)?;
             let keep_bits = bitmap(keep.iter().copied());
             let eligible_bits = bitmap(eligible.iter().map(|(i, _)| *i));
             services.push(ServiceEntry {
@@ -334,6 +359,8 @@ impl Snapshot {
                 keep,
                 all_down: !any_up,
                 maglev,
+                maglev_input,
+                fallback_input,
             });
         }
 
@@ -439,6 +466,7 @@ impl Snapshot {
                 local: &[],
                 mac_of,
                 is_up: &|_, _, _, _| true,
+                previous: None,
             },
         )
     }
@@ -695,6 +723,7 @@ on_all_down = "{on_all_down}"
                 local: &[],
                 mac_of: &|_| None,
                 is_up,
+                previous: None,
             },
         )
         .unwrap()
@@ -877,6 +906,90 @@ protocol = "tcp"
         assert_eq!(reaching(11, 8080), ["a"]);
         assert_eq!(reaching(11, 8081), ["b", "b-alt"]);
         assert!(reaching(14, 8080).is_empty());
+    }
+
+    #[test]
+    fn a_health_change_shares_every_maglev_table_whose_servers_did_not_change() {
+        let text = format!(
+            "{}[[listener]]\nname = \"alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\n\
+             port = 80\nbackend_service = \"alt\"\n\
+             [[backend_service]]\nname = \"alt\"\nprotocol = \"tcp\"\n\
+             [[backend_service.server]]\naddress = \"198.18.2.14\"\nport = 8080\n\
+             [[backend_service.server]]\naddress = \"198.18.2.15\"\nport = 8080\n",
+            // The web service of `cfg`, as text.
+            r#"
+[instance]
+name = "t"
+client_interface = "c"
+backend_interface = "b"
+client_gateway = "198.18.0.2"
+[[listener]]
+name = "web"
+vip = "198.18.100.1"
+protocol = "tcp"
+port = 80
+backend_service = "web"
+[[backend_service]]
+name = "web"
+protocol = "tcp"
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 8080
+  weight = 50
+  [[backend_service.server]]
+  address = "198.18.2.12"
+  port = 8080
+  weight = 30
+  [[backend_service.server]]
+  address = "198.18.2.13"
+  port = 8080
+  weight = 20
+"#
+        );
+        let config = Config::from_str(&text, "t.toml").expect("valid");
+        let build = |down: Option<u8>, previous: Option<&Snapshot>| {
+            let down = down.map(|d| crate::util::v4(198, 18, 2, d));
+            Snapshot::build(
+                &mut Ids::default(),
+                &Inputs {
+                    config: &config,
+                    generation: 1,
+                    links: Links::default(),
+                    local: &[],
+                    mac_of: &|_| None,
+                    is_up: &|a, _, _, _| Some(*a) != down,
+                    previous,
+                },
+            )
+            .unwrap()
+        };
+        let all_up = build(None, None);
+        let (web, alt) = (&all_up.services[0], &all_up.services[1]);
+        assert!(
+            web.fallback.shares_table(&web.maglev),
+            "all up: the two tables are one"
+        );
+        let one_down = build(Some(12), Some(&all_up));
+        let (web2, alt2) = (&one_down.services[0], &one_down.services[1]);
+        assert!(web2.maglev.shares_table(&web.maglev), "weights unchanged");
+        assert!(!web2.fallback.shares_table(&web.fallback), "built anew");
+        assert!(alt2.maglev.shares_table(&alt.maglev));
+        assert!(alt2.fallback.shares_table(&alt.fallback));
+        // Exactly what a snapshot built from nothing decides.
+        let fresh = build(Some(12), None);
+        for service in [0, 1] {
+            for i in 0..20_000u32 {
+                let c = (0xc612_0000u32 + i).to_be_bytes();
+                assert_eq!(
+                    one_down.pick(service, &c),
+                    fresh.pick(service, &c),
+                    "service {service}, client {c:?}"
+                );
+            }
+        }
+        // And back up: the first snapshot's tables again.
+        let back = build(None, Some(&one_down));
+        assert!(back.services[0].fallback.shares_table(&web.maglev));
     }
 
     #[test]

@@ -1195,6 +1195,7 @@ protocol = "udp"
                 local: &local,
                 mac_of: &|_| Some(SERVER_MAC),
                 is_up: &|_, _, _, _| true,
+                previous: None,
             },
         )
         .expect("snapshot");

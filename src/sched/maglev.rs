@@ -33,6 +33,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 /// Default lookup table size: the prime 65537 (= 2^16 + 1). With up to ~650
 /// backends this keeps M > 100·N, the regime where the paper reports
@@ -62,7 +63,7 @@ pub const SKIP_SEED: u64 = u64::from_be_bytes(*b"l4lb-skp");
 const EMPTY: u32 = u32::MAX;
 
 /// One backend as seen by the scheduler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MaglevBackend {
     /// The backend's identity: 16-byte address (IPv4 as the IPv4-mapped IPv6
     /// address `::ffff:a.b.c.d`) followed by the port, big-endian.
@@ -117,12 +118,14 @@ fn is_prime(n: u32) -> bool {
     true
 }
 
-/// A built Maglev lookup table.
+/// A built Maglev lookup table. Clones share the table: a snapshot can
+/// reuse the previous one's tables for services whose servers did not
+/// change (reached through the same one pointer as a boxed slice).
 #[derive(Clone)]
 pub struct Maglev {
     /// `table[slot]` = index into the `backends` slice given to [`Maglev::build`],
     /// or `u32::MAX` if empty (only when no backend has weight > 0).
-    table: Box<[u32]>,
+    table: Arc<[u32]>,
     /// Length of the `backends` slice given to `build` (for `slot_counts`).
     n_backends: u32,
 }
@@ -221,7 +224,10 @@ impl Maglev {
             .collect();
         let n_backends = backends.len() as u32;
         let Some(max_weight) = perms.iter().map(|p| p.weight).max() else {
-            return Ok(Maglev { table, n_backends });
+            return Ok(Maglev {
+                table: table.into(),
+                n_backends,
+            });
         };
 
         let mut filled = 0u32;
@@ -253,7 +259,15 @@ impl Maglev {
                 }
             }
         }
-        Ok(Maglev { table, n_backends })
+        Ok(Maglev {
+            table: table.into(),
+            n_backends,
+        })
+    }
+
+    /// Whether `self` and `other` share one table (a clone's).
+    pub fn shares_table(&self, other: &Maglev) -> bool {
+        Arc::ptr_eq(&self.table, &other.table)
     }
 
     /// Backend for a client hash (normally [`super::client_hash`]): an index
