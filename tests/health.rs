@@ -164,6 +164,18 @@ fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
+/// Waits for `k`'s first result, "ok", then two more probes: no
+/// transition, and `k` is up.
+fn stays_up(m: &mut HealthMonitor, k: &TargetKey) {
+    let first = wait_for_result(m, k, "ok", INTERVAL + SLACK);
+    let end = first + 2 * INTERVAL;
+    while Instant::now() < end {
+        assert_eq!(m.poll(Instant::now()), vec![]);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(m.states(), vec![(*k, true, "ok".to_string())]);
+}
+
 #[test]
 fn a_listening_tcp_server_stays_up() {
     let server = Server::tcp(drop);
@@ -171,14 +183,7 @@ fn a_listening_tcp_server_stays_up() {
     let mut m = HealthMonitor::new(64);
     m.set_targets(vec![target(k, spec(Probe::Tcp, server.port))]);
     assert!(m.is_up(&k), "a new target starts up");
-    let first = wait_for_result(&mut m, &k, "ok", INTERVAL + SLACK);
-    // Two more probes, and no transition.
-    let end = first + 2 * INTERVAL;
-    while Instant::now() < end {
-        assert_eq!(m.poll(Instant::now()), vec![]);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(m.states(), vec![(k, true, "ok".to_string())]);
+    stays_up(&mut m, &k);
 }
 
 #[test]
@@ -278,14 +283,7 @@ fn http_with_an_early_hints_response_first_stays_up() {
     let k = key(server.port, 6);
     let mut m = HealthMonitor::new(64);
     m.set_targets(vec![target(k, spec(http("/", None), server.port))]);
-    let first = wait_for_result(&mut m, &k, "ok", INTERVAL + SLACK);
-    // Two more probes, and no transition.
-    let end = first + 2 * INTERVAL;
-    while Instant::now() < end {
-        assert_eq!(m.poll(Instant::now()), vec![]);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(m.states(), vec![(k, true, "ok".to_string())]);
+    stays_up(&mut m, &k);
 }
 
 #[test]

@@ -665,7 +665,12 @@ mod tests {
     use crate::config::Config;
 
     fn cfg(on_all_down: &str, weights: [u8; 3]) -> Config {
-        let text = format!(
+        Config::from_str(&cfg_text(on_all_down, weights), "t.toml").expect("valid")
+    }
+
+    /// [`cfg`] as text: one service, "web", of three servers.
+    fn cfg_text(on_all_down: &str, weights: [u8; 3]) -> String {
+        format!(
             r#"
 [instance]
 name = "t"
@@ -696,8 +701,7 @@ on_all_down = "{on_all_down}"
   weight = {}
 "#,
             weights[0], weights[1], weights[2]
-        );
-        Config::from_str(&text, "t.toml").expect("valid")
+        )
     }
 
     /// The snapshot of `config` with servers 198.18.2.`down` down.
@@ -910,42 +914,12 @@ protocol = "tcp"
 
     #[test]
     fn a_health_change_shares_every_maglev_table_whose_servers_did_not_change() {
-        let text = format!(
-            "{}[[listener]]\nname = \"alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\n\
-             port = 80\nbackend_service = \"alt\"\n\
-             [[backend_service]]\nname = \"alt\"\nprotocol = \"tcp\"\n\
-             [[backend_service.server]]\naddress = \"198.18.2.14\"\nport = 8080\n\
-             [[backend_service.server]]\naddress = \"198.18.2.15\"\nport = 8080\n",
-            // The web service of `cfg`, as text.
-            r#"
-[instance]
-name = "t"
-client_interface = "c"
-backend_interface = "b"
-client_gateway = "198.18.0.2"
-[[listener]]
-name = "web"
-vip = "198.18.100.1"
-protocol = "tcp"
-port = 80
-backend_service = "web"
-[[backend_service]]
-name = "web"
-protocol = "tcp"
-  [[backend_service.server]]
-  address = "198.18.2.11"
-  port = 8080
-  weight = 50
-  [[backend_service.server]]
-  address = "198.18.2.12"
-  port = 8080
-  weight = 30
-  [[backend_service.server]]
-  address = "198.18.2.13"
-  port = 8080
-  weight = 20
-"#
-        );
+        let text = cfg_text("drop", [50, 30, 20])
+            + "[[listener]]\nname = \"alt\"\nvip = \"198.18.100.2\"\nprotocol = \"tcp\"\n\
+               port = 80\nbackend_service = \"alt\"\n\
+               [[backend_service]]\nname = \"alt\"\nprotocol = \"tcp\"\n\
+               [[backend_service.server]]\naddress = \"198.18.2.14\"\nport = 8080\n\
+               [[backend_service.server]]\naddress = \"198.18.2.15\"\nport = 8080\n";
         let config = Config::from_str(&text, "t.toml").expect("valid");
         let build = |down: Option<u8>, previous: Option<&Snapshot>| {
             let down = down.map(|d| crate::util::v4(198, 18, 2, d));

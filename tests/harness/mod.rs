@@ -346,7 +346,7 @@ impl Topology {
         conns: u32,
         extra: &[&str],
     ) -> Child {
-        self.drive_cmd(tcp, udp, sources, conns, extra)
+        drive_cmd_in(CLIENT_NS, tcp, udp, sources, conns, extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -372,32 +372,15 @@ impl Topology {
         conns: u32,
         extra: &[&str],
     ) -> Drive {
-        let out = run_ok(
-            &mut self.drive_cmd(tcp, udp, sources, conns, extra),
-            "l4lb-harness drive",
-        );
-        serde_json::from_str(&out).expect("drive output is JSON")
-    }
-
-    fn drive_cmd(
-        &self,
-        tcp: &[&str],
-        udp: &[&str],
-        sources: &str,
-        conns: u32,
-        extra: &[&str],
-    ) -> Command {
-        drive_cmd_in("l4lb-client", tcp, udp, sources, conns, extra)
+        run_drive(&mut drive_cmd_in(
+            CLIENT_NS, tcp, udp, sources, conns, extra,
+        ))
     }
 
     /// [`Topology::drive_with`] from namespace `ns` instead of the client's
     /// (the load balancer's host itself, say).
     pub fn drive_in(&self, ns: &str, udp: &[&str], sources: &str, extra: &[&str]) -> Drive {
-        let out = run_ok(
-            &mut drive_cmd_in(ns, &[], udp, sources, 1, extra),
-            "l4lb-harness drive",
-        );
-        serde_json::from_str(&out).expect("drive output is JSON")
+        run_drive(&mut drive_cmd_in(ns, &[], udp, sources, 1, extra))
     }
 
     /// Runs `l4lb reload` against this instance: (exit code, stdout, stderr).
@@ -532,6 +515,15 @@ pub fn backend_addr(name: &str, port: u16) -> String {
 /// Backend name (b1..b3) → its IPv6 address in the harness.
 pub fn backend_addr6(name: &str, port: u16) -> String {
     format!("[2001:2:0:2::1{}]:{port}", &name[1..])
+}
+
+/// Where the clients are.
+const CLIENT_NS: &str = "l4lb-client";
+
+/// Runs a driver to the end and reads its report.
+fn run_drive(cmd: &mut Command) -> Drive {
+    let out = run_ok(cmd, "l4lb-harness drive");
+    serde_json::from_str(&out).expect("drive output is JSON")
 }
 
 /// The `l4lb-harness drive` command, run in namespace `ns`.
