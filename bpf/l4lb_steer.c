@@ -200,10 +200,11 @@ static __always_inline int steer(struct xdp_md *ctx, struct addr_key *dst, struc
 			// Errors about a listener's flows: user space translates
 			// them. Echo, the rest, and errors about the host's own
 			// traffic from the VIP are the kernel's business.
-			if (!l4 || l4 + 1 > data_end || !is_icmp_error(proto, *(__u8 *)l4))
+			// (A message shorter than its 8-byte header is no error user
+			// space could use either: the kernel drops it.)
+			if (!l4 || l4 + 8 > data_end || !is_icmp_error(proto, *(__u8 *)l4))
 				return pass();
-			// (A message cut short of its quote: user space counts it.)
-			if (l4 + 8 > data_end || quote_is_users(proto, l4 + 8, data_end))
+			if (quote_is_users(proto, l4 + 8, data_end))
 				return redirect(ctx);
 			return pass();
 		}
