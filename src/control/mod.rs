@@ -849,20 +849,7 @@ mod tests {
         let old = Config::from_str(&old, "old.toml").expect("valid");
         let new = Config::from_str(&new, "new.toml").expect("valid");
         let eligible = |config: &Config, h: &HealthMonitor| -> Vec<(String, usize)> {
-            let is_up = up_by_own_check(config, h);
-            let snap = Snapshot::build(
-                &mut Ids::default(),
-                &Inputs {
-                    config,
-                    generation: 1,
-                    links: Links::default(),
-                    local: &[],
-                    mac_of: &|_| None,
-                    is_up: &is_up,
-                    previous: None,
-                },
-            )
-            .expect("builds");
+            let snap = snapshot::test_snapshot(config, &up_by_own_check(config, h), None);
             let mut e: Vec<(String, usize)> = snap
                 .services
                 .iter()

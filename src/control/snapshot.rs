@@ -644,6 +644,30 @@ impl Snapshot {
     }
 }
 
+/// For the control plane's tests: the snapshot of `config` with health as
+/// `is_up` says, after `previous`; fresh ids, no links, MACs or local
+/// addresses.
+#[cfg(test)]
+pub(crate) fn test_snapshot(
+    config: &Config,
+    is_up: &dyn Fn(&IpAddr, u16, Protocol, &HealthCheck) -> bool,
+    previous: Option<&Snapshot>,
+) -> Snapshot {
+    Snapshot::build(
+        &mut Ids::default(),
+        &Inputs {
+            config,
+            generation: 1,
+            links: Links::default(),
+            local: &[],
+            mac_of: &|_| None,
+            is_up,
+            previous,
+        },
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,19 +742,7 @@ on_all_down = "{on_all_down}"
         config: &Config,
         is_up: &dyn Fn(&IpAddr, u16, Protocol, &HealthCheck) -> bool,
     ) -> Snapshot {
-        Snapshot::build(
-            &mut Ids::default(),
-            &Inputs {
-                config,
-                generation: 1,
-                links: Links::default(),
-                local: &[],
-                mac_of: &|_| None,
-                is_up,
-                previous: None,
-            },
-        )
-        .unwrap()
+        test_snapshot(config, is_up, None)
     }
 
     fn assignment(s: &Snapshot) -> Vec<Option<u8>> {
@@ -923,19 +935,7 @@ protocol = "tcp"
         let config = Config::from_str(&text, "t.toml").expect("valid");
         let build = |down: Option<u8>, previous: Option<&Snapshot>| {
             let down = down.map(|d| crate::util::v4(198, 18, 2, d));
-            Snapshot::build(
-                &mut Ids::default(),
-                &Inputs {
-                    config: &config,
-                    generation: 1,
-                    links: Links::default(),
-                    local: &[],
-                    mac_of: &|_| None,
-                    is_up: &|a, _, _, _| Some(*a) != down,
-                    previous,
-                },
-            )
-            .unwrap()
+            test_snapshot(&config, &|a, _, _, _| Some(*a) != down, previous)
         };
         let all_up = build(None, None);
         let (web, alt) = (&all_up.services[0], &all_up.services[1]);
