@@ -230,7 +230,7 @@ struct Plane {
     nb: Neighbours,
     health: HealthMonitor,
     /// A health change is not in the published snapshot yet: its publish
-    /// failed, and is retried on every turn of the control loop.
+    /// failed, and is retried (see [`PUBLISH_RETRY_PERIOD`]).
     health_unpublished: bool,
     /// When a failed health publish was last logged (see
     /// [`PUBLISH_ERROR_LOG_PERIOD`]); `None` after a success.
@@ -241,7 +241,7 @@ struct Plane {
 }
 
 /// While publishing a health change keeps failing (it is retried every
-/// 10 ms), one error line per this period.
+/// [`PUBLISH_RETRY_PERIOD`]), one error line per this period.
 const PUBLISH_ERROR_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// Shortest time between two attempts to publish a health change after
@@ -299,7 +299,7 @@ impl Plane {
 
     /// Polls the health checker and publishes its changes in a new
     /// snapshot. A change whose publish fails is not lost: the publish is
-    /// retried on every call until one succeeds.
+    /// retried, [`PUBLISH_RETRY_PERIOD`] apart, until one succeeds.
     fn check_health(&mut self, now: Instant, shared: &ArcSwap<Snapshot>, steering: &[&Steering]) {
         // The health checker logs each transition with its counts; this
         // line is the control plane's: the change it is about to publish.
