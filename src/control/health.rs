@@ -225,7 +225,7 @@ pub struct Transition {
 /// (at most 1 each) are running. The phases are spread by a hash, so the
 /// count at any moment varies around that mean; half again on top covers
 /// the variation (its standard deviation is at most half the square root of
-/// the mean), and [`MIN_IN_FLIGHT`] covers small configurations.
+/// the mean), and `MIN_IN_FLIGHT` (64) covers small configurations.
 pub fn probes_needed<'a>(specs: impl IntoIterator<Item = &'a CheckSpec>) -> usize {
     let busy: f64 = specs
         .into_iter()
@@ -242,7 +242,7 @@ pub fn probes_needed<'a>(specs: impl IntoIterator<Item = &'a CheckSpec>) -> usiz
 }
 
 /// The most probes that may be in flight at once, one socket each: the
-/// soft RLIMIT_NOFILE less [`RESERVED_FDS`]. First raises the soft limit
+/// soft RLIMIT_NOFILE less `RESERVED_FDS` (256). First raises the soft limit
 /// to the hard one, as the Go runtime does at start since Go 1.19: l4lb
 /// uses poll(2), never select(2), so descriptors above 1024 are fine. Call
 /// it once at start; if the limits cannot be read, 64 probes.
@@ -586,7 +586,7 @@ impl HealthMonitor {
     ///   check), down wins: one of them saw the server fail.
     /// * A server that an earlier reload removed from a service and this
     ///   one adds back takes the state it had then, counters reset (the
-    ///   last [`REMEMBERED_REMOVALS`] removals are remembered).
+    ///   last `REMEMBERED_REMOVALS` (4096) removals are remembered).
     /// * A target that none of its services checked before starts **up**
     ///   (optimistic: it is taken out after `unhealthy_threshold`
     ///   failures) and is first probed at [`first_probe_offset`] after the
