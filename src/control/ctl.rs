@@ -8,7 +8,9 @@
 //! and neighbour refreshes, so reading a request never waits: connections
 //! are read without blocking on each call of [`ControlSocket::pending`]
 //! until their line is complete, and one whose line has not arrived
-//! [`REQUEST_DEADLINE`] after it connected is closed.
+//! [`REQUEST_DEADLINE`] after it connected is closed. Replies are written
+//! the same way: what the socket buffer does not take at once is sent on
+//! later calls, as the client reads, until [`REPLY_DEADLINE`].
 
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
@@ -21,12 +23,17 @@ use std::time::{Duration, Instant};
 /// sends it at once; a second is ample even on a loaded host.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(1);
 
+/// Time a client has, from its reply being ready, to read all of it: the
+/// `l4lb` CLI waits 10 s for a reply.
+pub const REPLY_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Longest request line accepted, newline excluded: the requests are
 /// single words, so anything longer is not one.
 pub const MAX_REQUEST_LINE: usize = 64;
 
-/// Connections read at once; more wait in the listen backlog. Each holds a
-/// file descriptor until its line is in or its deadline passes.
+/// Connections served at once (reading a request or sending a reply);
+/// more wait in the listen backlog. Each holds a file descriptor until its
+/// reply is sent or its deadline passes.
 const MAX_WAITING: usize = 16;
 
 pub struct ControlSocket {
@@ -34,6 +41,16 @@ pub struct ControlSocket {
     path: PathBuf,
     /// Connections whose request line is still incomplete.
     waiting: Vec<Waiting>,
+    /// Replies the client has not read all of yet.
+    sending: Vec<Sending>,
+}
+
+/// A reply partly written: `data[at..]` is still to go.
+struct Sending {
+    stream: UnixStream,
+    data: Vec<u8>,
+    at: usize,
+    deadline: Instant,
 }
 
 struct Waiting {
@@ -75,6 +92,7 @@ impl ControlSocket {
             listener,
             path: path.to_path_buf(),
             waiting: Vec::new(),
+            sending: Vec::new(),
         })
     }
 
@@ -83,7 +101,8 @@ impl ControlSocket {
     /// still incomplete is read on a later call, until its deadline.
     pub fn pending(&mut self) -> Vec<Request> {
         let now = Instant::now();
-        while self.waiting.len() < MAX_WAITING {
+        self.sending.retain_mut(|s| s.send(now) == Sent::More);
+        while self.waiting.len() + self.sending.len() < MAX_WAITING {
             let Ok((stream, _)) = self.listener.accept() else {
                 break;
             };
@@ -108,10 +127,6 @@ impl ControlSocket {
             let w = self.waiting.swap_remove(i);
             match read {
                 LineRead::Line(line) => {
-                    // The reply is written blocking, each write bounded
-                    // by the timeout (see `Request::reply`).
-                    let _ = w.stream.set_nonblocking(false);
-                    let _ = w.stream.set_write_timeout(Some(Duration::from_secs(1)));
                     out.push(Request {
                         line: line.trim().to_string(),
                         stream: w.stream,
@@ -124,6 +139,52 @@ impl ControlSocket {
             }
         }
         out
+    }
+
+    /// Sends `text` as the reply to `req` and closes the connection once
+    /// it is all out. Never blocks: what the socket does not take now is
+    /// sent by later calls of [`ControlSocket::pending`] as the client
+    /// reads; a client that has not read it all [`REPLY_DEADLINE`] from
+    /// now is cut off.
+    pub fn reply(&mut self, req: Request, text: &str) {
+        let mut s = Sending {
+            stream: req.stream,
+            data: text.as_bytes().to_vec(),
+            at: 0,
+            deadline: Instant::now() + REPLY_DEADLINE,
+        };
+        if s.send(Instant::now()) == Sent::More {
+            self.sending.push(s);
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Sent {
+    /// Some of the reply is still to go.
+    More,
+    /// All of it went out, or the connection is given up.
+    Done,
+}
+
+impl Sending {
+    fn send(&mut self, now: Instant) -> Sent {
+        while self.at < self.data.len() {
+            match (&self.stream).write(&self.data[self.at..]) {
+                Ok(0) => return Sent::Done,
+                Ok(n) => self.at += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return if now >= self.deadline {
+                        Sent::Done
+                    } else {
+                        Sent::More
+                    };
+                }
+                Err(_) => return Sent::Done,
+            }
+        }
+        Sent::Done
     }
 }
 
@@ -167,20 +228,11 @@ impl Waiting {
     }
 }
 
-/// One request on the control socket.
+/// One request on the control socket, answered with
+/// [`ControlSocket::reply`].
 pub struct Request {
     pub line: String,
     stream: UnixStream,
-}
-
-impl Request {
-    /// Writes the reply and closes. A reply that fits the socket buffer
-    /// (a few hundred KiB) is written at once; a larger one waits for the
-    /// client to read, up to a second per write.
-    pub fn reply(self, text: &str) {
-        let mut w = &self.stream;
-        let _ = w.write_all(text.as_bytes());
-    }
 }
 
 impl Drop for ControlSocket {
@@ -220,7 +272,8 @@ mod tests {
     }
 
     /// Calls `pending` every 10 ms for `span`, replying `reply` to each
-    /// request; returns the requests' lines and the longest single call.
+    /// request; returns the requests' lines and the longest single call
+    /// (of `pending` or `reply`).
     fn serve(ctl: &mut ControlSocket, span: Duration, reply: &str) -> (Vec<String>, Duration) {
         let end = Instant::now() + span;
         let (mut lines, mut longest) = (Vec::new(), Duration::ZERO);
@@ -230,7 +283,9 @@ mod tests {
             longest = longest.max(t.elapsed());
             for r in reqs {
                 lines.push(r.line.clone());
-                r.reply(reply);
+                let t = Instant::now();
+                ctl.reply(r, reply);
+                longest = longest.max(t.elapsed());
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -280,6 +335,36 @@ mod tests {
             client.join().unwrap(),
             "error: no request line within 1000 ms\n"
         );
+    }
+
+    /// A client that asks for a reply far larger than the socket buffer
+    /// and only starts reading a second and a half later never holds up
+    /// the control thread either, and still gets every byte.
+    #[test]
+    fn a_slow_reader_of_a_large_reply_never_blocks_the_control_thread() {
+        let (mut ctl, path) = socket("slow-reader");
+        let big: String = (0..4 << 20)
+            .map(|i| (b'a' + (i % 26) as u8) as char)
+            .collect();
+        let want = big.clone();
+        let client = thread::spawn(move || {
+            let mut s = UnixStream::connect(&path).unwrap();
+            s.write_all(b"stats\n").unwrap();
+            thread::sleep(Duration::from_millis(1500));
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            reply
+        });
+        let (lines, longest) = serve(&mut ctl, Duration::from_millis(3000), &big);
+        assert_eq!(lines, ["stats"]);
+        assert!(
+            longest < Duration::from_millis(100),
+            "one call took {longest:?}"
+        );
+        let got = client.join().unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the reply arrived altered");
     }
 
     #[test]

@@ -666,7 +666,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
                 "reload" => reload(&mut plane, &shared, &steering, "control socket"),
                 other => format!("error: unknown request {other:?}\n"),
             };
-            req.reply(&reply);
+            ctl.reply(req, &reply);
         }
         if hup.swap(false, Ordering::Relaxed) {
             reload(&mut plane, &shared, &steering, "SIGHUP");
