@@ -210,11 +210,17 @@ fn up_by_own_check<'a>(
     move |addr, port, proto, hc| health.is_up(&targets.key(*addr, port, proto, hc))
 }
 
-/// `server ADDR:PORT is up|down (REASON)`, as the README promises.
+/// `server ADDR:PORT is up|down (REASON)`, as the README promises, with
+/// `(check N)` after the port for a server's second and later distinct
+/// checks (the numbering of the health log lines).
 fn transition_line(t: &health::Transition) -> String {
     let state = if t.up { "up" } else { "down" };
     let server = std::net::SocketAddr::new(t.key.addr, t.key.port);
-    format!("server {server} is {state} ({})", t.reason)
+    let check = match t.key.check {
+        0 => String::new(),
+        n => format!(" (check {})", u16::from(n) + 1),
+    };
+    format!("server {server}{check} is {state} ({})", t.reason)
 }
 
 /// The control plane's state.
@@ -1029,24 +1035,30 @@ mod tests {
     }
 
     #[test]
-    fn transition_lines_name_the_server_its_state_and_the_reason() {
-        let t = |addr: &str, up: bool, reason: &str| health::Transition {
+    fn transition_lines_name_the_server_its_check_its_state_and_the_reason() {
+        let t = |addr: &str, check: u8, up: bool, reason: &str| health::Transition {
             key: TargetKey {
                 addr: addr.parse().unwrap(),
                 port: 53,
                 proto: 17,
-                check: 1,
+                check,
             },
             up,
             reason: reason.into(),
         };
         assert_eq!(
-            transition_line(&t("198.18.2.11", true, "ok")),
+            transition_line(&t("198.18.2.11", 0, true, "ok")),
             "server 198.18.2.11:53 is up (ok)"
         );
         assert_eq!(
-            transition_line(&t("2001:db8::1", false, "ICMP port unreachable")),
+            transition_line(&t("2001:db8::1", 0, false, "ICMP port unreachable")),
             "server [2001:db8::1]:53 is down (ICMP port unreachable)"
+        );
+        // A second service checks the same server differently: its own
+        // target, which the line must tell apart from the first.
+        assert_eq!(
+            transition_line(&t("198.18.2.11", 1, false, "timeout")),
+            "server 198.18.2.11:53 (check 2) is down (timeout)"
         );
     }
 
