@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 echo "== building (release)"
 cargo build --release --quiet
-BIN=target/release
+BIN=${CARGO_TARGET_DIR:-target}/release
 
 LOG=$(mktemp -d /tmp/l4lb-demo.XXXXXX)
 SOCK="$LOG/ctl.sock"
@@ -38,11 +38,13 @@ echo "== l4lb run -c config/l4lb.toml"
 "$BIN/l4lb" check -c "$LOG/l4lb.toml"
 ip netns exec l4lb-lb "$BIN/l4lb" run -c "$LOG/l4lb.toml" 2>"$LOG/l4lb.log" &
 LB_PID=$!
+ready=
 for _ in $(seq 100); do
-    "$BIN/l4lb" stats -s "$SOCK" >/dev/null 2>&1 && break
+    "$BIN/l4lb" stats -s "$SOCK" >/dev/null 2>&1 && { ready=1; break; }
     kill -0 "$LB_PID" 2>/dev/null || { cat "$LOG/l4lb.log"; exit 1; }
     sleep 0.1
 done
+[[ -n $ready ]] || { cat "$LOG/l4lb.log"; echo "demo.sh: l4lb did not answer on $SOCK within 10 s" >&2; exit 1; }
 
 echo "== traffic: 1000 clients x 3 connections to each of web (tcp 198.18.100.1:80),"
 echo "   web-alt (tcp 198.18.100.2:80, same backend service) and echo (udp 198.18.100.1:53)"

@@ -12,6 +12,10 @@ if [[ ${EUID} -ne 0 ]]; then
     exit 1
 fi
 
+# The netns tests tear their topology down when they end, even failing;
+# this covers a test binary that is killed or aborts.
+trap 'scripts/netns.sh down >/dev/null 2>&1 || true' EXIT
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -22,5 +26,4 @@ echo "== cargo test (unit, offline, netns)"
 cargo test
 echo "== cargo bench --no-run"
 cargo bench --no-run
-scripts/netns.sh down >/dev/null
 echo "test.sh: all passed"
