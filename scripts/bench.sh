@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh [e2e] [OPTIONS]  the end-to-end forwarding benchmark in
 #                                     network namespaces (default: 3 runs of
-#                                     10 s per case, about 10 minutes)
+#                                     10 s per case, about 8 minutes)
 #   scripts/bench.sh micro            the criterion micro-benchmarks (pipeline,
 #                                     flow table, Maglev), then their table
 #   scripts/bench.sh all [OPTIONS]    both
@@ -41,7 +41,11 @@ die() {
 
 if [[ $mode == e2e || $mode == all ]]; then
     [[ ${EUID} -eq 0 ]] || die "run as root (network namespaces, XDP, BPF_PROG_RUN)"
-    scripts/install-deps.sh >&2
+fi
+# Every mode builds l4lb (build.rs and xsk-rs need clang, gcc, libelf...).
+# Without root this only checks, and names what is missing.
+scripts/install-deps.sh >&2
+if [[ $mode == e2e || $mode == all ]]; then
     # What the benchmark needs beyond the build and test dependencies:
     # nftables for the kernel baseline.
     if ! command -v nft >/dev/null 2>&1; then
@@ -93,6 +97,7 @@ micro() {
 # over N × 64 frames, so that set-up cancels out.
 icount() {
     if ! command -v valgrind >/dev/null 2>&1; then
+        [[ ${EUID} -eq 0 ]] || die "valgrind is missing: run as root once to install it (or: apt-get install valgrind)"
         echo "bench.sh: installing valgrind" >&2
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
