@@ -35,6 +35,11 @@ pub const MAX_LISTENERS: usize = 1024;
 /// counted after expanding availability groups.
 pub const MAX_SERVERS: usize = 4096;
 
+/// Most workers one instance runs: the XDP program's socket map holds one
+/// AF_XDP socket per queue, and worker `i` serves queue `i`
+/// (`control::xdp::MAX_QUEUES`, `MAX_QUEUES` in bpf/l4lb_steer.c).
+pub const MAX_WORKERS: usize = 64;
+
 /// The demo configuration (`config/l4lb.toml`), also the built-in default.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/l4lb.toml");
 

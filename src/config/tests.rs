@@ -493,6 +493,36 @@ fn inline_tables_and_crlf_work() {
     );
 }
 
+/// Worker `i` serves queue `i`, and the XDP program's socket map has
+/// `MAX_WORKERS` queues: `check` refuses more workers, at the first one too
+/// many, rather than `run` failing at start without a location.
+#[test]
+fn more_workers_than_the_socket_map_has_queues_are_refused_at_the_first_extra() {
+    let workers = |n: usize| {
+        let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        format!(
+            "[instance]\nname = \"t\"\nclient_interface = \"c0\"\n\
+             backend_interface = \"b0\"\nclient_gateway = \"10.0.0.1\"\nworkers = [{}]\n",
+            ids.join(", ")
+        )
+    };
+    assert_eq!(
+        ok(&workers(MAX_WORKERS)).instance.workers.len(),
+        MAX_WORKERS
+    );
+    let text = workers(MAX_WORKERS + 1);
+    let line6 = text.lines().nth(5).unwrap();
+    let col = line6.rfind(&format!(" {MAX_WORKERS}]")).unwrap() + 2;
+    assert_eq!(
+        error(&text),
+        format!(
+            "t.toml:6:{col}: workers lists {} CPU core ids, at most {MAX_WORKERS} \
+             (one worker per queue of the XDP program's socket map)",
+            MAX_WORKERS + 1
+        )
+    );
+}
+
 // ----- structural errors (reported alone) -----
 
 #[test]

@@ -17,7 +17,7 @@ use super::raw::{
 use super::{
     AllDown, AttachMode, BackendService, BindMode, Config, ForwardingMode, HealthCheck,
     HealthCheckKind, Instance, Listener, Located, Protocol, Scheduler, Server, StaticNeighbour,
-    WhenFull, MAX_LISTENERS, MAX_SERVERS,
+    WhenFull, MAX_LISTENERS, MAX_SERVERS, MAX_WORKERS,
 };
 
 const DEFAULT_WORKERS: [usize; 1] = [0];
@@ -751,6 +751,16 @@ impl Validator<'_> {
             return None;
         }
         let mut ok = true;
+        if let Some(extra) = list.get_ref().0.get(MAX_WORKERS) {
+            self.report(
+                extra.span(),
+                format!(
+                    "workers lists {} CPU core ids, at most {MAX_WORKERS} (one worker per queue of the XDP program's socket map)",
+                    list.get_ref().0.len()
+                ),
+            );
+            ok = false;
+        }
         let mut workers = Vec::new();
         for entry in &list.get_ref().0 {
             let Some(cpu) = self.int::<usize>(entry, "CPU core id", 0, MAX_CPU - 1) else {

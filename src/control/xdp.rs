@@ -16,6 +16,8 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/l4lb_steer.o"))
 
 /// Size of the XSKMAP in bpf/l4lb_steer.c (MAX_QUEUES): the most workers.
 pub const MAX_QUEUES: usize = 64;
+// The config loader refuses more workers than the socket map has queues.
+const _: () = assert!(MAX_QUEUES == crate::config::MAX_WORKERS);
 
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
