@@ -1081,4 +1081,59 @@ mod tests {
             ["flow_idle_timeout", "tcp_closed_timeout"]
         );
     }
+
+    /// The README's `[instance]` table marks "restart" in its Reload column
+    /// exactly the keys a reload refuses to change, and its "Reload and
+    /// drain" section lists the same keys.
+    #[test]
+    fn the_readme_names_exactly_the_keys_a_reload_refuses() {
+        const README: &str = include_str!("../../README.md");
+        let base = "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\nclient_gateway = \"198.18.0.2\"\n";
+        let old = Config::from_str(base, "t.toml").expect("valid");
+        // Every [instance] key changed, the reloadable ones too.
+        let new = Config::from_str(
+            "[instance]\nname = \"u\"\nclient_interface = \"c1\"\nbackend_interface = \"b1\"\n\
+             client_gateway = \"198.18.0.3\"\nattach = \"skb\"\nbind = \"copy\"\nworkers = [1]\n\
+             flow_table_capacity = 2048\nflow_idle_timeout = 600\ntcp_closed_timeout = 10\n\
+             tcp_syn_timeout = 5\npersistence_capacity = 2048\n\
+             persistence_when_full = \"no_record\"\ncontrol_socket = \"/tmp/other.sock\"\n\
+             [[instance.neighbour]]\naddress = \"198.18.0.3\"\nmac = \"02:00:00:00:00:01\"\n",
+            "t.toml",
+        )
+        .expect("valid");
+        let mut refused: Vec<&str> = restart_only_changes(&old, &new);
+        // `mode` has one value, so no file can change it; it is refused
+        // all the same (restart_only_changes compares it).
+        refused.push("mode");
+        refused.sort_unstable();
+
+        let mut table: Vec<(String, String)> = README
+            .lines()
+            .skip_while(|l| !l.starts_with("### `[instance]`"))
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                let key = cells[1].trim_matches('`').to_string();
+                (key, cells[cells.len() - 2].to_string())
+            })
+            .collect();
+        assert_eq!(table.len(), 15, "README [instance] table: {table:?}");
+        table.retain(|(_, reload)| reload == "restart");
+        let mut restart: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
+        restart.sort_unstable();
+        assert_eq!(restart, refused, "README [instance] Reload column");
+
+        let (_, after) = README
+            .split_once("changes a restart-only key is rejected as a whole,** naming\n  the keys: ")
+            .expect("README lists the restart-only keys under Reload and drain");
+        let (list, _) = after.split_once(". These").expect("the list ends");
+        let mut listed: Vec<&str> = list
+            .split(',')
+            .map(|k| k.trim().trim_matches('`'))
+            .collect();
+        listed.sort_unstable();
+        assert_eq!(listed, refused, "README Reload and drain list");
+    }
 }
