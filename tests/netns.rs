@@ -175,6 +175,69 @@ fn refuses_to_start_on_a_missing_interface_with_a_clear_error() {
     );
 }
 
+/// A second `l4lb run` on the same config (a double start by a script or
+/// an operator) must fail before it touches the interfaces: replacing the
+/// running instance's XDP program and detaching it on the way out would
+/// leave the running instance receiving nothing.
+#[test]
+fn a_second_instance_fails_without_disturbing_the_running_one() {
+    let mut t = Topology::up("second", 10);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+
+    let out = t.run_lb_expecting_failure(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another l4lb is running with this control socket"),
+        "stderr: {err}"
+    );
+    assert!(
+        !err.contains("replaced an XDP program"),
+        "the second instance touched XDP: {err}"
+    );
+    assert!(Topology::xdp_attached("lb-c"), "XDP still on lb-c");
+    assert!(Topology::xdp_attached("lb-b"), "XDP still on lb-b");
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 2);
+    assert_eq!(d.requests, 40);
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
+
+/// SIGHUP's default action ends a process. A reload asked for while l4lb
+/// is still starting (here: waiting up to 3 s for a server's MAC that never
+/// resolves) must not kill it: it is applied once l4lb runs.
+#[test]
+fn a_sighup_during_start_up_reloads_instead_of_killing_l4lb() {
+    let mut t = Topology::up("hup-start", 10);
+    let cfg = t.config_text(|c| {
+        c.replacen(
+            "  [[backend_service.server]]\n  address = \"198.18.2.13\"",
+            "  [[backend_service.server]]\n  address = \"198.18.2.99\"\n  port = 9053\n\n  \
+             [[backend_service.server]]\n  address = \"198.18.2.13\"",
+            1,
+        )
+    });
+    assert!(cfg.contains("198.18.2.99"), "the config edit applied");
+    t.spawn_lb(&cfg);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    t.kill_lb(libc::SIGHUP);
+    assert_eq!(
+        t.wait_lb_exit(std::time::Duration::from_secs(5)),
+        None,
+        "l4lb ended on SIGHUP:\n{}",
+        t.lb_log()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !t.lb_log().contains("(via SIGHUP)") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(t.lb_log().contains("(via SIGHUP)"), "{}", t.lb_log());
+    let d = t.drive(&[WEB], &[], "198.18.4.1-198.18.4.10", 1);
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
+
 /// The kernel drops frames longer than l4lb's AF_XDP sockets receive
 /// (1792 bytes) without a trace in l4lb's counters. So l4lb refuses an
 /// interface whose MTU lets them through, and at the largest MTU it

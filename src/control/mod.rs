@@ -486,6 +486,21 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             xdp::MAX_QUEUES
         );
     }
+    // The control socket is claimed before anything else: a second
+    // instance started on the same config stops here, before it could
+    // replace the running instance's XDP program (and detach it on its way
+    // out, leaving the running one deaf).
+    let mut ctl = ctl::ControlSocket::bind(&inst.control_socket)?;
+    // Signals are caught from the start: SIGHUP's default action ends the
+    // process, so a reload asked for while l4lb starts would otherwise kill
+    // it, and SIGINT/SIGTERM after the XDP program is attached would leave
+    // the program behind. A reload asked for during start-up runs once the
+    // control loop does.
+    let stop = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
     let client_idx = netdev::ifindex(&inst.client_interface).with_context(|| {
         format!(
             "instance.client_interface = {:?} in {config_name}",
@@ -540,7 +555,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
     loop {
         plane.nb.refresh();
         let missing = plane.solicit_missing();
-        if missing == 0 {
+        if missing == 0 || stop.load(Ordering::Relaxed) {
             break;
         }
         if Instant::now() > deadline {
@@ -550,6 +565,11 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+
+    if stop.load(Ordering::Relaxed) {
+        tracing::info!("stopped during start-up, before attaching to the interfaces");
+        return Ok(());
     }
 
     plane.generation = 1;
@@ -581,11 +601,6 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         BindMode::Copy => Bind::Copy,
         BindMode::ZeroCopy => Bind::ZeroCopy,
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let hup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
     let worker_stats: Vec<Arc<WorkerStats>> = inst
         .workers
@@ -626,7 +641,6 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
             })?;
         handles.push(h);
     }
-    let mut ctl = ctl::ControlSocket::bind(&inst.control_socket)?;
     tracing::info!(
         "l4lb running: {} worker(s), {} listener(s), control socket {}",
         inst.workers.len(),

@@ -214,16 +214,7 @@ impl Topology {
 
     /// Starts l4lb on `config` and waits until its control socket answers.
     pub fn start_lb(&mut self, config: &str) {
-        std::fs::write(&self.config, config).expect("writing the config");
-        let log = std::fs::File::create(self.dir.join("l4lb.log")).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", "l4lb-lb", L4LB, "run", "-c"])
-            .arg(&self.config)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting l4lb");
-        self.lb = Some(child);
+        self.spawn_lb(config);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Some(st) = self.lb.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -235,6 +226,44 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("l4lb did not come up within 15 s:\n{}", self.lb_log());
+    }
+
+    /// Starts l4lb on `config`, logging to `l4lb.log`, without waiting.
+    pub fn spawn_lb(&mut self, config: &str) {
+        std::fs::write(&self.config, config).expect("writing the config");
+        let log = std::fs::File::create(self.dir.join("l4lb.log")).expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", "l4lb-lb", L4LB, "run", "-c"])
+            .arg(&self.config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting l4lb");
+        self.lb = Some(child);
+    }
+
+    /// Sends `sig` to the running l4lb and leaves it running.
+    pub fn kill_lb(&self, sig: i32) {
+        let child = self.lb.as_ref().expect("l4lb running");
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
+    /// Waits up to `limit` for l4lb to exit on its own; its exit status, or
+    /// None if it is still running (it is then left running).
+    pub fn wait_lb_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.lb.as_mut().expect("l4lb running");
+            if let Some(st) = child.try_wait().expect("wait") {
+                self.lb = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Sets the MTU of link `dev` in namespace `ns`.
