@@ -238,6 +238,36 @@ fn a_sighup_during_start_up_reloads_instead_of_killing_l4lb() {
     assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
 }
 
+/// Deleting an interface takes l4lb's AF_XDP sockets and XDP program on it
+/// along. l4lb must not carry on looking alive while forwarding nothing:
+/// it stops with an error naming the interface, and detaches from the
+/// other one.
+#[test]
+fn an_interface_deleted_while_running_stops_l4lb_with_an_error_naming_it() {
+    let mut t = Topology::up("if-gone", 10);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+    let out = std::process::Command::new("ip")
+        .args(["-n", "l4lb-lb", "link", "del", "dev", "lb-c"])
+        .status()
+        .expect("ip link del");
+    assert!(out.success(), "deleting lb-c");
+    let st = t.wait_lb_exit(std::time::Duration::from_secs(5));
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(1),
+        "l4lb still running or ended otherwise ({st:?}):\n{}",
+        t.lb_log()
+    );
+    let log = t.lb_log();
+    assert!(
+        log.contains("instance.client_interface = \"lb-c\" disappeared"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!Topology::xdp_attached("lb-b"), "XDP left on lb-b");
+}
+
 /// The kernel drops frames longer than l4lb's AF_XDP sockets receive
 /// (1792 bytes) without a trace in l4lb's counters. So l4lb refuses an
 /// interface whose MTU lets them through, and at the largest MTU it

@@ -4,7 +4,8 @@
 //! `run` loads and validates the config, resolves interfaces and next-hop
 //! MACs, builds the first [`Snapshot`], attaches the XDP steering program,
 //! binds one AF_XDP socket pair per worker and starts the pinned workers.
-//! Then, on this thread, until SIGINT/SIGTERM:
+//! Then, on this thread, until SIGINT/SIGTERM (or, with an error, until a
+//! worker ends on its own or an interface is deleted):
 //! * serves the control socket (`stats`, `reload`);
 //! * reloads the config on SIGHUP or `l4lb reload`: a config that fails
 //!   validation changes nothing; a valid one is applied by publishing a new
@@ -473,6 +474,64 @@ fn check_mtu(key: &str, name: &str, config_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A running worker thread, as the control loop watches it.
+struct WorkerThread {
+    id: usize,
+    core: usize,
+    handle: std::thread::JoinHandle<()>,
+}
+
+/// Joins a worker; the error says so if it panicked, with the panic's
+/// message.
+fn join_worker(w: WorkerThread) -> Result<()> {
+    w.handle.join().map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        anyhow::anyhow!("worker {} (core {}) panicked: {msg}", w.id, w.core)
+    })
+}
+
+/// A worker ends only when told to stop. One that ended on its own (a
+/// panic) has closed its queue's AF_XDP sockets, and that queue's traffic
+/// goes to the kernel instead of the servers: the instance is broken and
+/// must say so. Returns the error for the first worker found ended
+/// (joined and removed from `workers`).
+fn ended_worker(workers: &mut Vec<WorkerThread>) -> Option<anyhow::Error> {
+    let at = workers.iter().position(|w| w.handle.is_finished())?;
+    let w = workers.swap_remove(at);
+    let (id, core) = (w.id, w.core);
+    let e = join_worker(w)
+        .err()
+        .unwrap_or_else(|| anyhow::anyhow!("worker {id} (core {core}) returned"));
+    Some(anyhow::anyhow!(
+        "{e}; its queue's traffic no longer reaches l4lb, so l4lb stops (restart it)"
+    ))
+}
+
+/// An interface l4lb was started on that is gone (deleted, or deleted and
+/// created again under another index): its AF_XDP sockets and XDP program
+/// went with it, and l4lb would forward nothing while looking alive.
+/// `now` is what `netdev::ifindex` says of the name now.
+fn interface_gone(
+    key: &str,
+    name: &str,
+    started_as: u32,
+    now: Result<u32>,
+) -> Option<anyhow::Error> {
+    let what = match now {
+        Ok(idx) if idx == started_as => return None,
+        Ok(idx) => format!("was replaced (index {started_as} at start, now {idx})"),
+        Err(_) => format!("disappeared (index {started_as} at start)"),
+    };
+    Some(anyhow::anyhow!(
+        "{key} = {name:?} {what} while l4lb was running: its AF_XDP sockets and XDP program \
+         are gone, so l4lb stops (restart it once the interface is back)"
+    ))
+}
+
 /// Runs an instance until SIGINT or SIGTERM. `path` is the config file (None
 /// for the built-in config), re-read on reload.
 pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<()> {
@@ -608,7 +667,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         .map(|_| Arc::new(WorkerStats::new()))
         .collect();
     let counters = Arc::new(Shared::new(worker_stats.clone()));
-    let mut handles = Vec::new();
+    let mut handles: Vec<WorkerThread> = Vec::new();
     // Each worker's socket fds, for their kernel counters in `stats`: valid
     // until the workers are joined, after the control loop.
     let mut sockets = Vec::new();
@@ -639,7 +698,11 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
                 }
                 w.run();
             })?;
-        handles.push(h);
+        handles.push(WorkerThread {
+            id: i,
+            core,
+            handle: h,
+        });
     }
     tracing::info!(
         "l4lb running: {} worker(s), {} listener(s), control socket {}",
@@ -658,7 +721,13 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
     const SWEEP_PERIOD_S: usize = 64;
     let slice = (tables.flows.capacity() / (SWEEP_PERIOD_S * 10)).max(1);
     let mut last_sweep = Instant::now();
+    // Why the instance stopped on its own, if it did.
+    let mut fatal: Option<anyhow::Error> = None;
     while !stop.load(Ordering::Relaxed) {
+        if let Some(e) = ended_worker(&mut handles) {
+            fatal = Some(e);
+            break;
+        }
         for req in ctl.pending() {
             let reply = match req.line.as_str() {
                 "stats" => {
@@ -696,6 +765,23 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
 
         if last_refresh.elapsed() >= Duration::from_secs(1) {
             last_refresh = Instant::now();
+            fatal = interface_gone(
+                "instance.client_interface",
+                &inst.client_interface,
+                client_idx,
+                netdev::ifindex(&inst.client_interface),
+            )
+            .or_else(|| {
+                interface_gone(
+                    "instance.backend_interface",
+                    &inst.backend_interface,
+                    backend_idx,
+                    netdev::ifindex(&inst.backend_interface),
+                )
+            });
+            if fatal.is_some() {
+                break;
+            }
             let ifaces = [&inst.client_interface, &inst.backend_interface];
             for (name, warned) in ifaces.into_iter().zip(mtu_warned.iter_mut()) {
                 let over = netdev::mtu(name).is_ok_and(|m| m > xsk::MAX_MTU);
@@ -749,20 +835,90 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    tracing::info!("stopping");
-    for h in handles {
-        let _ = h.join();
+    stop.store(true, Ordering::Relaxed);
+    match &fatal {
+        Some(e) => tracing::error!("stopping: {e:#}"),
+        None => tracing::info!("stopping"),
+    }
+    for w in handles {
+        if let Err(e) = join_worker(w) {
+            // A worker that panicked while stopping: reported, not hidden.
+            fatal.get_or_insert(e);
+        }
     }
     drop(steer_c);
     drop(steer_b);
     drop(ctl);
     let _ = plane.config_name;
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn worker_thread(id: usize, f: impl FnOnce() + Send + 'static) -> WorkerThread {
+        WorkerThread {
+            id,
+            core: id + 2,
+            handle: std::thread::spawn(f),
+        }
+    }
+
+    #[test]
+    fn a_worker_that_panicked_is_reported_with_its_core_and_message() {
+        let release = Arc::new(AtomicBool::new(false));
+        let r = Arc::clone(&release);
+        let mut workers = vec![
+            worker_thread(0, move || {
+                while !r.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }),
+            worker_thread(1, || panic!("ring index out of range")),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !workers[1].handle.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let e = ended_worker(&mut workers).expect("the panicked worker is found");
+        assert_eq!(
+            e.to_string(),
+            "worker 1 (core 3) panicked: ring index out of range; its queue's traffic no \
+             longer reaches l4lb, so l4lb stops (restart it)"
+        );
+        assert_eq!(workers.len(), 1);
+        assert!(ended_worker(&mut workers).is_none(), "worker 0 still runs");
+        release.store(true, Ordering::Relaxed);
+        assert!(join_worker(workers.pop().expect("worker 0")).is_ok());
+    }
+
+    #[test]
+    fn an_interface_deleted_or_recreated_while_running_is_an_error_naming_it() {
+        assert!(interface_gone("instance.client_interface", "lb-c", 5, Ok(5)).is_none());
+        let gone = interface_gone(
+            "instance.client_interface",
+            "lb-c",
+            5,
+            Err(anyhow::anyhow!("interface lb-c not found")),
+        )
+        .expect("gone");
+        assert!(
+            gone.to_string().starts_with(
+                "instance.client_interface = \"lb-c\" disappeared (index 5 at start) while \
+                 l4lb was running"
+            ),
+            "{gone}"
+        );
+        let replaced =
+            interface_gone("instance.backend_interface", "lb-b", 5, Ok(9)).expect("replaced");
+        assert!(
+            replaced.to_string().starts_with(
+                "instance.backend_interface = \"lb-b\" was replaced (index 5 at start, now 9)"
+            ),
+            "{replaced}"
+        );
+    }
 
     /// Services that check a shared server the same way share one target;
     /// a service that checks it differently gets a target of its own,

@@ -310,7 +310,8 @@ impl Drop for Steering {
             let ret = unsafe {
                 bpf::bpf_xdp_detach(self.ifindex as i32, self.mode.flags(), std::ptr::null())
             };
-            if ret != 0 {
+            // ENODEV: the interface is gone, and its program with it.
+            if ret != 0 && ret != -libc::ENODEV {
                 tracing::warn!(interface = %self.ifname, "detaching XDP failed: {}", std::io::Error::from_raw_os_error(-ret));
             }
         }
