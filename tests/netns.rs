@@ -268,6 +268,34 @@ fn an_interface_deleted_while_running_stops_l4lb_with_an_error_naming_it() {
     assert!(!Topology::xdp_attached("lb-b"), "XDP left on lb-b");
 }
 
+/// Worker `i` binds queue `i` of both interfaces. More workers than an
+/// interface has queues is refused at start with a message that says so,
+/// not with the kernel's bare EINVAL from the socket bind.
+#[test]
+fn refuses_more_workers_than_the_interfaces_have_queues() {
+    let t = Topology::up("queues", 10);
+    let cfg = t.config_text(|c| c.replace("workers = [0]", "workers = [0, 1]"));
+    assert!(cfg.contains("workers = [0, 1]"), "the config edit applied");
+    let out = t.run_lb_expecting_failure(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "2 worker(s) bind queues 0 to 1 of instance.client_interface = \"lb-c\", which has \
+             1 RX and 1 TX queue(s); use at most 1 worker(s)"
+        ),
+        "stderr: {err}"
+    );
+    assert!(
+        !Topology::xdp_attached("lb-c"),
+        "nothing attached on failure"
+    );
+    assert!(
+        !Topology::xdp_attached("lb-b"),
+        "nothing attached on failure"
+    );
+}
+
 /// The kernel drops frames longer than l4lb's AF_XDP sockets receive
 /// (1792 bytes) without a trace in l4lb's counters. So l4lb refuses an
 /// interface whose MTU lets them through, and at the largest MTU it

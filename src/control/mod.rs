@@ -474,6 +474,34 @@ fn check_mtu(key: &str, name: &str, config_name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses more workers than interface `name` (config key `key`) has RX or
+/// TX queues: worker `i` binds queue `i`. The kernel refuses a socket on a
+/// queue beyond both counts only with EINVAL, and one on a queue that
+/// receives but cannot transmit is accepted and sends nothing.
+/// `queues` is what `netdev::queues` says (None: the driver does not
+/// tell, and the bind is left to judge).
+fn check_queues(
+    key: &str,
+    name: &str,
+    workers: usize,
+    queues: Option<(u32, u32)>,
+    config_name: &str,
+) -> Result<()> {
+    let Some((rx, tx)) = queues else {
+        return Ok(());
+    };
+    if workers > rx.min(tx) as usize {
+        anyhow::bail!(
+            "instance.workers in {config_name}: {workers} worker(s) bind queues 0 to {last} of \
+             {key} = {name:?}, which has {rx} RX and {tx} TX queue(s); use at most {most} \
+             worker(s), or give {name} {workers} RX and TX queues (`ethtool -L {name}`)",
+            last = workers - 1,
+            most = rx.min(tx),
+        );
+    }
+    Ok(())
+}
+
 /// A running worker thread, as the control loop watches it.
 struct WorkerThread {
     id: usize,
@@ -582,6 +610,13 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         &inst.backend_interface,
         config_name,
     )?;
+    for (key, name) in [
+        ("instance.client_interface", &inst.client_interface),
+        ("instance.backend_interface", &inst.backend_interface),
+    ] {
+        let queues = netdev::queues(name).with_context(|| format!("{key} = {name:?}"))?;
+        check_queues(key, name, inst.workers.len(), queues, config_name)?;
+    }
     let base_links = Links {
         client_if_mac: netdev::mac(&inst.client_interface)?,
         backend_if_mac: netdev::mac(&inst.backend_interface)?,
@@ -891,6 +926,25 @@ mod tests {
         assert!(ended_worker(&mut workers).is_none(), "worker 0 still runs");
         release.store(true, Ordering::Relaxed);
         assert!(join_worker(workers.pop().expect("worker 0")).is_ok());
+    }
+
+    #[test]
+    fn more_workers_than_an_interface_has_rx_or_tx_queues_is_refused() {
+        let check = |q| check_queues("instance.client_interface", "eth1", 2, q, "l4lb.toml");
+        assert!(check(Some((2, 2))).is_ok());
+        assert!(check(Some((8, 4))).is_ok());
+        assert!(
+            check(None).is_ok(),
+            "a driver that does not say is not refused"
+        );
+        // Receives on queue 1 but cannot transmit from it.
+        let e = check(Some((2, 1))).expect_err("one TX queue");
+        assert_eq!(
+            e.to_string(),
+            "instance.workers in l4lb.toml: 2 worker(s) bind queues 0 to 1 of \
+             instance.client_interface = \"eth1\", which has 2 RX and 1 TX queue(s); use at \
+             most 1 worker(s), or give eth1 2 RX and TX queues (`ethtool -L eth1`)"
+        );
     }
 
     #[test]

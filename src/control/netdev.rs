@@ -65,6 +65,65 @@ pub fn mtu(name: &str) -> Result<u32> {
     u32::try_from(mtu).with_context(|| format!("{name} reports a negative MTU ({mtu})"))
 }
 
+/// `struct ethtool_channels` (linux/ethtool.h).
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolChannels {
+    cmd: u32,
+    max_rx: u32,
+    max_tx: u32,
+    max_other: u32,
+    max_combined: u32,
+    rx_count: u32,
+    tx_count: u32,
+    other_count: u32,
+    combined_count: u32,
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GCHANNELS: u32 = 0x3c;
+
+/// The RX and TX queues `name` has now (`ethtool -l`: combined channels
+/// count for both), or None if its driver does not say.
+pub fn queues(name: &str) -> Result<Option<(u32, u32)>> {
+    // SAFETY: a plain datagram socket used for one ioctl, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("socket for reading the queues of {name}"));
+    }
+    let mut ch = EthtoolChannels {
+        cmd: ETHTOOL_GCHANNELS,
+        ..Default::default()
+    };
+    // SAFETY: ifreq is plain data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req
+        .ifr_name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut ch as *mut EthtoolChannels).cast();
+    // SAFETY: fd is valid, req names the interface and points at `ch`,
+    // which lives across the call and is what ETHTOOL_GCHANNELS fills.
+    let ret = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if ret < 0 {
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(None);
+        }
+        return Err(err).with_context(|| format!("reading the queues of {name}"));
+    }
+    Ok(Some((
+        ch.rx_count + ch.combined_count,
+        ch.tx_count + ch.combined_count,
+    )))
+}
+
 /// The IPv4 and IPv6 addresses configured on `name`.
 pub fn addresses(name: &str) -> Result<Vec<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();

@@ -93,7 +93,7 @@ impl XskPair {
             .build()?;
         let count = NonZeroU32::new(FRAME_COUNT).expect("non-zero");
         let (umem, frames) = Umem::new(umem_cfg, count, false)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(anyhow::Error::new)
             .context("creating the UMEM (is RLIMIT_MEMLOCK too low?)")?;
         let cfg = socket_config(bind)?;
         let open = |ifname: &str| -> anyhow::Result<XskPort> {
@@ -104,8 +104,10 @@ impl XskPair {
             // UMEM, so libxdp hands back fresh fill/completion rings; the
             // INHIBIT_PROG_LOAD flag is set, as xsk-rs requires for shared
             // UMEMs.
+            // (The error's source is the errno: kept, so that the message
+            // says EBUSY or EINVAL rather than just "non-zero error code".)
             let (tx, rx, rings) = unsafe { xsk_rs::Socket::new(cfg, &umem, &iface, queue) }
-                .map_err(|e| anyhow::anyhow!("{e}"))
+                .map_err(anyhow::Error::new)
                 .with_context(|| {
                     format!("binding an AF_XDP socket to {ifname} queue {queue} ({bind:?} mode)")
                 })?;
