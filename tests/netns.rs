@@ -204,6 +204,35 @@ fn a_second_instance_fails_without_disturbing_the_running_one() {
     assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
 }
 
+/// The same with a control socket of its own: the XDP program on the
+/// interfaces is held by a running process, so it is not a stale one to
+/// replace, and the second instance must stop before touching it.
+#[test]
+fn a_second_instance_with_another_control_socket_leaves_the_running_one_alone() {
+    let mut t = Topology::up("second-sock", 10);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+    let pid = t.lb_pid();
+
+    let other = cfg.replace("ctl.sock", "ctl-second.sock");
+    assert_ne!(other, cfg, "the config edit applied");
+    let out = t.run_lb_expecting_failure(&other);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("held by running process {pid} (l4lb)"))
+            && err.contains("stop it first"),
+        "stderr: {err}"
+    );
+    assert!(!err.contains("replaced an XDP program"), "stderr: {err}");
+    assert!(Topology::xdp_attached("lb-c"), "XDP still on lb-c");
+    assert!(Topology::xdp_attached("lb-b"), "XDP still on lb-b");
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 2);
+    assert_eq!(d.requests, 40);
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
+
 /// SIGHUP's default action ends a process. A reload asked for while l4lb
 /// is still starting (here: waiting up to 3 s for a server's MAC that never
 /// resolves) must not kill it: it is applied once l4lb runs.

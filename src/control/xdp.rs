@@ -138,6 +138,18 @@ impl Steering {
         s.xsks = map_fd(obj, "l4lb_xsks")?;
         s.stats = map_fd(obj, "l4lb_steer_stats")?;
 
+        // A program held open by a running process is not stale: it is
+        // another l4lb's (or another XDP user's) on this interface, and
+        // replacing it would silently cut that instance off.
+        for id in attached_ids(ifindex) {
+            if let Some((pid, comm)) = program_holder(id) {
+                bail!(
+                    "{ifname} already has XDP program {id}, held by running process {pid} \
+                     ({comm}): another l4lb (or another XDP user) serves this interface; stop \
+                     it first"
+                );
+            }
+        }
         let stale = detach_any(ifindex);
         if stale {
             tracing::warn!(
@@ -238,6 +250,64 @@ impl Steering {
     pub fn ifname(&self) -> &str {
         &self.ifname
     }
+}
+
+/// The ids of the XDP programs attached to `ifindex`, in SKB and driver
+/// mode (0 for none).
+fn attached_ids(ifindex: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for flags in [XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE] {
+        let mut id: u32 = 0;
+        // SAFETY: queries into a valid u32.
+        let ret = unsafe { bpf::bpf_xdp_query_id(ifindex as i32, flags as i32, &mut id) };
+        if ret == 0 && id != 0 {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+/// A process other than this one that holds a file descriptor of BPF
+/// program `id` (its pid and command name), found through /proc. A
+/// program attached by a process that has exited (killed, say) is held
+/// by none: that one is stale.
+fn program_holder(id: u32) -> Option<(u32, String)> {
+    let me = std::process::id();
+    let want = id.to_string();
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_dir
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let is_prog =
+                std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:bpf-prog");
+            if !is_prog {
+                continue;
+            }
+            let info = std::fs::read_to_string(proc_dir.path().join("fdinfo").join(fd.file_name()))
+                .unwrap_or_default();
+            let held = info
+                .lines()
+                .any(|l| l.strip_prefix("prog_id:").map(str::trim) == Some(want.as_str()));
+            if held {
+                let comm = std::fs::read_to_string(proc_dir.path().join("comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default();
+                return Some((pid, comm));
+            }
+        }
+    }
+    None
 }
 
 /// Removes whatever XDP program is attached in either mode. True if one was.

@@ -242,6 +242,11 @@ impl Topology {
         self.lb = Some(child);
     }
 
+    /// The running l4lb's pid (`ip netns exec` execs it).
+    pub fn lb_pid(&self) -> u32 {
+        self.lb.as_ref().expect("l4lb running").id()
+    }
+
     /// Sends `sig` to the running l4lb and leaves it running.
     pub fn kill_lb(&self, sig: i32) {
         let child = self.lb.as_ref().expect("l4lb running");
