@@ -325,6 +325,39 @@ fn refuses_more_workers_than_the_interfaces_have_queues() {
     );
 }
 
+/// A server's packet to one of the host's own addresses is the kernel's,
+/// also when the address is on neither of l4lb's interfaces (a management
+/// or loopback address): it must not be taken for a reply of a flow.
+#[test]
+fn a_server_reaches_the_hosts_address_on_another_interface() {
+    let mut t = Topology::up("host-addr", 10);
+    let ok = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ok(&["-n", "l4lb-lb", "addr", "add", "198.18.9.1/32", "dev", "lo"]);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", "l4lb-b1", "ping", "-c", "3", "-i", "0.2"])
+        .args(["-W", "1", "198.18.9.1"])
+        .output()
+        .expect("ping");
+    assert!(
+        out.status.success(),
+        "ping from b1 to the host's lo address: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let st = t.stats();
+    for (reason, n) in st["drops"].as_object().expect("drops") {
+        assert_eq!(n.as_u64(), Some(0), "drop counter {reason}: {st}");
+    }
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
+
 /// The kernel drops frames longer than l4lb's AF_XDP sockets receive
 /// (1792 bytes) without a trace in l4lb's counters. So l4lb refuses an
 /// interface whose MTU lets them through, and at the largest MTU it

@@ -622,8 +622,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
         backend_if_mac: netdev::mac(&inst.backend_interface)?,
         gateway_mac: None,
     };
-    let mut local = netdev::addresses(&inst.backend_interface)?;
-    local.extend(netdev::addresses(&inst.client_interface)?);
+    let local = netdev::host_addresses()?;
     let mut plane = Plane {
         config,
         config_path: path,
@@ -843,8 +842,8 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
                     .iter()
                     .any(|b| plane.nb.get(backend_idx, &b.address) != b.mac);
             // This host's own addresses decide which replies are the kernel's.
-            let mut local = netdev::addresses(&inst.backend_interface).unwrap_or_default();
-            local.extend(netdev::addresses(&inst.client_interface).unwrap_or_default());
+            // (A failed read keeps the last set rather than emptying it.)
+            let local = netdev::host_addresses().unwrap_or_else(|_| plane.local.clone());
             let local_changed = local != plane.local;
             plane.local = local;
             if macs_changed || local_changed {

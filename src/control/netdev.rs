@@ -3,7 +3,7 @@
 
 use crate::util::Mac;
 use anyhow::{bail, Context, Result};
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub fn ifindex(name: &str) -> Result<u32> {
@@ -124,8 +124,11 @@ pub fn queues(name: &str) -> Result<Option<(u32, u32)>> {
     )))
 }
 
-/// The IPv4 and IPv6 addresses configured on `name`.
-pub fn addresses(name: &str) -> Result<Vec<IpAddr>> {
+/// The IPv4 and IPv6 addresses of this host: of every interface in the
+/// network namespace, not only l4lb's two. A server's packet to any of
+/// them (a management address on another interface, a loopback /32) is
+/// for this host's kernel, not a reply to forward.
+pub fn host_addresses() -> Result<Vec<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs allocates a list we free below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -137,12 +140,7 @@ pub fn addresses(name: &str) -> Result<Vec<IpAddr>> {
         // SAFETY: cur is a node of the list getifaddrs returned.
         let ifa = unsafe { &*cur };
         cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_name is a NUL-terminated string.
-        let n = unsafe { CStr::from_ptr(ifa.ifa_name) };
-        if n.to_bytes() != name.as_bytes() {
+        if ifa.ifa_addr.is_null() {
             continue;
         }
         // SAFETY: ifa_addr is non-null and its family tells its type.
