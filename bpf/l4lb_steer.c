@@ -138,6 +138,17 @@ static __always_inline int is_group(const struct addr_key *a)
 	       a->addr[15] == 0xff;
 }
 
+// Whether IPv6 next header `nh` is an extension header that a TCP or UDP
+// header may follow in the clear: hop-by-hop, routing, fragment, AH,
+// destination options, mobility, HIP, shim6 and the experimental 253/254
+// (RFC 8200 §4, IANA "IPv6 Extension Header Types"; ESP is left out: what
+// follows it is encrypted) (= packet::is_ipv6_extension).
+static __always_inline int is_ipv6_extension(__u8 nh)
+{
+	return nh == 0 || nh == 43 || nh == 44 || nh == 51 || nh == 60 || nh == 135 ||
+	       nh == 139 || nh == 140 || nh == 253 || nh == 254;
+}
+
 // Whether an ICMP or ICMPv6 message of type `type` is an error, which quotes
 // the packet that caused it (= dataplane::icmp::is_error_type).
 static __always_inline int is_icmp_error(__u8 proto, __u8 type)
@@ -259,13 +270,16 @@ int l4lb_steer(struct xdp_md *ctx)
 		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
 		__builtin_memcpy(src.addr, &ip6->saddr, 16);
 		__u8 nh = ip6->nexthdr;
-		if (nh == IPPROTO_TCP || nh == IPPROTO_UDP)
+		if (nh == IPPROTO_TCP || nh == IPPROTO_UDP || nh == IPPROTO_ICMPV6)
 			return steer(ctx, &dst, &src, nh, (void *)(ip6 + 1), data_end);
-		if (nh == IPPROTO_ICMPV6)
-			return steer(ctx, &dst, &src, nh, (void *)(ip6 + 1), data_end);
-		// Extension headers are not followed: such frames to a VIP reach
-		// user space without ports and are counted there as unsupported.
-		return steer(ctx, &dst, &src, IPPROTO_TCP, NULL, data_end);
+		// Extension headers are not followed: a TCP/UDP packet behind
+		// them may be a listener's, so such frames to a VIP reach user
+		// space without ports and are counted there as unsupported.
+		if (is_ipv6_extension(nh))
+			return steer(ctx, &dst, &src, IPPROTO_TCP, NULL, data_end);
+		// Another upper-layer protocol (ESP, GRE, SCTP, OSPF, ...): as
+		// for IPv4, to a VIP it is the kernel's.
+		return steer(ctx, &dst, &src, nh, NULL, data_end);
 	}
 	return pass();
 }

@@ -208,3 +208,76 @@ fn ipv6_on_two_workers_whichever_queue_a_packet_lands_on() {
         assert_eq!(w["rx"], w["tx"], "{w}");
     }
 }
+
+/// Runs `f` on a thread of its own inside network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on an open namespace file; it moves only this
+        // thread, which ends with `f`.
+        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns {path}");
+        f()
+    })
+}
+
+/// An IPv6 packet of another protocol than TCP, UDP or ICMPv6 to a VIP,
+/// with no extension header (here OSPF, protocol 89), is the kernel's, as
+/// the same packet over IPv4 is: the steering program passes it, rather
+/// than sending it to l4lb as an unreadable extension header to be
+/// dropped.
+#[test]
+fn ipv6_of_another_protocol_to_a_vip_reaches_the_hosts_kernel() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    const OSPF: i32 = 89;
+    let mut t = Topology::up("ipv6-proto", 1);
+    let cfg = t.config_file_text("dual-stack.toml", |c| c);
+    t.start_lb(&cfg);
+    let st = std::process::Command::new("ip")
+        .args([
+            "-n",
+            "l4lb-lb",
+            "addr",
+            "add",
+            "2001:2:0:100::1/128",
+            "dev",
+            "lo",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(st.success(), "the VIP as an address of the host");
+    std::thread::sleep(Duration::from_millis(1500)); // l4lb re-reads them each second
+
+    let receiver = in_netns("l4lb-lb", || {
+        let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(OSPF))).expect("raw");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+        let n = s.recv(&mut buf).unwrap_or(0);
+        // SAFETY: recv initialised the first n bytes.
+        buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect::<Vec<u8>>()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    in_netns("l4lb-client", || {
+        let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(OSPF))).expect("raw");
+        let to: SocketAddr = "[2001:2:0:100::1]:0".parse().expect("address");
+        for _ in 0..3 {
+            s.send_to(b"l4lb-proto-89", &to.into()).expect("send");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .join()
+    .expect("sender");
+    let got = receiver.join().expect("receiver");
+    assert_eq!(got, b"l4lb-proto-89", "the host's kernel received it");
+    assert_no_drops(&t);
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}

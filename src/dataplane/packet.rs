@@ -226,6 +226,14 @@ fn parse_v4_checked(ip: &[u8], src: Addr16, dst: Addr16) -> Frame {
     }
 }
 
+/// Whether IPv6 next header `nh` is an extension header that a TCP or UDP
+/// header may follow in the clear (RFC 8200 §4; IANA "IPv6 Extension
+/// Header Types" without ESP, whose payload is encrypted). The steering
+/// program's `is_ipv6_extension` is the same list.
+pub fn is_ipv6_extension(nh: u8) -> bool {
+    matches!(nh, 0 | 43 | 44 | 51 | 60 | 135 | 139 | 140 | 253 | 254)
+}
+
 #[inline]
 fn parse_v6(ip: &[u8]) -> Frame {
     let hdr = match Ipv6HeaderSlice::from_slice(ip) {
@@ -247,6 +255,10 @@ fn parse_v6(ip: &[u8]) -> Frame {
     let proto = hdr.next_header().0;
     const ICMPV6: u8 = 58;
     if proto == ICMPV6 {
+        return Frame::OtherProto { src, dst };
+    }
+    if proto != PROTO_TCP && proto != PROTO_UDP && !is_ipv6_extension(proto) {
+        // Another upper-layer protocol: as for IPv4.
         return Frame::OtherProto { src, dst };
     }
     if proto != PROTO_TCP && proto != PROTO_UDP {
@@ -638,7 +650,7 @@ mod tests {
                 "IPv4-mapped {what}"
             );
         }
-        let table: [(&str, Vec<u8>, Frame); 8] = [
+        let table: [(&str, Vec<u8>, Frame); 11] = [
             (
                 "UDP with a zero checksum",
                 with(17, 8, &UDP_EMPTY),
@@ -673,6 +685,21 @@ mod tests {
                 "ICMPv6",
                 with(58, 8, &[128, 0, 0, 0, 0, 1, 0, 1]),
                 Frame::OtherProto { src, dst },
+            ),
+            (
+                "OSPF, no extension header: another protocol, as for IPv4",
+                with(89, 8, &[2, 1, 0, 8, 0, 0, 0, 0]),
+                Frame::OtherProto { src, dst },
+            ),
+            (
+                "ESP: what follows is encrypted, another protocol",
+                with(50, 8, &[0, 0, 0, 1, 0, 0, 0, 1]),
+                Frame::OtherProto { src, dst },
+            ),
+            (
+                "destination options",
+                with(60, 8, &[6, 0, 0, 0, 0, 0, 0, 0]),
+                unusable(DropReason::Unsupported),
             ),
             (
                 "payload length beyond the frame",
