@@ -70,9 +70,11 @@ struct {
 	__type(value, __u32);
 } l4lb_backends SEC(".maps");
 
+// Every address of every interface of the host (VIPs configured on lo
+// for other uses included): room for more than the server hosts.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 16384);
 	__type(key, struct addr_key);
 	__type(value, __u32);
 } l4lb_local SEC(".maps");

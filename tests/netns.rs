@@ -358,6 +358,62 @@ fn a_server_reaches_the_hosts_address_on_another_interface() {
     assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
 }
 
+/// Adds `n` /32 addresses of 198.19.0.0/16, from the `from`th on, to lo in
+/// l4lb's namespace.
+fn add_lo_addresses(from: u32, n: u32) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["-n", "l4lb-lb", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ip -batch");
+    let mut batch = String::new();
+    for i in from..from + n {
+        batch.push_str(&format!(
+            "addr add 198.19.{}.{}/32 dev lo\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(batch.as_bytes()).expect("batch");
+    drop(stdin);
+    assert!(child.wait().expect("ip").success(), "adding addresses");
+}
+
+/// Every address of the host goes into the steering program's map of
+/// local addresses, and hosts may have many (VIPs of other services on
+/// lo, say): 5000 fit. More than the map holds is refused with a message
+/// that names the map, not a bare E2BIG.
+#[test]
+fn a_host_with_thousands_of_addresses_starts_and_too_many_is_a_clear_error() {
+    let mut t = Topology::up("many-addrs", 10);
+    add_lo_addresses(0, 5000);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 1);
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+
+    add_lo_addresses(5000, 11400);
+    let out = t.run_lb_expecting_failure(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("updating the XDP map l4lb_local of lb-c to ")
+            && err.contains("(more than bpf/l4lb_steer.c gives it room for)"),
+        "stderr: {err}"
+    );
+    assert!(
+        !Topology::xdp_attached("lb-c"),
+        "nothing attached on failure"
+    );
+    assert!(
+        !Topology::xdp_attached("lb-b"),
+        "nothing attached on failure"
+    );
+}
+
 /// The kernel drops frames longer than l4lb's AF_XDP sockets receive
 /// (1792 bytes) without a trace in l4lb's counters. So l4lb refuses an
 /// interface whose MTU lets them through, and at the largest MTU it

@@ -208,7 +208,7 @@ impl Steering {
         backends: &[Addr16],
         local: &[Addr16],
     ) -> Result<()> {
-        sync_map(self.vips, vips)?;
+        sync_map(self.vips, vips, "l4lb_vips", &self.ifname)?;
         let lk: Vec<L4KeyC> = listeners
             .iter()
             .map(|k| L4KeyC {
@@ -218,9 +218,9 @@ impl Steering {
                 pad: 0,
             })
             .collect();
-        sync_map(self.listeners, &lk)?;
-        sync_map(self.backends, backends)?;
-        sync_map(self.local, local)?;
+        sync_map(self.listeners, &lk, "l4lb_listeners", &self.ifname)?;
+        sync_map(self.backends, backends, "l4lb_backends", &self.ifname)?;
+        sync_map(self.local, local, "l4lb_local", &self.ifname)?;
         Ok(())
     }
 
@@ -326,8 +326,9 @@ pub fn detach_any(ifindex: u32) -> bool {
     found
 }
 
-/// Key/value-as-u32 map made to hold exactly `keys`.
-fn sync_map<K>(fd: i32, keys: &[K]) -> Result<()> {
+/// Key/value-as-u32 map made to hold exactly `keys`. `map` and `ifname`
+/// name it in errors.
+fn sync_map<K>(fd: i32, keys: &[K], map: &str, ifname: &str) -> Result<()> {
     let ksz = std::mem::size_of::<K>();
     let one: u32 = 1;
     for k in keys {
@@ -341,7 +342,18 @@ fn sync_map<K>(fd: i32, keys: &[K]) -> Result<()> {
             )
         };
         if ret != 0 {
-            return Err(errno_err(ret, "updating an XDP map"));
+            let full = if ret == -libc::E2BIG {
+                " (more than bpf/l4lb_steer.c gives it room for)"
+            } else {
+                ""
+            };
+            return Err(errno_err(
+                ret,
+                &format!(
+                    "updating the XDP map {map} of {ifname} to {} key(s){full}",
+                    keys.len()
+                ),
+            ));
         }
     }
     let wanted: std::collections::HashSet<Vec<u8>> = keys
