@@ -676,3 +676,29 @@ fn wait_for_udp_flows_only(t: &Topology, secs: u64) {
     }
     assert_eq!(live_entries(t), 100, "only the UDP flows are left");
 }
+
+/// An interface taken down and up again under l4lb (a cable pulled, a
+/// driver reset) keeps its XDP program and AF_XDP sockets: forwarding
+/// resumes without a restart.
+#[test]
+fn forwarding_resumes_after_an_interface_goes_down_and_up() {
+    let mut t = Topology::up("down-up", 10);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 1);
+    assert_eq!(d.failures, 0, "before: {}", d.failures_text());
+    for dev in ["lb-b", "lb-c"] {
+        for state in ["down", "up"] {
+            let st = std::process::Command::new("ip")
+                .args(["-n", "l4lb-lb", "link", "set", "dev", dev, state])
+                .status()
+                .expect("ip link set");
+            assert!(st.success(), "{dev} {state}");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 1);
+    assert_eq!(d.failures, 0, "after: {}", d.failures_text());
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
