@@ -103,9 +103,12 @@ static __always_inline void count(__u32 idx)
 
 static __always_inline int redirect(struct xdp_md *ctx)
 {
-	count(0);
-	// Falls back to XDP_PASS when no socket is bound to this queue.
-	return bpf_redirect_map(&l4lb_xsks, ctx->rx_queue_index, XDP_PASS);
+	// Falls back to XDP_PASS when no socket is bound to this queue (a
+	// queue beyond the workers'): counted as passed, since the kernel
+	// gets the frame, so that "redirected" is what reached l4lb.
+	int act = bpf_redirect_map(&l4lb_xsks, ctx->rx_queue_index, XDP_PASS);
+	count(act == XDP_REDIRECT ? 0 : 1);
+	return act;
 }
 
 static __always_inline int pass(void)

@@ -492,6 +492,48 @@ fn refuses_an_mtu_above_what_it_receives_and_forwards_frames_of_the_largest_it_t
     }
 }
 
+/// One worker on two-queue veths: frames that land on queue 1, where no
+/// socket is bound, go to the kernel. The steering counters must say so:
+/// "redirected" is what reached l4lb's sockets (the worker's rx), and the
+/// rest is "passed".
+#[test]
+fn steering_counts_frames_on_a_queue_without_a_worker_as_passed() {
+    let mut t = Topology::up_with_queues("queue-no-worker", 100, 2);
+    let cfg = t.config_text(|c| c.replace("attach = \"skb\"", "attach = \"native\""));
+    assert!(
+        cfg.contains("attach = \"native\""),
+        "the config edit applied"
+    );
+    t.start_lb(&cfg);
+    let d = t.drive_with(
+        &[],
+        &[ECHO],
+        "198.18.4.1-198.18.4.100",
+        2,
+        &["--timeout-ms", "500"],
+    );
+    assert!(d.failures > 0, "some requests landed on queue 1: {d:?}");
+    assert!(d.failures < d.requests, "some landed on queue 0: {d:?}");
+    let st = t.stats();
+    let rx: u64 = st["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| w["rx"].as_u64().expect("rx"))
+        .sum();
+    let redirected: u64 = st["steering"]
+        .as_array()
+        .expect("steering")
+        .iter()
+        .map(|s| s["redirected"].as_u64().expect("redirected"))
+        .sum();
+    assert_eq!(
+        redirected, rx,
+        "redirected frames are the ones l4lb received: {st}"
+    );
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
+
 #[test]
 fn two_workers_on_two_queue_veths_forward_correctly_whichever_queue_a_packet_lands_on() {
     let mut t = Topology::up_with_queues("two-workers", N_SOURCES, 2);
