@@ -258,12 +258,20 @@ pub fn frame_mut<'a>(umem: &'a Umem, desc: &'a mut FrameDesc) -> xsk_rs::umem::f
     unsafe { umem.data_mut(desc) }
 }
 
-/// Hands descriptors to the TX ring; returns how many it took.
+/// Hands descriptors to the TX ring, as many as it has room for (the
+/// first ones); returns how many it took. xsk-rs takes a slice whole or
+/// not at all, so a burst longer than the free slots would otherwise wait
+/// while the ring has room.
 #[inline]
 pub fn tx_produce(port: &mut XskPort, descs: &[FrameDesc]) -> usize {
+    let room = port.tx.nb_free(descs.len() as u32) as usize;
+    let take = room.min(descs.len());
+    if take == 0 {
+        return 0;
+    }
     // SAFETY: the worker holds these frames and gives them up here; it gets
     // them back through the completion ring.
-    let n = unsafe { port.tx.produce(descs) };
+    let n = unsafe { port.tx.produce(&descs[..take]) };
     port.in_flight += n as u32;
     n
 }
