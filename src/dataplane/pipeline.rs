@@ -13,7 +13,7 @@ use crate::dataplane::nat::{rewrite, Side};
 use crate::dataplane::packet::{is_martian_source, parse_into, Frame, Parsed, PROTO_TCP};
 use crate::sched::client_hash_bytes;
 use crate::table::{
-    FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
+    Displaced, FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
 use crate::util::prefetch;
 
@@ -637,19 +637,38 @@ impl Processor<'_> {
         let timeout = t.flow_timeout_of(v);
         // The entry is there (just looked up): this replaces its value,
         // unless it expired or was evicted in between.
-        self.count_eviction(t.flows.upsert_probe(fprobe, v, self.now, timeout, true));
+        self.displaced(t.flows.upsert_probe(fprobe, v, self.now, timeout, true));
         if snap.sole_listener(b).is_none() {
             let rkey = backend_reply_key(p, &snap.backends[b as usize]);
-            self.count_eviction(t.flows.upsert(&rkey, v, self.now, timeout, true));
+            self.displaced(t.flows.upsert(&rkey, v, self.now, timeout, true));
         }
     }
 
-    /// Counts an upsert of a flow's reply entry, or of an existing flow's
-    /// new value, that evicted another flow's entry.
+    /// Accounts for the entry an upsert took the slot of, if it took
+    /// another's: an eviction is counted, and a forward entry lost (live
+    /// or expired unseen by the sweep) ends its flow for
+    /// least-connections, whatever kind of entry took its slot. (A reply
+    /// entry taking a forward entry's slot, or the other way round, is
+    /// common in a full bucket: counting by the new entry's kind lost
+    /// closes and invented others.)
     #[inline]
-    fn count_eviction(&self, u: Upsert) {
-        if let Upsert::Evicted(_) = u {
-            WorkerStats::add(&self.stats.core.flows_evicted, 1);
+    fn displaced(&self, u: Upsert) {
+        match u {
+            Upsert::Evicted(old) => {
+                WorkerStats::add(&self.stats.core.flows_evicted, 1);
+                self.ended(old);
+            }
+            Upsert::Inserted(Some(old)) => self.ended(old),
+            _ => {}
+        }
+    }
+
+    /// A flow whose entry `d` left the table ended (if it was a forward
+    /// entry: a flow is counted by that one).
+    #[inline]
+    fn ended(&self, d: Displaced) {
+        if d.forward {
+            self.closed(d.value);
         }
     }
 
@@ -670,7 +689,7 @@ impl Processor<'_> {
             // It holds the forward entry's value, closed or not, and so
             // its timeout.
             let rkey = backend_reply_key(p, be);
-            self.count_eviction(
+            self.displaced(
                 t.flows
                     .upsert(&rkey, v, self.now, t.flow_timeout_of(v), true),
             );
@@ -815,7 +834,7 @@ impl Processor<'_> {
             Upsert::Replaced(old) if !old.same_target(value) => {
                 WorkerStats::add(&c.flows_rebound, 1)
             }
-            u => self.count_eviction(u),
+            u => self.displaced(u),
         }
     }
 
@@ -824,17 +843,11 @@ impl Processor<'_> {
     fn record(&self, u: Upsert) {
         let c = &self.stats.core;
         match u {
-            Upsert::Inserted(dead) => {
+            Upsert::Inserted(_) | Upsert::Evicted(_) => {
                 WorkerStats::add(&c.flows_created, 1);
-                if let Some(d) = dead {
-                    self.closed(d);
-                }
+                self.displaced(u);
             }
-            Upsert::Evicted(old) => {
-                WorkerStats::add(&c.flows_created, 1);
-                WorkerStats::add(&c.flows_evicted, 1);
-                self.closed(old);
-            }
+            // The flow's own entry, to another listener or backend.
             Upsert::Replaced(old) => {
                 WorkerStats::add(&c.flows_created, 1);
                 self.closed(old);
@@ -1075,7 +1088,7 @@ impl Processor<'_> {
             if v.backend == be.id && v.listener == l.id {
                 t.flows.lookup(&key, self.now);
                 // The forward entry's value, closed or not, and its timeout.
-                self.count_eviction(t.flows.upsert_probe(
+                self.displaced(t.flows.upsert_probe(
                     reply,
                     v,
                     self.now,
@@ -1834,6 +1847,86 @@ port = 80
 backend_service = \"web\"
 "
         )
+    }
+
+    /// Least-connections count of the server at `addr`.
+    fn active(rig: &Rig, addr: &str) -> i64 {
+        let a: IpAddr = addr.parse().unwrap();
+        let b = rig
+            .snapshot
+            .backends
+            .iter()
+            .find(|b| b.address == a)
+            .unwrap();
+        rig.shared.active(b.id)
+    }
+
+    /// The control plane's sweep over the whole flow table at `now`.
+    fn sweep_all(rig: &Rig, now: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = rig.tables.flows.capacity();
+        rig.tables.flows.sweep_dead_forward(0, n, now, &mut |v| {
+            rig.shared.swept[v.backend as usize].fetch_add(1, Relaxed);
+        });
+    }
+
+    /// A reply entry that evicts another flow's forward entry ends that
+    /// flow for least-connections: once every flow has expired and been
+    /// swept, the server counts no connection.
+    #[test]
+    fn a_reply_entry_evicting_a_flow_counts_that_flow_closed() {
+        let mut ids = Ids::default();
+        let mut rig = Rig::with_ids(true, &mut ids);
+        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let vip = ("198.18.100.1", 80);
+        let server = ("198.18.2.11", 8080);
+        let fwd = Verdict::Tx(Port::Backend);
+        let clients: Vec<(&str, u16)> = (0..8).map(|i| ("198.18.4.7", 40000 + i)).collect();
+        for &client in &clients {
+            let syn = Pkt::from_client(client, vip);
+            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
+        }
+        assert_eq!(active(&rig, server.0), 8);
+        (rig.snapshot, _) = snapshot(&shared_config(), &mut ids, true);
+        // The first flow's reply entry comes back over the second flow's
+        // forward entry: the second flow is gone.
+        let first = Pkt::from_client(clients[0], vip);
+        expect(&rig, 101, first, fwd, Some(first.to_server(server)));
+        assert_eq!(active(&rig, server.0), 7, "seven flows left");
+        sweep_all(&rig, 200);
+        assert_eq!(active(&rig, server.0), 0, "every flow ended");
+    }
+
+    /// A new flow's forward entry written over an expired reply entry
+    /// ends no flow: the reply entry's flow is counted by its forward
+    /// entry alone.
+    #[test]
+    fn a_flow_written_over_a_dead_reply_entry_counts_no_flow_closed() {
+        let mut ids = Ids::default();
+        let mut rig = Rig::with_config(&shared_config(), true, &mut ids);
+        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let vip = ("198.18.100.1", 80);
+        let server = ("198.18.2.11", 8080);
+        let fwd = Verdict::Tx(Port::Backend);
+        let clients: Vec<(&str, u16)> = (0..4).map(|i| ("198.18.4.7", 40000 + i)).collect();
+        for &client in &clients {
+            let syn = Pkt::from_client(client, vip);
+            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
+        }
+        assert_eq!(rig.tables.flows.count_live(100), 8, "two entries a flow");
+        // The server is no longer shared: the flows live on by their
+        // forward entries, and their reply entries expire at 110.
+        (rig.snapshot, _) = snapshot(CONFIG, &mut ids, true);
+        for &client in &clients {
+            let p = Pkt::from_client(client, vip);
+            expect(&rig, 105, p, fwd, Some(p.to_server(server)));
+        }
+        let new = Pkt::from_client(("198.18.4.8", 40000), vip);
+        expect(&rig, 111, new, fwd, Some(new.to_server(server)));
+        assert_eq!(rig.tables.flows.count_live(111), 5);
+        assert_eq!(active(&rig, server.0), 5, "five flows open");
+        sweep_all(&rig, 300);
+        assert_eq!(active(&rig, server.0), 0, "every flow ended");
     }
 
     /// A flow to a shared server has a reply entry besides its forward

@@ -209,12 +209,22 @@ pub enum Upsert {
     Replaced(FlowValue),
     /// Inserted into a free slot, or over an expired entry (returned: its
     /// flow ended without being seen closing).
-    Inserted(Option<FlowValue>),
+    Inserted(Option<Displaced>),
     /// Inserted by evicting the live entry closest to expiry (returned).
-    Evicted(FlowValue),
+    Evicted(Displaced),
     /// Not inserted: the bucket was full and eviction was not allowed, or
     /// other writers changed the chosen slot twice in a row.
     Full,
+}
+
+/// The entry an insert took the slot of: another key's, of any kind (a
+/// reply entry may take a forward entry's slot, and the other way round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Displaced {
+    pub value: FlowValue,
+    /// Whether it was a forward entry: the one entry a flow is counted by
+    /// (opened, closed), so the only kind whose loss ends a flow.
+    pub forward: bool,
 }
 
 /// A bucket's header: one cache line read by every lookup.
@@ -785,7 +795,10 @@ impl FlowTable {
         // Ours: what the slot holds now cannot change under us.
         let old_tag = (header.tags.load(Ordering::Relaxed) >> (8 * i)) as u8;
         let old_expires = header.expires[i].load(Ordering::Relaxed);
-        let old = FlowValue::unpack(slot.value.load(Ordering::Relaxed));
+        let old = Displaced {
+            value: FlowValue::unpack(slot.value.load(Ordering::Relaxed)),
+            forward: slot.key[4].load(Ordering::Relaxed) & 0xff == KIND_FORWARD,
+        };
         let outcome = if old_tag == 0 {
             Upsert::Inserted(None)
         } else if !live_at(old_expires, now) {
@@ -993,6 +1006,50 @@ mod tests {
         opening: false,
     };
     const T: u32 = 300;
+    /// `V` in a reply entry ([`key`]'s kind), displaced by an insert.
+    const D: Displaced = Displaced {
+        value: V,
+        forward: false,
+    };
+
+    /// An insert that takes another entry's slot says whether that entry
+    /// was a forward entry, whatever the kind of the key inserted: only a
+    /// forward entry's loss ends a flow.
+    #[test]
+    fn a_displaced_entry_says_whether_it_was_a_forward_entry() {
+        let t = FlowTable::new(WINDOW);
+        let fwd = |i: u32| ForwardKey {
+            proto: 6,
+            client: map_v4(i.to_be_bytes()),
+            client_port: 1,
+            vip: map_v4([198, 18, 100, 1]),
+            vip_port: 80,
+        };
+        for i in 0..4 {
+            t.upsert(&fwd(i), V, 10, T, true);
+            t.upsert(&key(i, 1), V, 10, T, true);
+        }
+        // Slots in insert order: forward, reply, forward, ...
+        let forward = Displaced {
+            value: V,
+            forward: true,
+        };
+        assert_eq!(
+            t.upsert(&key(9, 1), V, 11, T, true),
+            Upsert::Evicted(forward)
+        );
+        assert_eq!(t.upsert(&fwd(9), V, 11, T, true), Upsert::Evicted(D));
+        // Expired: the same, over dead entries.
+        let later = 10 + T + 1;
+        assert_eq!(
+            t.upsert(&key(8, 1), V, later, T, true),
+            Upsert::Inserted(Some(forward))
+        );
+        assert_eq!(
+            t.upsert(&fwd(8), V, later, T, true),
+            Upsert::Inserted(Some(D))
+        );
+    }
 
     /// The slot `prefetch_slot` records is only where a lookup looks
     /// first: a hint naming another key's slot (that key moved in between
@@ -1120,7 +1177,7 @@ mod tests {
                 dead_seen = Some(d);
             }
         }
-        assert_eq!(dead_seen, Some(V));
+        assert_eq!(dead_seen, Some(D));
     }
 
     /// A key inserted again after its entry expired takes that entry's
@@ -1147,7 +1204,7 @@ mod tests {
         t.upsert(&first, V, 0, 10, true);
         t.upsert(&k, V, 0, 10, true);
         let other = FlowValue::new(4, 5);
-        assert_eq!(t.upsert(&k, other, 20, 10, true), Upsert::Inserted(Some(V)));
+        assert_eq!(t.upsert(&k, other, 20, 10, true), Upsert::Inserted(Some(D)));
         assert_eq!(t.lookup(&k, 20), Some(other));
         assert_eq!(slots_with_its_tag(), 1);
     }
@@ -1227,7 +1284,7 @@ mod tests {
         }
         // Refresh flow 0 so that flow 1 is now the oldest.
         assert_eq!(t.lookup(&key(0, 1), 20), Some(V));
-        assert_eq!(t.upsert(&key(100, 1), V, 21, T, true), Upsert::Evicted(V));
+        assert_eq!(t.upsert(&key(100, 1), V, 21, T, true), Upsert::Evicted(D));
         assert_eq!(t.lookup(&key(1, 1), 21), None);
         assert_eq!(t.lookup(&key(0, 1), 21), Some(V));
         assert_eq!(t.lookup(&key(100, 1), 21), Some(V));
@@ -1268,7 +1325,7 @@ mod tests {
         // Its retry evicts the entry closest to expiry now: key 1.
         assert_eq!(
             t.upsert_probe(&newcomer, v2, 20, T, true),
-            Upsert::Evicted(V)
+            Upsert::Evicted(D)
         );
         assert_eq!(t.peek(&key(1, 1), 20), None);
         assert_eq!(t.peek(&key(100, 1), 20), Some(v2));
@@ -1280,7 +1337,7 @@ mod tests {
         assert_eq!(pick.expires, 312);
         assert_eq!(t.lookup(&key(2, 1), 25), Some(V));
         assert_eq!(t.take(&other, pick, v2, 25, T), None);
-        assert_eq!(t.upsert_probe(&other, v2, 25, T, true), Upsert::Evicted(V));
+        assert_eq!(t.upsert_probe(&other, v2, 25, T, true), Upsert::Evicted(D));
         assert_eq!(t.peek(&key(2, 1), 25), Some(V));
         assert_eq!(t.peek(&key(3, 1), 25), None, "key 3 expired first by then");
     }
@@ -1295,7 +1352,7 @@ mod tests {
             let timeout = if i == 5 { 100 } else { 300 };
             t.upsert(&key(i, 1), V, 20, timeout, true);
         }
-        assert_eq!(t.upsert(&key(100, 1), V, 21, T, true), Upsert::Evicted(V));
+        assert_eq!(t.upsert(&key(100, 1), V, 21, T, true), Upsert::Evicted(D));
         assert_eq!(t.lookup(&key(5, 1), 21), None);
         assert_eq!(t.lookup(&key(0, 1), 21), Some(V));
     }

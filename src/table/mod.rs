@@ -5,5 +5,5 @@ pub mod flow;
 pub mod mem;
 
 pub use flow::{
-    FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
+    Displaced, FlowKey, FlowTable, FlowValue, ForwardKey, Hint, PersistKey, Probe, TableKey, Upsert,
 };
