@@ -583,13 +583,14 @@ impl Processor<'_> {
         let t = self.tables;
         let be = &snap.backends[b as usize];
         if t.flows
-            .mark_closed_probe(fprobe, self.now, t.closed_timeout)
+            .mark_closed_probe(fprobe, be.id, self.now, t.closed_timeout)
         {
             self.stats.conn_closed(be.id);
         }
         if snap.sole_listener(b).is_none() {
             let rkey = backend_reply_key(p, be);
-            t.flows.mark_closed(&rkey, self.now, t.closed_timeout);
+            t.flows
+                .mark_closed(&rkey, be.id, self.now, t.closed_timeout);
         }
     }
 
@@ -878,11 +879,12 @@ impl Processor<'_> {
             // entry's, which closes with the forward entry.
             let closed = if snap.sole_listener(b).is_some() {
                 t.flows
-                    .mark_closed_probe(&m.flow, self.now, t.closed_timeout)
+                    .mark_closed_probe(&m.flow, be.id, self.now, t.closed_timeout)
             } else {
                 t.flows
-                    .mark_closed_probe(&m.flow, self.now, t.closed_timeout);
-                t.flows.mark_closed(&fkey, self.now, t.closed_timeout)
+                    .mark_closed_probe(&m.flow, be.id, self.now, t.closed_timeout);
+                t.flows
+                    .mark_closed(&fkey, be.id, self.now, t.closed_timeout)
             };
             if closed {
                 self.stats.conn_closed(be.id);
@@ -1112,6 +1114,7 @@ mod tests {
     use crate::config::Config;
     use crate::control::ids::Ids;
     use crate::control::snapshot::{Inputs, Links};
+    use crate::dataplane::packet::parse;
     use crate::util::{map_v4, Mac};
     use etherparse::{Icmpv6Type, PacketBuilder};
     use std::net::{IpAddr, Ipv6Addr};
@@ -1193,6 +1196,17 @@ protocol = "udp"
     /// The snapshot of config `text`, with ids from `ids` (kept across
     /// reloads, as the control plane does).
     fn snapshot(text: &str, ids: &mut Ids, gateway_known: bool) -> (Snapshot, Config) {
+        snapshot_with_down(text, ids, gateway_known, &[])
+    }
+
+    /// [`snapshot`] with the servers at the addresses `down` failing their
+    /// health checks.
+    fn snapshot_with_down(
+        text: &str,
+        ids: &mut Ids,
+        gateway_known: bool,
+        down: &[&str],
+    ) -> (Snapshot, Config) {
         let config = Config::from_str(text, "unit.toml").expect("valid config");
         let local: [IpAddr; 1] = [LOCAL.parse().unwrap()];
         let snapshot = Snapshot::build(
@@ -1207,7 +1221,7 @@ protocol = "udp"
                 },
                 local: &local,
                 mac_of: &|_| Some(SERVER_MAC),
-                is_up: &|_, _, _, _| true,
+                is_up: &|a, _, _, _| !down.iter().any(|d| d.parse::<IpAddr>().unwrap() == *a),
                 previous: None,
             },
         )
@@ -1927,6 +1941,45 @@ backend_service = \"web\"
         assert_eq!(active(&rig, server.0), 5, "five flows open");
         sweep_all(&rig, 300);
         assert_eq!(active(&rig, server.0), 0, "every flow ended");
+    }
+
+    /// A FIN that a down server still sends through its reply entry, after
+    /// its client's flow moved to another server, neither closes the moved
+    /// flow nor counts the down server's flow closed a second time.
+    #[test]
+    fn a_down_servers_fin_leaves_the_flow_that_moved_away_open() {
+        let config = shared_config().replace(
+            "  address = \"198.18.2.11\"\n  port = 8080\n",
+            "  address = \"198.18.2.11\"\n  port = 8080\n\n  [[backend_service.server]]\n  address = \"198.18.2.12\"\n  port = 8080\n",
+        );
+        let mut ids = Ids::default();
+        let mut rig = Rig::with_config(&config, true, &mut ids);
+        (rig.snapshot, _) = snapshot_with_down(&config, &mut ids, true, &["198.18.2.12"]);
+        let vip = ("198.18.100.1", 80);
+        let (old, new) = (("198.18.2.11", 8080), ("198.18.2.12", 8080));
+        let client = ("198.18.4.7", 40000);
+        let fwd = Verdict::Tx(Port::Backend);
+        let p = Pkt::from_client(client, vip);
+        expect(&rig, 100, p, fwd, Some(p.to_server(old)));
+        (rig.snapshot, _) = snapshot_with_down(&config, &mut ids, true, &["198.18.2.11"]);
+        expect(&rig, 101, p, fwd, Some(p.to_server(new)));
+        assert_eq!((active(&rig, old.0), active(&rig, new.0)), (0, 1));
+        expect_with_flags(
+            &rig,
+            &[(
+                102,
+                Pkt::from_server(old, client),
+                TCP_FIN | TCP_ACK,
+                Verdict::Tx(Port::Client),
+            )],
+        );
+        assert_eq!((active(&rig, old.0), active(&rig, new.0)), (0, 1));
+        let key = forward_key(&match parse(&p.build()) {
+            Frame::L4(p) => p,
+            _ => unreachable!(),
+        });
+        let v = rig.tables.flows.peek(&key, 102).expect("the flow");
+        assert!(!v.closed, "the moved flow is open");
     }
 
     /// A flow to a shared server has a reply entry besides its forward

@@ -829,23 +829,28 @@ impl FlowTable {
         Some(outcome)
     }
 
-    /// Marks a live entry closed (for least-connections), and from now on
-    /// gives it an idle timeout of at most `timeout` (a TCP flow seen
-    /// closing need not be kept as long as an open one). True if this call
-    /// changed it (so each flow is counted closed once). An upsert of the
-    /// open value (a SYN reopening the flow) brings the full timeout back.
-    pub fn mark_closed(&self, key: &impl TableKey, now: u32, timeout: u32) -> bool {
-        self.mark_closed_probe(&self.probe(key), now, timeout)
+    /// Marks a live entry to backend `backend` closed (for
+    /// least-connections), and from now on gives it an idle timeout of at
+    /// most `timeout` (a TCP flow seen closing need not be kept as long as
+    /// an open one). True if this call changed it (so each flow is counted
+    /// closed once). An upsert of the open value (a SYN reopening the flow)
+    /// brings the full timeout back.
+    ///
+    /// An entry to another backend is left alone: the key's flow moved
+    /// there (its backend went down), and a FIN the old backend still
+    /// sends ends neither the moved flow nor, a second time, its own.
+    pub fn mark_closed(&self, key: &impl TableKey, backend: u16, now: u32, timeout: u32) -> bool {
+        self.mark_closed_probe(&self.probe(key), backend, now, timeout)
     }
 
     /// [`FlowTable::mark_closed`] with a precomputed probe (the packet
     /// path has the flow's, from its lookup).
-    pub fn mark_closed_probe(&self, p: &Probe, now: u32, timeout: u32) -> bool {
+    pub fn mark_closed_probe(&self, p: &Probe, backend: u16, now: u32, timeout: u32) -> bool {
         let Some((i, e)) = self.find(p, now) else {
             return false;
         };
         let mut val = FlowValue::unpack(e.value);
-        if val.closed {
+        if val.closed || val.backend != backend {
             return false;
         }
         val.closed = true;
@@ -1379,8 +1384,13 @@ mod tests {
             vip_port: 80,
         };
         t.upsert(&k, V, 1, T, true);
-        assert!(t.mark_closed(&k, 2, T));
-        assert!(!t.mark_closed(&k, 3, T));
+        assert!(
+            !t.mark_closed(&k, V.backend + 1, 2, T),
+            "another backend's FIN"
+        );
+        assert_eq!(t.peek(&k, 2), Some(V));
+        assert!(t.mark_closed(&k, V.backend, 2, T));
+        assert!(!t.mark_closed(&k, V.backend, 3, T));
         assert_eq!(t.lookup(&k, 3).map(|v| v.closed), Some(true));
     }
 
@@ -1398,20 +1408,20 @@ mod tests {
         // Flow 1 closes at 100 with a 300 s idle timeout and a 10 s closed
         // one: each later packet keeps it 10 s more.
         t.upsert(&k(1), V, 100, 300, true);
-        assert!(t.mark_closed(&k(1), 100, 10));
+        assert!(t.mark_closed(&k(1), V.backend, 100, 10));
         assert_eq!(t.lookup(&k(1), 110), Some(closed));
         assert_eq!(t.peek(&k(1), 120), Some(closed));
         assert_eq!(t.peek(&k(1), 121), None, "10 s after its last packet");
         // Flow 2 closes, then a SYN reopens it (the pipeline upserts the
         // open value): the idle timeout is 300 s again.
         t.upsert(&k(2), V, 100, 300, true);
-        assert!(t.mark_closed(&k(2), 100, 10));
+        assert!(t.mark_closed(&k(2), V.backend, 100, 10));
         assert_eq!(t.upsert(&k(2), V, 105, 300, true), Upsert::Replaced(closed));
         assert_eq!(t.peek(&k(2), 405), Some(V));
         assert_eq!(t.peek(&k(2), 406), None);
         // A closed timeout longer than the entry's own changes nothing.
         t.upsert(&k(3), V, 100, 30, true);
-        assert!(t.mark_closed(&k(3), 100, 60));
+        assert!(t.mark_closed(&k(3), V.backend, 100, 60));
         assert_eq!(t.peek(&k(3), 130), Some(closed));
         assert_eq!(t.peek(&k(3), 131), None);
     }
@@ -1429,7 +1439,7 @@ mod tests {
             };
             t.upsert(&k, V, 1, 30, true);
             if i == 0 {
-                t.mark_closed(&k, 1, 30);
+                t.mark_closed(&k, V.backend, 1, 30);
             }
         }
         t.upsert(&key(1, 1), V, 1, 30, true); // a reply entry: not counted
