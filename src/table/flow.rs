@@ -30,11 +30,13 @@
 //!   and writes one slot. (The first version probed 8 slot lines per miss
 //!   and per insert; a new session paid for 40 cache lines.)
 //! * Each slot is one cache line guarded by a sequence lock: readers never
-//!   block or write (they retry when they see a concurrent write), a writer
+//!   block or write (they wait out a concurrent write, spinning), a writer
 //!   claims the slot with one compare-and-swap from the sequence number it
 //!   saw when it looked, and never waits for anyone: if another writer
 //!   changed the slot in between, the claim fails and the writer looks
-//!   again (once), so concurrent inserts never overwrite each other. An
+//!   again (once), so concurrent inserts never overwrite each other; nor
+//!   does a writer insert a key while a slot that may hold it is being
+//!   written (it would leave a second copy of the key). An
 //!   insert that chose a live entry to evict checks, once the slot is
 //!   its own, that the entry's expiry is still the one it chose by: an
 //!   entry written or refreshed after the choice is never the one evicted.
@@ -61,6 +63,20 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Slots per bucket.
 pub const WINDOW: usize = 8;
+
+/// How many times a reader looks at a slot a writer owns before giving up.
+/// A write is a dozen stores, over in well under a microsecond, unless its
+/// thread is preempted in the middle (workers share cores with the control
+/// thread and whatever else the host runs). A reader that gave up after a
+/// few looks missed entries that were there: an established flow was
+/// scheduled anew, and an upsert inserted a second copy of its key. 2^20
+/// looks wait out a preempted writer's time slice (milliseconds); the
+/// bound only keeps a worker from spinning for ever.
+const READ_TRIES: u32 = 1 << 20;
+
+/// A slot could not be read: a writer owned it through every try.
+#[derive(Debug, Clone, Copy)]
+struct Busy;
 
 const KIND_REPLY: u64 = 1;
 const KIND_FORWARD: u64 = 3;
@@ -527,8 +543,8 @@ impl FlowTable {
 
     /// Runs `f` on slot `i` of bucket `b` (and its expiry in the header)
     /// under the slot's sequence lock: its result, and the (even) sequence
-    /// number, if no writer changed the slot meanwhile. `None` while a
-    /// writer owns the slot.
+    /// number, if no writer changed the slot meanwhile. `None` if a writer
+    /// still owns the slot after [`READ_TRIES`] looks.
     #[inline(always)]
     fn consistent<R>(
         &self,
@@ -538,7 +554,7 @@ impl FlowTable {
     ) -> Option<(R, u32)> {
         let slot = &self.slots[b * WINDOW + i];
         let expires = &self.buckets[b].expires[i];
-        for _ in 0..4 {
+        for _ in 0..READ_TRIES {
             let s1 = slot.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
                 std::hint::spin_loop();
@@ -571,26 +587,30 @@ impl FlowTable {
     }
 
     /// Slot `i` of bucket `b`, read consistently, if it holds the key
-    /// `words`. The key is compared as it is read, word by word against
-    /// `words`, rather than copied out first: the lookup's hot path keeps
-    /// one register for it instead of five.
+    /// `words` (`Err` if a writer kept it). The key is compared as it is
+    /// read, word by word against `words`, rather than copied out first:
+    /// the lookup's hot path keeps one register for it instead of five.
     #[inline(always)]
-    fn read_key(&self, b: usize, i: usize, words: &[u64; 5]) -> Option<Entry> {
-        let ((diff, (value, timeout, expires)), seq) = self.consistent(b, i, |slot, expires| {
-            let diff = slot
-                .key
-                .iter()
-                .zip(words)
-                .fold(0, |d, (k, w)| d | (k.load(Ordering::Relaxed) ^ w));
-            (diff, rest(slot, expires))
-        })?;
-        (diff == 0).then_some(Entry {
+    fn read_key(&self, b: usize, i: usize, words: &[u64; 5]) -> Result<Option<Entry>, Busy> {
+        let Some(((diff, (value, timeout, expires)), seq)) =
+            self.consistent(b, i, |slot, expires| {
+                let diff = slot
+                    .key
+                    .iter()
+                    .zip(words)
+                    .fold(0, |d, (k, w)| d | (k.load(Ordering::Relaxed) ^ w));
+                (diff, rest(slot, expires))
+            })
+        else {
+            return Err(Busy);
+        };
+        Ok((diff == 0).then_some(Entry {
             key: *words,
             value,
             timeout,
             expires,
             seq,
-        })
+        }))
     }
 
     /// The slot of the probe's bucket holding its key, live at `now`.
@@ -599,31 +619,44 @@ impl FlowTable {
     /// forwarding on every lookup.)
     #[inline(always)]
     fn find(&self, p: &Probe, now: u32) -> Option<(usize, Entry)> {
+        self.find_or_busy(p, now).unwrap_or(None)
+    }
+
+    /// [`FlowTable::find`], but `Err` when a live slot with the key's tag
+    /// could not be read (a writer kept it through every try): the key may
+    /// be there, so a writer must not insert it elsewhere.
+    #[inline(always)]
+    fn find_or_busy(&self, p: &Probe, now: u32) -> Result<Option<(usize, Entry)>, Busy> {
         // The slot the burst pipeline saw the tag in, first: most lookups
         // end here without reading the header's tags again.
         if let Some(i) = (p.hint.slot as usize).checked_sub(1) {
-            if let Some(e) = self.read_key(p.bucket(), i & (WINDOW - 1), &p.words) {
+            if let Ok(Some(e)) = self.read_key(p.bucket(), i & (WINDOW - 1), &p.words) {
                 if live_at(e.expires, now) {
-                    return Some((i & (WINDOW - 1), e));
+                    return Ok(Some((i & (WINDOW - 1), e)));
                 }
             }
         }
         let header = &self.buckets[p.bucket()];
         let tags = header.tags.load(Ordering::Acquire);
         let hits = zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS));
+        let mut busy = false;
         for i in flagged(hits) {
             // Skip an expired entry without touching its slot's line (the
             // read below checks again, consistently).
             if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
                 continue;
             }
-            if let Some(e) = self.read_key(p.bucket(), i, &p.words) {
-                if live_at(e.expires, now) {
-                    return Some((i, e));
-                }
+            match self.read_key(p.bucket(), i, &p.words) {
+                Ok(Some(e)) if live_at(e.expires, now) => return Ok(Some((i, e))),
+                Ok(_) => {}
+                Err(Busy) => busy = true,
             }
         }
-        None
+        if busy {
+            Err(Busy)
+        } else {
+            Ok(None)
+        }
     }
 
     /// Moves slot `i`'s expiry to `now + timeout` if that is later and the
@@ -749,7 +782,10 @@ impl FlowTable {
     ) -> Option<Upsert> {
         let b = p.bucket();
         let expires = now.wrapping_add(timeout);
-        if let Some((i, e)) = self.find(p, now) {
+        // A slot that may hold the key but that a writer kept: inserting
+        // the key elsewhere would leave two copies of it, the stale one
+        // found first until it expires. Try again, or give up.
+        if let Some((i, e)) = self.find_or_busy(p, now).ok()? {
             let old = FlowValue::unpack(e.value);
             if old == value {
                 let _ = self.touch(b, i, &e, now);
@@ -1537,5 +1573,49 @@ mod tests {
             stored > rounds as usize * WINDOW * 9 / 10,
             "only {stored} inserts stored"
         );
+    }
+
+    /// An entry that another worker is rewriting (a FIN marking it closed,
+    /// the client's ACK completing the handshake, both a single claim and
+    /// fill of its slot) is still there: a lookup in the meantime must not
+    /// miss it (the packet path would schedule an established flow anew),
+    /// and an upsert of its key must not insert a second copy beside it.
+    #[test]
+    fn an_entry_being_rewritten_is_never_missed_nor_duplicated() {
+        use std::sync::atomic::AtomicBool;
+        let t = Arc::new(FlowTable::new(WINDOW));
+        let k = ForwardKey {
+            proto: 6,
+            client: map_v4([1, 2, 3, 4]),
+            client_port: 5,
+            vip: map_v4([5, 6, 7, 8]),
+            vip_port: 80,
+        };
+        let closed = FlowValue { closed: true, ..V };
+        t.upsert(&k, V, 1, T, true);
+        let done = Arc::new(AtomicBool::new(false));
+        let rewriter = {
+            let (t, done) = (Arc::clone(&t), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                let mut n = 0u32;
+                while n < 2_000_000 && start.elapsed().as_secs() < 5 {
+                    t.upsert(&k, if n % 2 == 0 { closed } else { V }, 1, T, true);
+                    n += 1;
+                }
+                done.store(true, Ordering::Relaxed);
+            })
+        };
+        let (mut missed, mut looked) = (0u64, 0u64);
+        while !done.load(Ordering::Relaxed) {
+            if t.lookup(&k, 1).is_none() {
+                missed += 1;
+            }
+            t.upsert(&k, V, 1, T, true);
+            looked += 1;
+        }
+        rewriter.join().unwrap();
+        assert_eq!(missed, 0, "missed {missed} of {looked} lookups");
+        assert_eq!(t.count_live(1), 1, "one entry for the key");
     }
 }
