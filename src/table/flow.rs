@@ -554,10 +554,35 @@ impl FlowTable {
     ) -> Option<(R, u32)> {
         let slot = &self.slots[b * WINDOW + i];
         let expires = &self.buckets[b].expires[i];
-        for _ in 0..READ_TRIES {
+        // A few looks inlined: almost every read ends at the first.
+        for _ in 0..4 {
             let s1 = slot.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
                 std::hint::spin_loop();
+                continue;
+            }
+            let r = f(slot, expires);
+            fence(Ordering::Acquire);
+            if slot.seq.load(Ordering::Relaxed) == s1 {
+                return Some((r, s1));
+            }
+        }
+        Self::consistent_again(slot, expires, &f)
+    }
+
+    /// The looks after the first four, out of line: a writer owns the
+    /// slot, or keeps changing it.
+    #[cold]
+    #[inline(never)]
+    fn consistent_again<R>(
+        slot: &Slot,
+        expires: &AtomicU32,
+        f: &impl Fn(&Slot, &AtomicU32) -> R,
+    ) -> Option<(R, u32)> {
+        for _ in 4..READ_TRIES {
+            std::hint::spin_loop();
+            let s1 = slot.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
                 continue;
             }
             let r = f(slot, expires);
@@ -619,16 +644,39 @@ impl FlowTable {
     /// forwarding on every lookup.)
     #[inline(always)]
     fn find(&self, p: &Probe, now: u32) -> Option<(usize, Entry)> {
-        self.find_or_busy(p, now).unwrap_or(None)
+        // The slot the burst pipeline saw the tag in, first: most lookups
+        // end here without reading the header's tags again.
+        if let Some(i) = (p.hint.slot as usize).checked_sub(1) {
+            if let Ok(Some(e)) = self.read_key(p.bucket(), i & (WINDOW - 1), &p.words) {
+                if live_at(e.expires, now) {
+                    return Some((i & (WINDOW - 1), e));
+                }
+            }
+        }
+        let header = &self.buckets[p.bucket()];
+        let tags = header.tags.load(Ordering::Acquire);
+        let hits = zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS));
+        for i in flagged(hits) {
+            // Skip an expired entry without touching its slot's line (the
+            // read below checks again, consistently).
+            if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
+                continue;
+            }
+            if let Ok(Some(e)) = self.read_key(p.bucket(), i, &p.words) {
+                if live_at(e.expires, now) {
+                    return Some((i, e));
+                }
+            }
+        }
+        None
     }
 
     /// [`FlowTable::find`], but `Err` when a live slot with the key's tag
     /// could not be read (a writer kept it through every try): the key may
-    /// be there, so a writer must not insert it elsewhere.
+    /// be there, so a writer must not insert it elsewhere. (Apart from
+    /// `find`, which lookups inline, so that they keep no such state.)
     #[inline(always)]
     fn find_or_busy(&self, p: &Probe, now: u32) -> Result<Option<(usize, Entry)>, Busy> {
-        // The slot the burst pipeline saw the tag in, first: most lookups
-        // end here without reading the header's tags again.
         if let Some(i) = (p.hint.slot as usize).checked_sub(1) {
             if let Ok(Some(e)) = self.read_key(p.bucket(), i & (WINDOW - 1), &p.words) {
                 if live_at(e.expires, now) {
