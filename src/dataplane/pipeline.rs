@@ -810,8 +810,10 @@ impl Processor<'_> {
             .flows
             .upsert_probe(&m.flow, value, self.now, timeout, true);
         self.record(stored);
-        if stored != Upsert::Full {
-            // Only a stored flow can later be counted closed.
+        if !matches!(stored, Upsert::Full | Upsert::Existing) {
+            // Only a stored flow can later be counted closed; one found
+            // already stored (another worker recorded it a moment ago,
+            // while this one scheduled it) was counted by that worker.
             self.stats.conn_opened(be.id);
         }
         if self.snapshot.sole_listener(b).is_some() {
@@ -1941,6 +1943,50 @@ backend_service = \"web\"
         assert_eq!(active(&rig, server.0), 5, "five flows open");
         sweep_all(&rig, 300);
         assert_eq!(active(&rig, server.0), 0, "every flow ended");
+    }
+
+    /// Two workers that see the first packets of the same new flows at
+    /// the same time (one client's SYN retransmitted onto another queue,
+    /// say) record each flow once, and least-connections counts it once:
+    /// the worker that finds the flow already recorded by the other one
+    /// opened nothing.
+    #[test]
+    fn a_flow_two_workers_open_at_once_is_counted_once() {
+        let mut rig = Rig::new(true);
+        rig.tables.flows = FlowTable::new(1 << 16);
+        let other = Arc::new(WorkerStats::new());
+        rig.shared = Shared::new(vec![Arc::clone(&rig.stats), Arc::clone(&other)]);
+        let vip = ("198.18.100.1", 80);
+        let flows = 3000u16;
+        let frames: Vec<Vec<u8>> = (0..flows)
+            .map(|i| Pkt::from_client(("198.18.4.7", 10000 + i), vip).build())
+            .collect();
+        let barrier = std::sync::Barrier::new(2);
+        let start = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for stats in [&rig.stats, &other] {
+                let (rig, frames, barrier) = (&rig, &frames, &barrier);
+                s.spawn(move || {
+                    let p = Processor {
+                        snapshot: &rig.snapshot,
+                        tables: &rig.tables,
+                        stats,
+                        shared: &rig.shared,
+                        now: 100,
+                    };
+                    for f in frames {
+                        // Both at the same flow at once; bounded in time.
+                        barrier.wait();
+                        if start.elapsed().as_secs() < 20 {
+                            p.process(&mut f.clone());
+                        }
+                    }
+                });
+            }
+        });
+        let live = rig.tables.flows.count_live(100) as i64;
+        assert!(live > 0);
+        assert_eq!(active(&rig, "198.18.2.11"), live, "one count a flow");
     }
 
     /// A FIN that a down server still sends through its reply entry, after
