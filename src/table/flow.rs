@@ -381,15 +381,21 @@ fn set_tag(header: &Bucket, i: usize, tag: u8) {
     }
 }
 
-/// [`set_tag`] by a read-modify-write even when the tag is already there,
-/// sequentially consistent, returning the tag word as it stands after it:
-/// an inserter announcing its key (see `FlowTable::take`). Of two
-/// inserters, each of which announces and then looks at the other's
-/// slot, at least one sees the other.
+/// [`set_tag`] for an inserter announcing its key (see `FlowTable::take`),
+/// sequentially consistent, returning the tag word as it stands after it.
+/// Of two inserters, each of which owns its slot, announces the key's tag
+/// there and then looks at the other's slot, at least one sees the other:
+/// a read-modify-write sees every earlier one, and a tag already there
+/// before the claim is seen by any writer that looks after the claim.
 #[inline(always)]
 fn announce_tag(header: &Bucket, i: usize, tag: u8) -> u64 {
     let shift = 8 * i;
-    let mut t = header.tags.load(Ordering::Relaxed);
+    let mut t = header.tags.load(Ordering::SeqCst);
+    if (t >> shift) as u8 == tag {
+        // Shown already (the key's own expired entry, most likely), since
+        // before the claim: a writer checking this slot sees it.
+        return t;
+    }
     loop {
         let new = t & !(0xff << shift) | (tag as u64) << shift;
         match header
