@@ -637,8 +637,15 @@ impl Processor<'_> {
         };
         let timeout = t.flow_timeout_of(v);
         // The entry is there (just looked up): this replaces its value,
-        // unless it expired or was evicted in between.
-        self.displaced(t.flows.upsert_probe(fprobe, v, self.now, timeout, true));
+        // unless it left the table in between (another worker evicted it,
+        // or the sweep found it expired), its flow then counted closed.
+        // Written anew, the flow is open again, and is counted so: its
+        // close counts it closed once more.
+        let u = t.flows.upsert_probe(fprobe, v, self.now, timeout, true);
+        if matches!(u, Upsert::Inserted(_) | Upsert::Evicted(_)) {
+            self.stats.conn_opened(v.backend);
+        }
+        self.displaced(u);
         if snap.sole_listener(b).is_none() {
             let rkey = backend_reply_key(p, &snap.backends[b as usize]);
             self.displaced(t.flows.upsert(&rkey, v, self.now, timeout, true));
@@ -1987,6 +1994,72 @@ backend_service = \"web\"
         let live = rig.tables.flows.count_live(100) as i64;
         assert!(live > 0);
         assert_eq!(active(&rig, "198.18.2.11"), live, "one count a flow");
+    }
+
+    /// A flow whose forward entry another worker evicts (counting it
+    /// closed) between the lookup of the client's handshake-completing ACK
+    /// and its write-back is recorded again by that write-back, and counted
+    /// opened again: once every flow has closed, the server counts none
+    /// active (not fewer than none).
+    #[test]
+    fn a_handshake_completed_while_another_worker_evicts_its_flow_is_counted_once() {
+        let mut rig = Rig::new(true);
+        // One bucket: the other worker's every insert evicts a live entry.
+        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let other = Arc::new(WorkerStats::new());
+        rig.shared = Shared::new(vec![Arc::clone(&rig.stats), Arc::clone(&other)]);
+        let vip = ("198.18.100.1", 80);
+        let flows = 50_000u32;
+        let pkt = |i: u32| Pkt::from_client(("198.18.4.7", 1024 + i as u16), vip);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let start = std::time::Instant::now();
+        let worker = |stats| Processor {
+            snapshot: &rig.snapshot,
+            tables: &rig.tables,
+            stats,
+            shared: &rig.shared,
+            now: 100,
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let p = worker(&rig.stats);
+                for i in 0..flows {
+                    // Bounded in time too: a loaded machine ends it early.
+                    if start.elapsed().as_secs() >= 5 {
+                        break;
+                    }
+                    p.process(&mut pkt(i).build_with_flags(TCP_SYN));
+                    p.process(&mut pkt(i).build_with_flags(TCP_ACK));
+                }
+                done.store(true, relaxed);
+            });
+            s.spawn(|| {
+                // Entries of other clients, closed (so counted neither
+                // opened nor closed) and outliving the opening flows, which
+                // are thus the ones evicted, each counted closed.
+                let p = worker(&other);
+                let value = FlowValue {
+                    closed: true,
+                    ..FlowValue::new(1, 1)
+                };
+                let mut key = ForwardKey {
+                    proto: 6,
+                    client: map_v4([198, 18, 5, 1]),
+                    client_port: 0,
+                    vip: map_v4([198, 18, 100, 1]),
+                    vip_port: 80,
+                };
+                while !done.load(relaxed) {
+                    key.client_port = key.client_port.wrapping_add(1);
+                    p.displaced(rig.tables.flows.upsert(&key, value, 100, 60, true));
+                }
+            });
+        });
+        for i in 0..flows {
+            rig.process(&mut pkt(i).build_with_flags(TCP_FIN | TCP_ACK), 100);
+        }
+        assert_eq!(active(&rig, "198.18.2.11"), 0, "every flow closed");
     }
 
     /// A FIN that a down server still sends through its reply entry, after
