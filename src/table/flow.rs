@@ -1217,16 +1217,30 @@ mod tests {
             Upsert::Evicted(forward)
         );
         assert_eq!(t.upsert(&fwd(9), V, 11, T, true), Upsert::Evicted(D));
-        // Expired: the same, over dead entries.
+        // Expired: the same, over dead entries. An insert takes a dead
+        // entry with its own tag first (most likely its own key's, from
+        // before), so the keys inserted now have tags no entry has (the
+        // hash is seeded per process: with fixed keys, one run in a few
+        // dozen took the other kind's slot).
+        let mut used: Vec<u8> = (0..4)
+            .chain([9])
+            .flat_map(|i| [t.probe(&fwd(i)).hint.tag, t.probe(&key(i, 1)).hint.tag])
+            .collect();
+        let r = (10..)
+            .map(|c| key(c, 1))
+            .find(|k| !used.contains(&t.probe(k).hint.tag))
+            .expect("a reply key of a tag no entry has");
+        used.push(t.probe(&r).hint.tag);
+        let f = (10..)
+            .map(fwd)
+            .find(|k| !used.contains(&t.probe(k).hint.tag))
+            .expect("a forward key of a tag no entry has");
         let later = 10 + T + 1;
         assert_eq!(
-            t.upsert(&key(8, 1), V, later, T, true),
+            t.upsert(&r, V, later, T, true),
             Upsert::Inserted(Some(forward))
         );
-        assert_eq!(
-            t.upsert(&fwd(8), V, later, T, true),
-            Upsert::Inserted(Some(D))
-        );
+        assert_eq!(t.upsert(&f, V, later, T, true), Upsert::Inserted(Some(D)));
     }
 
     /// The slot `prefetch_slot` records is only where a lookup looks
