@@ -150,18 +150,27 @@ impl XskPair {
     }
 
     /// The refill stage: tops up both fill rings from the free list (the
-    /// most recently freed frames first).
+    /// most recently freed frames first), then wakes the driver of a port
+    /// whose fill ring asks for it.
     #[inline]
     pub fn refill(&mut self, free: &mut Vec<FrameDesc>) {
         for port in self.ports.iter_mut() {
-            if free.is_empty() {
-                break;
+            if !free.is_empty() {
+                let want = port.fq.nb_free(free.len() as u32) as usize;
+                if want > 0 {
+                    let at = free.len() - want.min(free.len());
+                    let n = fill(port, &free[at..]);
+                    free.truncate(free.len() - n);
+                }
             }
-            let want = port.fq.nb_free(free.len() as u32) as usize;
-            if want > 0 {
-                let at = free.len() - want.min(free.len());
-                let n = fill(port, &free[at..]);
-                free.truncate(free.len() - n);
+            // A zero-copy driver that found the fill ring empty stops
+            // receiving and sets the ring's need-wakeup flag; it resumes
+            // only when the socket is polled (libxdp's and the kernel's
+            // xdpsock do this after every fill). Without this, the queue
+            // stalled until the loop had idled 20,000 times. Copy mode
+            // never sets the flag: one load per port and loop.
+            if port.fq.needs_wakeup() {
+                wake(port.fd());
             }
         }
     }
@@ -180,6 +189,21 @@ impl XskPair {
         unsafe {
             libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1);
         }
+    }
+}
+
+/// poll(2) on one socket without waiting: how the kernel is told that a
+/// fill ring it flagged has frames again.
+#[cold]
+fn wake(fd: RawFd) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe {
+        libc::poll(&mut p, 1, 0);
     }
 }
 
