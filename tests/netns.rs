@@ -196,12 +196,7 @@ fn a_second_instance_fails_without_disturbing_the_running_one() {
         !err.contains("replaced an XDP program"),
         "the second instance touched XDP: {err}"
     );
-    assert!(Topology::xdp_attached("lb-c"), "XDP still on lb-c");
-    assert!(Topology::xdp_attached("lb-b"), "XDP still on lb-b");
-    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 2);
-    assert_eq!(d.requests, 40);
-    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
-    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+    the_running_instance_still_forwards(&mut t);
 }
 
 /// The same with a control socket of its own: the XDP program on the
@@ -225,12 +220,7 @@ fn a_second_instance_with_another_control_socket_leaves_the_running_one_alone() 
         "stderr: {err}"
     );
     assert!(!err.contains("replaced an XDP program"), "stderr: {err}");
-    assert!(Topology::xdp_attached("lb-c"), "XDP still on lb-c");
-    assert!(Topology::xdp_attached("lb-b"), "XDP still on lb-b");
-    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 2);
-    assert_eq!(d.requests, 40);
-    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
-    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+    the_running_instance_still_forwards(&mut t);
 }
 
 /// SIGHUP's default action ends a process. A reload asked for while l4lb
@@ -315,14 +305,7 @@ fn refuses_more_workers_than_the_interfaces_have_queues() {
         ),
         "stderr: {err}"
     );
-    assert!(
-        !Topology::xdp_attached("lb-c"),
-        "nothing attached on failure"
-    );
-    assert!(
-        !Topology::xdp_attached("lb-b"),
-        "nothing attached on failure"
-    );
+    assert_nothing_attached();
 }
 
 /// A server's packet to one of the host's own addresses is the kernel's,
@@ -404,14 +387,7 @@ fn a_host_with_thousands_of_addresses_starts_and_too_many_is_a_clear_error() {
             && err.contains("(more than bpf/l4lb_steer.c gives it room for)"),
         "stderr: {err}"
     );
-    assert!(
-        !Topology::xdp_attached("lb-c"),
-        "nothing attached on failure"
-    );
-    assert!(
-        !Topology::xdp_attached("lb-b"),
-        "nothing attached on failure"
-    );
+    assert_nothing_attached();
 }
 
 /// The kernel drops frames longer than l4lb's AF_XDP sockets receive
@@ -742,5 +718,28 @@ fn forwarding_resumes_after_an_interface_goes_down_and_up() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 1);
     assert_eq!(d.failures, 0, "after: {}", d.failures_text());
+    assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
+}
+
+/// A start that failed left no XDP program on either of l4lb's
+/// interfaces.
+fn assert_nothing_attached() {
+    for dev in ["lb-c", "lb-b"] {
+        assert!(
+            !Topology::xdp_attached(dev),
+            "XDP left on {dev} after a failed start"
+        );
+    }
+}
+
+/// The running instance still has its XDP programs on both interfaces and
+/// forwards every request; then it is stopped.
+fn the_running_instance_still_forwards(t: &mut Topology) {
+    for dev in ["lb-c", "lb-b"] {
+        assert!(Topology::xdp_attached(dev), "XDP no longer on {dev}");
+    }
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 2);
+    assert_eq!(d.requests, 40);
+    assert_eq!(d.failures, 0, "failed requests:\n{}", d.failures_text());
     assert!(t.signal_lb(libc::SIGTERM).success(), "{}", t.lb_log());
 }

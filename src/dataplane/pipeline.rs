@@ -1796,6 +1796,19 @@ protocol = "udp"
         expect(&rig, 2, stranger, Verdict::Drop(DropReason::NoFlow), None);
     }
 
+    /// Opens `n` TCP flows at `now` (SYNs from 198.18.4.7, ports 40000
+    /// on, to the web VIP), each forwarded to 198.18.2.11:8080; returns
+    /// the clients.
+    fn open_flows(rig: &Rig, n: u16, now: u32) -> Vec<(&'static str, u16)> {
+        let clients: Vec<_> = (0..n).map(|i| ("198.18.4.7", 40000 + i)).collect();
+        for &client in &clients {
+            let syn = Pkt::from_client(client, ("198.18.100.1", 80));
+            let out = syn.to_server(("198.18.2.11", 8080));
+            expect(rig, now, syn, Verdict::Tx(Port::Backend), Some(out));
+        }
+        clients
+    }
+
     /// A full flow table makes room by evicting the entry closest to
     /// expiry, and every eviction is counted: here the table is one bucket
     /// of eight slots. A flow begun before its server was shared brings its
@@ -1811,11 +1824,7 @@ protocol = "udp"
         let server = ("198.18.2.11", 8080);
         let fwd = Verdict::Tx(Port::Backend);
         // Eight flows, one entry each (the server is not shared yet).
-        let clients: Vec<(&str, u16)> = (0..8).map(|i| ("198.18.4.7", 40000 + i)).collect();
-        for &client in &clients {
-            let syn = Pkt::from_client(client, vip);
-            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
-        }
+        let clients = open_flows(&rig, 8, 100);
         let c = &rig.stats.core;
         assert_eq!(rig.tables.flows.count_live(100), 8);
         assert_eq!(c.flows_created.load(Relaxed), 8);
@@ -1904,11 +1913,7 @@ backend_service = \"web\"
         let vip = ("198.18.100.1", 80);
         let server = ("198.18.2.11", 8080);
         let fwd = Verdict::Tx(Port::Backend);
-        let clients: Vec<(&str, u16)> = (0..8).map(|i| ("198.18.4.7", 40000 + i)).collect();
-        for &client in &clients {
-            let syn = Pkt::from_client(client, vip);
-            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
-        }
+        let clients = open_flows(&rig, 8, 100);
         assert_eq!(active(&rig, server.0), 8);
         (rig.snapshot, _) = snapshot(&shared_config(), &mut ids, true);
         // The first flow's reply entry comes back over the second flow's
@@ -1931,11 +1936,7 @@ backend_service = \"web\"
         let vip = ("198.18.100.1", 80);
         let server = ("198.18.2.11", 8080);
         let fwd = Verdict::Tx(Port::Backend);
-        let clients: Vec<(&str, u16)> = (0..4).map(|i| ("198.18.4.7", 40000 + i)).collect();
-        for &client in &clients {
-            let syn = Pkt::from_client(client, vip);
-            expect(&rig, 100, syn, fwd, Some(syn.to_server(server)));
-        }
+        let clients = open_flows(&rig, 4, 100);
         assert_eq!(rig.tables.flows.count_live(100), 8, "two entries a flow");
         // The server is no longer shared: the flows live on by their
         // forward entries, and their reply entries expire at 110.

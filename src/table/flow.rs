@@ -1177,6 +1177,17 @@ mod tests {
             backend_port: 8080,
         }
     }
+    /// One forward key: 1.2.3.4:5 to 5.6.7.8:80, TCP.
+    fn a_forward_key() -> ForwardKey {
+        ForwardKey {
+            proto: 6,
+            client: map_v4([1, 2, 3, 4]),
+            client_port: 5,
+            vip: map_v4([5, 6, 7, 8]),
+            vip_port: 80,
+        }
+    }
+
     const V: FlowValue = FlowValue {
         listener: 3,
         backend: 7,
@@ -1563,13 +1574,7 @@ mod tests {
     #[test]
     fn a_flow_is_marked_closed_once() {
         let t = FlowTable::new(64);
-        let k = ForwardKey {
-            proto: 6,
-            client: map_v4([1, 2, 3, 4]),
-            client_port: 5,
-            vip: map_v4([5, 6, 7, 8]),
-            vip_port: 80,
-        };
+        let k = a_forward_key();
         t.upsert(&k, V, 1, T, true);
         assert!(
             !t.mark_closed(&k, V.backend + 1, 2, T),
@@ -1735,13 +1740,7 @@ mod tests {
     fn an_entry_being_rewritten_is_never_missed_nor_duplicated() {
         use std::sync::atomic::AtomicBool;
         let t = Arc::new(FlowTable::new(WINDOW));
-        let k = ForwardKey {
-            proto: 6,
-            client: map_v4([1, 2, 3, 4]),
-            client_port: 5,
-            vip: map_v4([5, 6, 7, 8]),
-            vip_port: 80,
-        };
+        let k = a_forward_key();
         let closed = FlowValue { closed: true, ..V };
         t.upsert(&k, V, 1, T, true);
         let done = Arc::new(AtomicBool::new(false));
