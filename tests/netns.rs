@@ -314,25 +314,48 @@ fn refuses_more_workers_than_the_interfaces_have_queues() {
 #[test]
 fn a_server_reaches_the_hosts_address_on_another_interface() {
     let mut t = Topology::up("host-addr", 10);
-    let ok = |args: &[&str]| {
-        let st = std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    ok(&["-n", "l4lb-lb", "addr", "add", "198.18.9.1/32", "dev", "lo"]);
+    ip_ok(&["-n", "l4lb-lb", "addr", "add", "198.18.9.1/32", "dev", "lo"]);
     let cfg = t.config_text(|c| c);
     t.start_lb(&cfg);
+    b1_pings_the_host(&mut t, &[], "198.18.9.1", "198.18.9.1");
+}
+
+/// So is a server's broadcast to its subnet (198.18.2.0/24, whose
+/// all-ones address the kernel accepts although the harness sets no
+/// `brd`): here a ping, which the host's kernel is told to answer.
+#[test]
+fn a_servers_subnet_broadcast_reaches_the_hosts_kernel() {
+    let mut t = Topology::up("subnet-brd", 10);
+    let sysctl = "net.ipv4.icmp_echo_ignore_broadcasts=0";
+    ip_ok(&["netns", "exec", "l4lb-lb", "sysctl", "-qw", sysctl]);
+    let cfg = t.config_text(|c| c);
+    t.start_lb(&cfg);
+    b1_pings_the_host(&mut t, &["-b"], "198.18.2.255", "198.18.2.1");
+}
+
+/// Runs `ip ARGS`, which must succeed.
+fn ip_ok(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
+/// Server b1 pings `target` (with `flags`) three times; the host answers
+/// from `answers_from`, and l4lb counts no drop. Then l4lb is stopped.
+fn b1_pings_the_host(t: &mut Topology, flags: &[&str], target: &str, answers_from: &str) {
     let out = std::process::Command::new("ip")
         .args(["netns", "exec", "l4lb-b1", "ping", "-c", "3", "-i", "0.2"])
-        .args(["-W", "1", "198.18.9.1"])
+        .args(["-W", "1"])
+        .args(flags)
+        .arg(target)
         .output()
         .expect("ping");
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success(),
-        "ping from b1 to the host's lo address: {}",
-        String::from_utf8_lossy(&out.stdout)
+        out.status.success() && stdout.contains(&format!("from {answers_from}:")),
+        "ping {flags:?} {target} from b1, answered by {answers_from}: {stdout}"
     );
     let st = t.stats();
     for (reason, n) in st["drops"].as_object().expect("drops") {

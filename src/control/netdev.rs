@@ -124,8 +124,30 @@ pub fn queues(name: &str) -> Result<Option<(u32, u32)>> {
     )))
 }
 
+/// The broadcast addresses the kernel accepts for IPv4 address `addr` with
+/// netmask `mask` on an interface with broadcast address `brd` (if set):
+/// `brd`, and the prefix's all-ones address, which the kernel adds for
+/// prefixes shorter than /31 even when no `brd` was given.
+fn broadcasts(addr: Ipv4Addr, mask: Option<Ipv4Addr>, brd: Option<Ipv4Addr>) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    if let Some(mask) = mask {
+        let m = u32::from(mask);
+        if m.count_ones() < 31 {
+            out.push(Ipv4Addr::from(u32::from(addr) | !m));
+        }
+    }
+    if let Some(b) = brd {
+        if !b.is_unspecified() && !b.is_broadcast() && !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    out
+}
+
 /// The IPv4 and IPv6 addresses of this host: of every interface in the
-/// network namespace, not only l4lb's two. A server's packet to any of
+/// network namespace, not only l4lb's two, with the IPv4 subnets'
+/// broadcast addresses (a server's broadcast to its subnet reaches this
+/// host's kernel too). A server's packet to any of
 /// them (a management address on another interface, a loopback /32) is
 /// for this host's kernel, not a reply to forward.
 pub fn host_addresses() -> Result<Vec<IpAddr>> {
@@ -147,10 +169,26 @@ pub fn host_addresses() -> Result<Vec<IpAddr>> {
         unsafe {
             match (*ifa.ifa_addr).sa_family as i32 {
                 libc::AF_INET => {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                        sin.sin_addr.s_addr,
-                    ))));
+                    let v4 = |sa: *const libc::sockaddr| {
+                        (!sa.is_null() && (*sa).sa_family as i32 == libc::AF_INET).then(|| {
+                            let sin = &*(sa as *const libc::sockaddr_in);
+                            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))
+                        })
+                    };
+                    let Some(addr) = v4(ifa.ifa_addr) else {
+                        continue;
+                    };
+                    out.push(IpAddr::V4(addr));
+                    let brd = if ifa.ifa_flags & libc::IFF_BROADCAST as u32 != 0 {
+                        v4(ifa.ifa_ifu)
+                    } else {
+                        None
+                    };
+                    out.extend(
+                        broadcasts(addr, v4(ifa.ifa_netmask), brd)
+                            .into_iter()
+                            .map(IpAddr::V4),
+                    );
                 }
                 libc::AF_INET6 => {
                     let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
@@ -380,4 +418,59 @@ pub fn solicit(ifindex: u32, addr: &IpAddr) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_subnets_broadcast_is_the_hosts_even_without_brd() {
+        let mask = Some(ip("255.255.255.0"));
+        assert_eq!(
+            broadcasts(ip("198.18.2.1"), mask, None),
+            [ip("198.18.2.255")]
+        );
+        // `ip addr add ... brd +` sets the same one: listed once.
+        let brd = Some(ip("198.18.2.255"));
+        assert_eq!(
+            broadcasts(ip("198.18.2.1"), mask, brd),
+            [ip("198.18.2.255")]
+        );
+        // An explicit broadcast of another value is accepted too.
+        let odd = Some(ip("198.18.2.127"));
+        assert_eq!(
+            broadcasts(ip("198.18.2.1"), mask, odd),
+            [ip("198.18.2.255"), ip("198.18.2.127")]
+        );
+    }
+
+    #[test]
+    fn point_to_point_and_host_prefixes_have_no_broadcast() {
+        for (addr, mask) in [
+            ("198.18.9.1", "255.255.255.255"),
+            ("198.18.9.0", "255.255.255.254"),
+        ] {
+            assert_eq!(
+                broadcasts(ip(addr), Some(ip(mask)), None),
+                Vec::<Ipv4Addr>::new()
+            );
+        }
+        assert_eq!(
+            broadcasts(ip("198.18.9.1"), None, None),
+            Vec::<Ipv4Addr>::new()
+        );
+        // 0.0.0.0 and the limited broadcast are not subnet broadcasts.
+        for b in ["0.0.0.0", "255.255.255.255"] {
+            let m = Some(ip("255.255.255.255"));
+            assert_eq!(
+                broadcasts(ip("198.18.9.1"), m, Some(ip(b))),
+                Vec::<Ipv4Addr>::new()
+            );
+        }
+    }
 }
