@@ -16,9 +16,16 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(idx)
 }
 
-/// Runs the interface ioctl `request` (a `SIOCGIF*` read) on `name` and
-/// returns the filled `ifreq`; `what` names the value for errors.
-fn ifreq_get(name: &str, request: libc::c_ulong, what: &str) -> Result<libc::ifreq> {
+/// Runs the interface ioctl `request` on `name`, with an `ifreq` naming
+/// the interface and then set up by `prepare`, and returns it as the
+/// kernel filled it, or the ioctl's error. The outer error is the socket
+/// to ask with failing; `what` names the value read.
+fn ifreq_ioctl(
+    name: &str,
+    request: libc::c_ulong,
+    what: &str,
+    prepare: impl FnOnce(&mut libc::ifreq),
+) -> Result<std::io::Result<libc::ifreq>> {
     // SAFETY: a plain datagram socket used for one ioctl, closed below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -34,16 +41,22 @@ fn ifreq_get(name: &str, request: libc::c_ulong, what: &str) -> Result<libc::ifr
     {
         *d = s as libc::c_char;
     }
+    prepare(&mut req);
     // SAFETY: fd is valid and req is an initialised ifreq, which the
-    // SIOCGIF* reads fill.
+    // request reads or fills (any buffer `prepare` pointed it at is the
+    // caller's, alive across this call).
     let ret = unsafe { libc::ioctl(fd, request, &mut req) };
     let err = std::io::Error::last_os_error();
     // SAFETY: fd is ours.
     unsafe { libc::close(fd) };
-    if ret < 0 {
-        return Err(err).with_context(|| format!("reading the {what} of {name}"));
-    }
-    Ok(req)
+    Ok(if ret < 0 { Err(err) } else { Ok(req) })
+}
+
+/// Runs the interface ioctl `request` (a `SIOCGIF*` read) on `name` and
+/// returns the filled `ifreq`; `what` names the value for errors.
+fn ifreq_get(name: &str, request: libc::c_ulong, what: &str) -> Result<libc::ifreq> {
+    ifreq_ioctl(name, request, what, |_| {})?
+        .with_context(|| format!("reading the {what} of {name}"))
 }
 
 pub fn mac(name: &str) -> Result<Mac> {
@@ -86,42 +99,23 @@ const ETHTOOL_GCHANNELS: u32 = 0x3c;
 /// The RX and TX queues `name` has now (`ethtool -l`: combined channels
 /// count for both), or None if its driver does not say.
 pub fn queues(name: &str) -> Result<Option<(u32, u32)>> {
-    // SAFETY: a plain datagram socket used for one ioctl, closed below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("socket for reading the queues of {name}"));
-    }
     let mut ch = EthtoolChannels {
         cmd: ETHTOOL_GCHANNELS,
         ..Default::default()
     };
-    // SAFETY: ifreq is plain data; zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *d = s as libc::c_char;
+    let ch_ptr: *mut EthtoolChannels = &mut ch;
+    // `ch` lives across the call and is what ETHTOOL_GCHANNELS fills.
+    let got = ifreq_ioctl(name, SIOCETHTOOL, "queues", |req| {
+        req.ifr_ifru.ifru_data = ch_ptr.cast();
+    })?;
+    match got {
+        Ok(_) => Ok(Some((
+            ch.rx_count + ch.combined_count,
+            ch.tx_count + ch.combined_count,
+        ))),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the queues of {name}")),
     }
-    req.ifr_ifru.ifru_data = (&mut ch as *mut EthtoolChannels).cast();
-    // SAFETY: fd is valid, req names the interface and points at `ch`,
-    // which lives across the call and is what ETHTOOL_GCHANNELS fills.
-    let ret = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut req) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd) };
-    if ret < 0 {
-        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return Ok(None);
-        }
-        return Err(err).with_context(|| format!("reading the queues of {name}"));
-    }
-    Ok(Some((
-        ch.rx_count + ch.combined_count,
-        ch.tx_count + ch.combined_count,
-    )))
 }
 
 /// The broadcast addresses the kernel accepts for IPv4 address `addr` with
