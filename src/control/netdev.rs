@@ -194,6 +194,9 @@ pub fn host_addresses() -> Result<Vec<IpAddr>> {
     }
     // SAFETY: head came from getifaddrs.
     unsafe { libc::freeifaddrs(head) };
+    // Addresses of one subnet share its broadcast address: listed once.
+    out.sort();
+    out.dedup();
     Ok(out)
 }
 
