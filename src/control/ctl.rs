@@ -132,9 +132,7 @@ impl ControlSocket {
                         stream: w.stream,
                     });
                 }
-                LineRead::Drop(Some(reply)) => {
-                    let _ = (&w.stream).write_all(reply.as_bytes());
-                }
+                LineRead::Drop(Some(reply)) => self.send(w.stream, &reply),
                 LineRead::Drop(None) | LineRead::More => {}
             }
         }
@@ -147,8 +145,14 @@ impl ControlSocket {
     /// reads; a client that has not read it all [`REPLY_DEADLINE`] from
     /// now is cut off.
     pub fn reply(&mut self, req: Request, text: &str) {
+        self.send(req.stream, text);
+    }
+
+    /// Sends `text` on `stream` and closes it, as [`ControlSocket::reply`]
+    /// says (also how a refused request is told why).
+    fn send(&mut self, stream: UnixStream, text: &str) {
         let mut s = Sending {
-            stream: req.stream,
+            stream,
             data: text.as_bytes().to_vec(),
             at: 0,
             deadline: Instant::now() + REPLY_DEADLINE,
