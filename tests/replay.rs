@@ -1426,3 +1426,68 @@ fn a_flood_of_spoofed_clients_never_grows_the_persistence_table() {
         }
     }
 }
+
+/// `persist_udp` with a second listener (port 54) on the same service, so
+/// that its servers are shared and their replies find the flow through a
+/// reply entry rather than the forward entry.
+fn persist_udp_shared() -> Config {
+    let text = WRR_UDP
+        .replace(
+            "flow_idle_timeout = 10\n",
+            "flow_idle_timeout = 10\npersistence_capacity = 1024\n",
+        )
+        .replace(
+            "scheduler = \"weighted_round_robin\"\n",
+            "scheduler = \"weighted_round_robin\"\npersistence_timeout = 30\n",
+        )
+        .replace(
+            "[[backend_service]]",
+            "[[listener]]\nname = \"echo2\"\nvip = \"198.18.100.1\"\nprotocol = \"udp\"\nport = 54\nbackend_service = \"echo\"\n\n[[backend_service]]",
+        );
+    Config::from_str(&text, "persist-shared.toml").expect("valid config")
+}
+
+/// A client that only listens (its flow kept alive by the server's
+/// datagrams) keeps its session too: its next flow, 60 s after its last
+/// packet and so 30 s past the persistence timeout, goes to the same
+/// server, though round robin would send it to the other. Checked for a
+/// server of one listener (replies find the forward entry) and for a
+/// shared one (replies find a reply entry). (Once a bug: only the client's
+/// packets refreshed the session.)
+#[test]
+fn a_session_lives_while_the_servers_traffic_keeps_its_flow_alive() {
+    for (what, cfg) in [
+        ("one listener", persist_udp(1024, "evict_oldest")),
+        ("shared", persist_udp_shared()),
+    ] {
+        let r = Replayer::new(&cfg).expect("replayer");
+        let first = server_for(&r, 100, CLIENT, 40000).expect("forwarded");
+        let s = Hop::from_server(first, 9053, CLIENT, 40000);
+        // flow_idle_timeout is 10 s: the server's stream keeps the flow
+        // alive, the client stays silent.
+        for t in (105..=160).step_by(5) {
+            run_at(
+                &r,
+                t,
+                &[tx(
+                    "the server streams",
+                    udp(&s, b"stream"),
+                    REPLY,
+                    udp(&s.to_client(VIP, 53), b"stream"),
+                )],
+            );
+        }
+        // Round robin: `first` went to CLIENT, so the next new client gets
+        // the other server, and the one after that `first` again, which
+        // leaves the cursor at the other server for CLIENT's next flow.
+        let other = server_for(&r, 160, [198, 18, 4, 8], 40000).expect("forwarded");
+        assert_ne!(other, first, "{what}: round robin alternates");
+        assert_eq!(server_for(&r, 160, [198, 18, 4, 9], 40000), Some(first));
+        assert_eq!(
+            server_for(&r, 160, CLIENT, 40001),
+            Some(first),
+            "{what}: the listening client's session is alive"
+        );
+        assert_eq!(r.stats.core.persist_hits.load(Relaxed), 1, "{what}");
+    }
+}

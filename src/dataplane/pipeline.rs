@@ -872,7 +872,7 @@ impl Processor<'_> {
         let snap = self.snapshot;
         let t = self.tables;
         let be = &snap.backends[b as usize];
-        let Some((l, refresh)) = self.reply_listener(p, b, &m.flow) else {
+        let Some((l, touched)) = self.reply_listener(p, b, &m.flow) else {
             return Verdict::Drop(DropReason::NoFlow);
         };
         if p.ttl <= 1 {
@@ -881,7 +881,6 @@ impl Processor<'_> {
         let Some(gw) = &snap.links.gateway_mac else {
             return Verdict::Drop(DropReason::NoNeighbour);
         };
-        let fkey = reply_forward_key(p, l);
         if tcp_flags(frame, p) & (TCP_FIN | TCP_RST) != 0 {
             // A backend of one listener: the frame's probe is the forward
             // entry's already. A shared one: the probe is the reply
@@ -893,16 +892,13 @@ impl Processor<'_> {
                 t.flows
                     .mark_closed_probe(&m.flow, be.id, self.now, t.closed_timeout);
                 t.flows
-                    .mark_closed(&fkey, be.id, self.now, t.closed_timeout)
+                    .mark_closed(&reply_forward_key(p, l), be.id, self.now, t.closed_timeout)
             };
             if closed {
                 self.stats.conn_closed(be.id);
             }
-        } else if refresh {
-            // The idle timeout counts silence in both directions: a flow
-            // whose server keeps talking stays on that server. (Once a
-            // second per flow is enough.)
-            t.flows.lookup(&fkey, self.now);
+        } else if touched {
+            self.reply_refresh(p, b, l);
         }
         rewrite(
             frame,
@@ -918,6 +914,32 @@ impl Processor<'_> {
 }
 
 impl Processor<'_> {
+    /// Backend `b`'s reply `p` moved its flow's timer to a new second (once
+    /// a second per flow): the idle timeouts count silence in both
+    /// directions, so a flow whose server keeps talking stays on that
+    /// server, and its client keeps its session. `l`: the flow's listener.
+    /// Out of line, as [`Processor::refresh`].
+    #[cold]
+    #[inline(never)]
+    fn reply_refresh(&self, p: &Parsed, b: u32, l: &ListenerEntry) {
+        let snap = self.snapshot;
+        let t = self.tables;
+        if snap.sole_listener(b).is_none() {
+            // The reply named the reply entry; the forward entry is
+            // refreshed here. (A backend of one listener's reply found
+            // the forward entry itself.)
+            t.flows.lookup(&reply_forward_key(p, l), self.now);
+        }
+        let se = &snap.services[l.service as usize];
+        if se.persistence_timeout > 0 {
+            let key = PersistKey {
+                service: se.id,
+                client: p.dst,
+            };
+            t.persist.lookup(&key, self.now);
+        }
+    }
+
     /// The probe of the flow-table entry that backend `b`'s reply `p`
     /// names: the forward entry when one listener alone reaches `b`, else
     /// the reply entry.
@@ -934,8 +956,9 @@ impl Processor<'_> {
     }
 
     /// The listener whose flow backend `b`'s reply `p` belongs to (`probe`
-    /// from [`Processor::reply_probe`]), and whether the forward entry
-    /// still needs refreshing; `None` if there is no such flow.
+    /// from [`Processor::reply_probe`]), and whether the entry found moved
+    /// its timer to a new second (see [`Processor::reply_refresh`]); `None`
+    /// if there is no such flow.
     #[inline(always)]
     fn reply_listener(&self, p: &Parsed, b: u32, probe: &Probe) -> Option<(&ListenerEntry, bool)> {
         let snap = self.snapshot;
@@ -946,10 +969,10 @@ impl Processor<'_> {
             // entry, and looking it up refreshes it.
             Some(l) => {
                 let l = &snap.listeners[l as usize];
-                let (v, _) = t.flows.lookup_probe(probe, self.now)?;
+                let (v, touched) = t.flows.lookup_probe(probe, self.now)?;
                 // The flow must be this backend's (it moves to another
                 // while its backend is down) and this listener's.
-                (v.backend == be.id && v.listener == l.id).then_some((l, false))
+                (v.backend == be.id && v.listener == l.id).then_some((l, touched))
             }
             // Shared by several listeners: the reply entry says which.
             None => match t.flows.lookup_probe(probe, self.now) {
