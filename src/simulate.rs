@@ -34,6 +34,8 @@ impl SchedState for SimState {
 use crate::config::Config;
 use crate::config::Scheduler;
 use crate::control::snapshot::{Links, SchedState, Snapshot};
+use crate::dataplane::packet::{is_martian_source, is_v4_mapped};
+use crate::util::addr16;
 use anyhow::{anyhow, Result};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -44,6 +46,22 @@ fn parse_client(s: &str) -> Option<IpAddr> {
     s.parse::<IpAddr>()
         .ok()
         .or_else(|| s.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// Why the data plane drops every packet from `ip`, if it does: a source
+/// no router forwards from (`bad_source`), or an IPv4-mapped IPv6 address,
+/// which never appears on the wire (`malformed`).
+fn never_a_client(ip: &IpAddr) -> Option<&'static str> {
+    let a = addr16(ip);
+    if ip.is_ipv6() && is_v4_mapped(&a) {
+        Some(
+            "is an IPv4-mapped address, never seen on the wire: l4lb drops its packets (malformed)",
+        )
+    } else if is_martian_source(&a, ip.is_ipv6()) {
+        Some("is a source no router forwards from: l4lb drops its packets (bad_source)")
+    } else {
+        None
+    }
 }
 
 fn wire(ip: &IpAddr) -> Vec<u8> {
@@ -109,6 +127,13 @@ pub fn simulate(
             )?;
             continue;
         }
+        // The data plane opens no flow for these (`Processor::open`,
+        // `parse`): no connection to answer, and no scheduler state moves.
+        if let Some(why) = never_a_client(&ip) {
+            bad += 1;
+            writeln!(errors, "<stdin>:{}: {ip} {why}", n + 1)?;
+            continue;
+        }
         let choice = match persisted.get(&ip) {
             Some(b) => Some(*b),
             None => snap.schedule(l.service, &wire(&ip), &state),
@@ -134,4 +159,34 @@ pub fn simulate(
         }
     }
     Ok(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IPv6 sources the data plane drops are reported, not answered: the
+    /// IPv4-mapped form (`malformed`) and the martians (`bad_source`).
+    #[test]
+    fn ipv6_sources_the_data_plane_drops_are_reported() {
+        let text = include_str!("../config/dual-stack.toml");
+        let config = Config::from_str(text, "dual-stack.toml").expect("valid");
+        let input = "2001:2:0:4::1\n::ffff:198.18.4.1\n::1\n[fe80::1]:80\nff02::1\n::\n";
+        let (mut out, mut errors) = (Vec::new(), Vec::new());
+        let bad = simulate(&config, "web6", input.as_bytes(), &mut out, &mut errors).unwrap();
+        assert_eq!(bad, 5);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("2001:2:0:4::1 [2001:2:"), "{out}");
+        assert_eq!(out.lines().count(), 1, "{out}");
+        let martian = "is a source no router forwards from: l4lb drops its packets (bad_source)";
+        assert_eq!(
+            String::from_utf8(errors).unwrap(),
+            format!(
+                "<stdin>:2: ::ffff:198.18.4.1 is an IPv4-mapped address, never seen on the wire: \
+                 l4lb drops its packets (malformed)\n\
+                 <stdin>:3: ::1 {martian}\n<stdin>:4: fe80::1 {martian}\n\
+                 <stdin>:5: ff02::1 {martian}\n<stdin>:6: :: {martian}\n"
+            )
+        );
+    }
 }
