@@ -82,7 +82,8 @@ pub struct ServiceEntry {
     pub persistence_timeout: u32,
     /// Servers that may take new clients: (backend index, weight > 0), up
     /// (or all of them when every server is down and the service fails
-    /// open). Sorted by backend index.
+    /// open). In the service's order: its own servers as the file lists
+    /// them, then each group's.
     pub eligible: Vec<(u32, u8)>,
     /// Backend indices whose established flows continue: members that are
     /// up, whatever their weight (weight 0 drains). Sorted.
@@ -302,13 +303,15 @@ impl Snapshot {
             let any_up = member_up.iter().any(|&up| up);
             let fail_open = !any_up && svc.on_all_down == AllDown::FailOpen;
             let usable = |k: usize| fail_open || member_up[k];
-            let mut eligible: Vec<(u32, u8)> = members
+            // In the service's own order (not by backend index, which is
+            // the order the whole file first names each server in): round
+            // robin's sequence and least connections' ties follow it.
+            let eligible: Vec<(u32, u8)> = members
                 .iter()
                 .enumerate()
                 .filter(|&(k, (_, w))| *w > 0 && usable(k))
                 .map(|(_, m)| *m)
                 .collect();
-            eligible.sort_unstable();
             let mut keep: Vec<u32> = members
                 .iter()
                 .enumerate()
@@ -336,10 +339,11 @@ impl Snapshot {
                 };
                 Ok::<_, String>((table, mag))
             };
-            let mut weighted: Vec<(u32, u8)> =
+            // In the same order as `eligible`, so that with every member
+            // up the two are one table. (Validation allows no member
+            // twice; the Maglev build would refuse one.)
+            let weighted: Vec<(u32, u8)> =
                 members.iter().copied().filter(|(_, w)| *w > 0).collect();
-            weighted.sort_unstable();
-            weighted.dedup_by_key(|(i, _)| *i);
             let (maglev, maglev_input) = table(&weighted)?;
             let (fallback, fallback_input) = table(&eligible)?;
             let keep_bits = bitmap(keep.iter().copied());
@@ -605,7 +609,8 @@ impl Snapshot {
             }
             Scheduler::WeightedLeastConnections => {
                 // Least active/weight, compared as active_a × w_b < active_b × w_a
-                // to stay in integers; ties go to the lower backend index.
+                // to stay in integers; ties go to the server the service
+                // lists first.
                 let mut best: Option<(u32, i64, i64)> = None;
                 for &(b, w) in &svc.eligible {
                     let a = st.active(self.backends[b as usize].id).max(0);
