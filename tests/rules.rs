@@ -440,6 +440,7 @@ x TCP 0 TCP - 2 5 3 2 - -
 98 TCP 0 HTTP - 2 5 3 2 healthz -
 99 TCP 0 HTTP - 2 5 3 2 / a_b
 100 tcp 10 icmp 0 0 51 1 11 /x y
+101 TCP 0 HTTP - 2 5 3 2 /a\u{7f}b -
 ";
     assert_eq!(
         parse_errors(text),
@@ -467,7 +468,7 @@ x TCP 0 TCP - 2 5 3 2 - -
             "rules.txt:23: path \"/x\" is only valid for HTTP health checks (write - for TCP)",
             "rules.txt:24: domain \"x.example\" is only valid for HTTP health checks (write - for UDP)",
             "rules.txt:25: path is required for HTTP health checks (it must start with '/')",
-            "rules.txt:26: path \"healthz\" is invalid (must start with '/', at most 1024 bytes, no whitespace)",
+            "rules.txt:26: path \"healthz\" must start with '/'",
             "rules.txt:27: domain \"a_b\" is invalid (a host name of at most 253 characters: labels of 1-63 letters, digits and '-', not starting or ending with '-', joined by '.')",
             // Several problems on one line are all reported.
             "rules.txt:28: persistence 10 is out of range (0 = off, or 30-3600)",
@@ -477,6 +478,7 @@ x TCP 0 TCP - 2 5 3 2 - -
             "rules.txt:28: interval 51 is out of range (1-50)",
             "rules.txt:28: unhealthy 1 is out of range (2-10)",
             "rules.txt:28: healthy 11 is out of range (2-10)",
+            "rules.txt:29: path \"/a\\u{7f}b\" contains '\\u{7f}' (no whitespace or control characters: percent-encode them, like %20 for a space)",
         ]
     );
 }
@@ -504,7 +506,7 @@ fn apply_rejects_bad_rules_with_every_error_and_no_text() {
             "rules.txt:4: timeout 6 exceeds interval 5 (timeout must not exceed interval)",
             "rules.txt:4: path \"/x\" is only valid for HTTP health checks (write - for TCP)",
             "rules.txt:7: hc_port 0 is out of range (1-65535, or - for the server's port)",
-            "rules.txt:7: path \"/a b\" is invalid (must start with '/', at most 1024 bytes, no whitespace)",
+            "rules.txt:7: path \"/a b\" contains ' ' (no whitespace or control characters: percent-encode them, like %20 for a space)",
             "rules.txt:7: domain \"\" is invalid (a host name of at most 253 characters: labels of 1-63 letters, digits and '-', not starting or ending with '-', joined by '.')",
             "rules.txt:9: no listener on port 8081/TCP",
         ]

@@ -1428,6 +1428,10 @@ fn a_vip_cannot_be_ipv4_mapped_or_link_local_but_a_gateway_may_be_link_local() {
 
 // ----- health checks -----
 
+/// How a path message ends when the path has a blank or control character.
+const NO_BLANKS: &str =
+    "(no whitespace or control characters: percent-encode them, like %20 for a space)";
+
 fn with_health_check(lines: &str) -> String {
     // WEB ends on line 19; the [backend_service.health_check] header is
     // line 20, so the first check key is on line 21.
@@ -1508,10 +1512,34 @@ fn http_only_keys() {
 
 #[test]
 fn http_path_and_domain_rules() {
-    for bad in ["healthz", "/a b", "", "/\t"] {
+    // Each message names what is wrong with the path. (Once a bug: a
+    // control character got "must start with '/', at most 1024 bytes, no
+    // whitespace", three rules the path kept.)
+    let long = format!("/{}", "a".repeat(1024));
+    for (bad, why) in [
+        (
+            "healthz",
+            "path \"healthz\" must start with '/'".to_string(),
+        ),
+        ("", "path \"\" must start with '/'".to_string()),
+        ("/a b", format!("path \"/a b\" contains ' ' {NO_BLANKS}")),
+        ("/\t", format!("path \"/\\t\" contains '\\t' {NO_BLANKS}")),
+        (
+            "/a\u{7f}b",
+            format!("path \"/a\\u{{7f}}b\" contains '\\u{{7f}}' {NO_BLANKS}"),
+        ),
+        (
+            "/\u{a0}",
+            format!("path {:?} contains {:?} {NO_BLANKS}", "/\u{a0}", '\u{a0}'),
+        ),
+        (&long, "path is 1025 bytes long (at most 1024)".to_string()),
+    ] {
+        let value = toml_edit::Value::from(bad).to_string();
         assert_eq!(
-            error(&with_health_check(&format!("type = \"http\"\npath = {bad:?}\n"))),
-            format!("t.toml:22:8: path {bad:?} is invalid (must start with '/', at most 1024 bytes, no whitespace)")
+            error(&with_health_check(&format!(
+                "type = \"http\"\npath = {value}\n"
+            ))),
+            format!("t.toml:22:8: {why}")
         );
     }
     let long_label = "a".repeat(64);

@@ -236,16 +236,19 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// What is wrong with an HTTP check's request path, if anything.
+/// What is wrong with an HTTP check's request path, if anything: the first
+/// rule it breaks, named.
 pub(crate) fn path_problem(p: &str) -> Option<String> {
-    let ok = p.starts_with('/')
-        && p.len() <= MAX_PATH
-        && !p.chars().any(|c| c.is_whitespace() || c.is_control());
-    (!ok).then(|| {
-        format!(
-            "path {p:?} is invalid (must start with '/', at most {MAX_PATH} bytes, no whitespace)"
-        )
-    })
+    if !p.starts_with('/') {
+        return Some(format!("path {p:?} must start with '/'"));
+    }
+    if let Some(c) = p.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!(
+            "path {p:?} contains {c:?} (no whitespace or control characters: \
+             percent-encode them, like %20 for a space)"
+        ));
+    }
+    (p.len() > MAX_PATH).then(|| format!("path is {} bytes long (at most {MAX_PATH})", p.len()))
 }
 
 /// What is wrong with an HTTP check's Host header, if anything.
