@@ -1567,11 +1567,14 @@ fn http_path_and_domain_rules() {
             )
         );
     }
-    // The longest name and label, a final dot, digits only (an IPv4
+    // The longest name and label, a final dot (also after the longest
+    // name: the 253 characters do not count it), digits only (an IPv4
     // address): all valid.
     let longest = ["a".repeat(63).as_str(); 4].join(".")[..253].to_string();
+    let longest_dot = format!("{longest}.");
     for good in [
         longest.as_str(),
+        longest_dot.as_str(),
         "web.example.",
         "198.18.2.11",
         "x",

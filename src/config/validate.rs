@@ -262,8 +262,10 @@ pub(crate) fn domain_problem(d: &str) -> Option<String> {
             && !l.ends_with('-')
             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
+    // The 253 characters do not count the final '.' (RFC 1035 §3.1: 255
+    // octets on the wire are 253 characters of text without it).
     let name = d.strip_suffix('.').unwrap_or(d);
-    let ok = (1..=MAX_DOMAIN).contains(&d.len()) && name.split('.').all(label);
+    let ok = (1..=MAX_DOMAIN).contains(&name.len()) && name.split('.').all(label);
     (!ok).then(|| {
         format!(
             "domain {d:?} is invalid (a host name of at most {MAX_DOMAIN} characters: \
