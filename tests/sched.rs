@@ -664,3 +664,24 @@ fn a_services_order_is_its_own_whatever_other_services_share_its_servers() {
         .collect();
     assert_eq!(picks, [S11, S12, S13, S11, S12, S13]);
 }
+
+/// Source IP with persistence: a server that goes down loses its clients
+/// to the others, and when it comes back their new flows stay where their
+/// sessions now say until those expire; then they return to it.
+#[test]
+fn source_ip_clients_return_to_a_server_back_up_once_their_sessions_expire() {
+    let servers = [(S11, 100), (S12, 100), (S13, 100)];
+    let cfg = config("weighted_source_ip", 60, &servers);
+    let (mut r, mut ids) = replayer(&cfg);
+    let c = (0..100)
+        .map(client)
+        .find(|c| syn(&r, 100, *c, 1000) == Some(S12))
+        .expect("a client of .12");
+    r.snapshot = snapshot(&cfg, &mut ids, &[S12], &r);
+    let moved = syn(&r, 101, c, 1001).expect("forwarded");
+    assert_ne!(moved, S12);
+    r.snapshot = snapshot(&cfg, &mut ids, &[], &r);
+    assert_eq!(syn(&r, 102, c, 1002), Some(moved), "its session holds");
+    assert_eq!(syn(&r, 162, c, 1003), Some(moved), "refreshed at 102");
+    assert_eq!(syn(&r, 223, c, 1004), Some(S12), "expired: back on .12");
+}
