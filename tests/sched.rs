@@ -685,3 +685,41 @@ fn source_ip_clients_return_to_a_server_back_up_once_their_sessions_expire() {
     assert_eq!(syn(&r, 162, c, 1003), Some(moved), "refreshed at 102");
     assert_eq!(syn(&r, 223, c, 1004), Some(S12), "expired: back on .12");
 }
+
+/// IPv6: `l4lb simulate` answers what the pipeline does (the 16 address
+/// bytes hashed), on the dual-stack example config.
+#[test]
+fn simulate_answers_what_the_pipeline_does_for_ipv6_clients() {
+    let mut text = include_str!("../config/dual-stack.toml").to_string();
+    text.push('\n');
+    for (i, s) in ["2001:2:0:2::11", "2001:2:0:2::12", "2001:2:0:2::13"]
+        .iter()
+        .enumerate()
+    {
+        text.push_str(&format!(
+            "[[instance.neighbour]]\naddress = \"{s}\"\nmac = \"02:00:00:00:0b:0{}\"\n",
+            i + 1
+        ));
+    }
+    let cfg = Config::from_str(&text, "dual-stack.toml").expect("valid");
+    let r = Replayer::new(&cfg).expect("replayer");
+    let vip: std::net::Ipv6Addr = "2001:2:0:100::1".parse().unwrap();
+    let clients: Vec<std::net::Ipv6Addr> = (1..=300u16)
+        .map(|i| std::net::Ipv6Addr::new(0x2001, 2, 0, 4, 0, 0, i >> 4, i))
+        .collect();
+    let input: String = clients.iter().map(|c| format!("{c}\n")).collect();
+    let mut out = Vec::new();
+    let bad = l4lb::simulate::simulate(&cfg, "web6", input.as_bytes(), &mut out, Vec::new())
+        .expect("simulate");
+    assert_eq!(bad, 0);
+    let out = String::from_utf8(out).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for (c, line) in clients.iter().zip(out.lines()) {
+        let mut f = ipv6_tcp_syn(c.octets(), vip.octets());
+        assert_eq!(r.process(&mut f, 100), Verdict::Tx(Port::Backend), "{c}");
+        let server = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&f[38..54]).unwrap());
+        assert_eq!(line, format!("{c} [{server}]:8080"));
+        seen.insert(server);
+    }
+    assert_eq!(seen.len(), 3, "the clients spread over every server");
+}
