@@ -286,6 +286,37 @@ fn http_with_an_early_hints_response_first_stays_up() {
     stays_up(&mut m, &k);
 }
 
+/// A 103 Early Hints response padded so that the final status line after
+/// it, `HTTP/1.1 200 OK`, ends with byte `ends_at` of the response.
+fn early_hints_then_200(ends_at: usize) -> Vec<u8> {
+    let (head, tail) = (
+        "HTTP/1.1 103 Early Hints\r\nLink: <",
+        ">\r\n\r\nHTTP/1.1 200 OK\r\n",
+    );
+    let pad = "a".repeat(ends_at - head.len() - tail.len());
+    let mut r = format!("{head}{pad}{tail}").into_bytes();
+    assert_eq!(r.len(), ends_at);
+    r.extend_from_slice(b"Content-Length: 0\r\nConnection: close\r\n\r\n");
+    r
+}
+
+/// README: "at most 1 KiB is read". A final status line that ends within
+/// the first 1024 bytes of the response is judged; one that ends after
+/// them is a bad response, even when the server sends it all at once.
+#[test]
+fn http_judges_a_final_status_line_within_the_first_kib_only() {
+    for (ends_at, want) in [(1024, "ok"), (1100, "bad response")] {
+        let server = Server::tcp(move |mut s| {
+            read_head(&mut s);
+            let _ = s.write_all(&early_hints_then_200(ends_at));
+        });
+        let k = key(server.port, 6);
+        let mut m = HealthMonitor::new(64);
+        m.set_targets(vec![target(k, spec(http("/", None), server.port))]);
+        wait_for_result(&mut m, &k, want, INTERVAL + SLACK);
+    }
+}
+
 #[test]
 fn http_without_a_domain_sends_the_server_address_as_host() {
     let heads = Arc::new(Mutex::new(Vec::<String>::new()));

@@ -993,7 +993,8 @@ impl Active {
     /// Goes as far as the socket allows without blocking; `Some` when the
     /// probe is over.
     fn advance(&mut self) -> Option<Outcome> {
-        let mut chunk = [0u8; 512];
+        const CHUNK: usize = 512;
+        let mut chunk = [0u8; CHUNK];
         loop {
             match &mut self.step {
                 Step::Connect => {
@@ -1034,7 +1035,11 @@ impl Active {
                         Err(e) => return Some(failure(&e)),
                     }
                 }
-                Step::Read { buf } => match (&self.sock).read(&mut chunk) {
+                // Never past MAX_STATUS_READ: whether a status line just
+                // after it counts must not depend on how the reads split.
+                Step::Read { buf } => match (&self.sock)
+                    .read(&mut chunk[..(MAX_STATUS_READ - buf.len()).min(CHUNK)])
+                {
                     Ok(0) if buf.is_empty() => return Some((false, "connection closed".into())),
                     Ok(0) => return Some((false, "bad response".into())),
                     Ok(n) => {
@@ -1046,7 +1051,7 @@ impl Active {
                         if let Some(outcome) = judge_response(buf, codes) {
                             return Some(outcome);
                         }
-                        if buf.len() > MAX_STATUS_READ {
+                        if buf.len() >= MAX_STATUS_READ {
                             return Some((false, "bad response".into()));
                         }
                     }
