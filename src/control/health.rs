@@ -889,15 +889,19 @@ fn http_request(path: &str, host: Option<&str>, addr: IpAddr) -> Vec<u8> {
 }
 
 /// The status code of an HTTP/1.x status line (RFC 9112 §4:
-/// `HTTP-version SP status-code SP [ reason-phrase ]`).
+/// `HTTP-version SP status-code SP [ reason-phrase ]`, where HTTP-version
+/// is `HTTP/` DIGIT `.` DIGIT, §2.3).
 fn status_code(line: &[u8]) -> Option<u16> {
     let rest = line.strip_prefix(b"HTTP/")?;
-    let sp = rest.iter().position(|&b| b == b' ')?;
-    let code = rest.get(sp + 1..sp + 4)?;
+    match rest.get(..4)? {
+        [major, b'.', minor, b' '] if major.is_ascii_digit() && minor.is_ascii_digit() => {}
+        _ => return None,
+    }
+    let code = rest.get(4..7)?;
     if !code.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    match rest.get(sp + 4) {
+    match rest.get(7) {
         None | Some(b' ') | Some(b'\r') => {}
         Some(_) => return None,
     }
@@ -1816,6 +1820,12 @@ mod tests {
         assert_eq!(status_code(b"HTTP/1.1 20 OK"), None);
         assert_eq!(status_code(b"SSH-2.0-OpenSSH_9.6"), None);
         assert_eq!(status_code(b"HTTP/1.1 abc OK"), None);
+        // HTTP-version is "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3).
+        assert_eq!(status_code(b"HTTP/1.0 200 OK"), Some(200));
+        assert_eq!(status_code(b"HTTP/ 200 OK"), None);
+        assert_eq!(status_code(b"HTTP/x.y 200 OK"), None);
+        assert_eq!(status_code(b"HTTP/11 200 OK"), None);
+        assert_eq!(status_code(b"HTTP/1.1.1 200 OK"), None);
         let codes = [(200, 299), (301, 302)];
         assert_eq!(
             judge_status(b"HTTP/1.1 302 Found\r", &codes),
