@@ -1500,6 +1500,20 @@ mod tests {
         assert!(!m.is_up(&k1), "a's server, down for a");
     }
 
+    /// A reload changes a's check to the one b already runs on the server:
+    /// the check is b's, unchanged, so one target for both with b's state
+    /// and counters, whatever a's old check said.
+    #[test]
+    fn a_check_changed_to_one_another_service_runs_takes_that_checks_state() {
+        let (mut m, k0) = two_services_on_one_server(false, true);
+        m.set_targets(vec![wanted(k0, http_spec("/b"), &["a", "b"])]);
+        assert_eq!(m.states(), vec![(k0, true, "ok".to_string())]);
+        assert_eq!(m.targets[&k0].state.counters(), (1, 0));
+        let (mut m, k0) = two_services_on_one_server(true, false);
+        m.set_targets(vec![wanted(k0, http_spec("/b"), &["a", "b"])]);
+        assert_eq!(m.states(), vec![(k0, false, "status 503".to_string())]);
+    }
+
     /// A reload gives a and b the same new check: one target for both. a
     /// saw the server fail, so it stays down until the new check passes.
     #[test]
