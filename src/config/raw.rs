@@ -89,6 +89,48 @@ seq_wrapper!(
     "an array of tables (written as [[...]] headers)"
 );
 
+/// Generates a wrapper of a table that is written once (`[a.b]`), which
+/// accepts only a table. Serde's derived structs also accept an array of
+/// their fields' values, so `[[a.b]]` read as `first_key = <the table>`
+/// and was reported as "invalid type: map, expected a string".
+macro_rules! table_wrapper {
+    ($(#[$doc:meta])* $name:ident, $inner:ty, $expecting:literal) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub(crate) struct $name(pub $inner);
+
+        impl std::ops::Deref for $name {
+            type Target = $inner;
+            fn deref(&self) -> &$inner {
+                &self.0
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct TableVisitor;
+                impl<'de> Visitor<'de> for TableVisitor {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<$name, A::Error> {
+                        <$inner>::deserialize(de::value::MapAccessDeserializer::new(map)).map($name)
+                    }
+                }
+                deserializer.deserialize_map(TableVisitor)
+            }
+        }
+    };
+}
+
+table_wrapper!(
+    /// `[backend_service.health_check]`.
+    HealthCheckTable,
+    RawHealthCheck,
+    "a table (written as a [backend_service.health_check] header, not [[...]])"
+);
+
 pub(crate) type Str = Spanned<String>;
 pub(crate) type Num = Spanned<Int>;
 
@@ -152,7 +194,7 @@ pub(crate) struct RawService {
     pub persistence_timeout: Option<Num>,
     pub on_all_down: Option<Str>,
     pub availability_groups: Option<Spanned<Array<Str>>>,
-    pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub health_check: Option<Spanned<HealthCheckTable>>,
     #[serde(default)]
     pub server: Tables<RawServer>,
 }

@@ -599,6 +599,30 @@ fn dotted_keys_are_located_and_named() {
     );
 }
 
+/// `[[backend_service.health_check]]`, written like the server tables
+/// next to it, is an array: the loader says the check is one table.
+/// (Serde reads a struct from an array of its values too, which made
+/// this "invalid type: map, expected a string".)
+#[test]
+fn a_health_check_written_as_an_array_of_tables_is_named() {
+    let want = "a table (written as a [backend_service.health_check] header, not [[...]])";
+    assert_eq!(
+        error(&format!(
+            "{INSTANCE}{WEB}[[backend_service.health_check]]\ntype = \"http\"\n"
+        )),
+        format!("t.toml:20:1: invalid type: sequence, expected {want}")
+    );
+    let inline = WEB.replace(
+        "protocol = \"tcp\"\n[[backend_service.server]]",
+        "protocol = \"tcp\"\nhealth_check = [\"http\", 8080]\n[[backend_service.server]]",
+    );
+    assert_ne!(inline, WEB);
+    assert_eq!(
+        error(&format!("{INSTANCE}{inline}")),
+        format!("t.toml:17:16: invalid type: sequence, expected {want}")
+    );
+}
+
 #[test]
 fn missing_keys_are_located_at_their_table() {
     assert_eq!(error(""), "t.toml:1:1: missing required table [instance]");

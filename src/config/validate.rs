@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use toml::Spanned;
 
 use super::raw::{
-    Num, RawConfig, RawGroup, RawHealthCheck, RawInstance, RawListener, RawServer, RawService, Str,
+    HealthCheckTable, Num, RawConfig, RawGroup, RawInstance, RawListener, RawServer, RawService,
+    Str,
 };
 use super::{
     AllDown, AttachMode, BackendService, BindMode, Config, ForwardingMode, HealthCheck,
@@ -1078,7 +1079,7 @@ impl Validator<'_> {
         services
     }
 
-    fn health_check(&mut self, raw: Option<&Spanned<RawHealthCheck>>) -> Option<HealthCheck> {
+    fn health_check(&mut self, raw: Option<&Spanned<HealthCheckTable>>) -> Option<HealthCheck> {
         let Some(raw) = raw else {
             return Some(HealthCheck {
                 kind: HealthCheckKind::Tcp,
