@@ -125,10 +125,16 @@ macro_rules! table_wrapper {
 }
 
 table_wrapper!(
+    /// `[instance]`.
+    InstanceTable,
+    RawInstance,
+    "a table (written as an [instance] header)"
+);
+table_wrapper!(
     /// `[backend_service.health_check]`.
     HealthCheckTable,
     RawHealthCheck,
-    "a table (written as a [backend_service.health_check] header, not [[...]])"
+    "a table (written as a [backend_service.health_check] header)"
 );
 
 pub(crate) type Str = Spanned<String>;
@@ -137,7 +143,7 @@ pub(crate) type Num = Spanned<Int>;
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a table")]
 pub(crate) struct RawConfig {
-    pub instance: Spanned<RawInstance>,
+    pub instance: Spanned<InstanceTable>,
     #[serde(default)]
     pub listener: Tables<RawListener>,
     #[serde(default)]

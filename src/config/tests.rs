@@ -605,7 +605,7 @@ fn dotted_keys_are_located_and_named() {
 /// this "invalid type: map, expected a string".)
 #[test]
 fn a_health_check_written_as_an_array_of_tables_is_named() {
-    let want = "a table (written as a [backend_service.health_check] header, not [[...]])";
+    let want = "a table (written as a [backend_service.health_check] header)";
     assert_eq!(
         error(&format!(
             "{INSTANCE}{WEB}[[backend_service.health_check]]\ntype = \"http\"\n"
@@ -620,6 +620,17 @@ fn a_health_check_written_as_an_array_of_tables_is_named() {
     assert_eq!(
         error(&format!("{INSTANCE}{inline}")),
         format!("t.toml:17:16: invalid type: sequence, expected {want}")
+    );
+}
+
+/// The same mistake with `[[instance]]`.
+#[test]
+fn an_instance_written_as_an_array_of_tables_is_named() {
+    let text = format!("{INSTANCE}{WEB}").replacen("[instance]", "[[instance]]", 1);
+    assert!(text.starts_with("[[instance]]\n"), "{text}");
+    assert_eq!(
+        error(&text),
+        "t.toml:1:1: invalid type: sequence, expected a table (written as an [instance] header)"
     );
 }
 
@@ -672,7 +683,7 @@ fn wrong_value_types_are_located() {
     );
     assert_eq!(
         error("instance = 5\n"),
-        "t.toml:1:12: invalid type: integer `5`, expected a table"
+        "t.toml:1:12: invalid type: integer `5`, expected a table (written as an [instance] header)"
     );
     assert_eq!(
         error(&INSTANCE.replace("name = \"t\"", "name = \"t\"\nworkers = 3")),
