@@ -6,7 +6,7 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, RulesCommand};
-use l4lb::config::{Config, ConfigError, DEFAULT_CONFIG};
+use l4lb::config::{Config, ConfigError, Located, DEFAULT_CONFIG};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -24,7 +24,12 @@ impl From<anyhow::Error> for Failure {
 }
 
 fn load(path: &Path) -> Result<Config, Failure> {
-    Config::from_file(path).map_err(|e| match e {
+    load_warned(path).map(|(config, _)| config)
+}
+
+/// [`load`], with the file's warnings (`FILE:LINE:COL: warning: ...`).
+fn load_warned(path: &Path) -> Result<(Config, Vec<Located>), Failure> {
+    Config::from_file_warned(path).map_err(|e| match e {
         ConfigError::Invalid(_) => Failure::Invalid(e.to_string()),
         ConfigError::Io { .. } => Failure::Runtime(anyhow::Error::new(e)),
     })
@@ -55,7 +60,13 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Run { config } => {
             let (cfg, name) = match &config {
-                Some(p) => (load(p)?, p.display().to_string()),
+                Some(p) => {
+                    let (cfg, warnings) = load_warned(p)?;
+                    for w in &warnings {
+                        tracing::warn!("{w}");
+                    }
+                    (cfg, p.display().to_string())
+                }
                 None => (
                     Config::from_str(DEFAULT_CONFIG, "<built-in config/l4lb.toml>")
                         .map_err(|e| Failure::Invalid(e.to_string()))?,
@@ -66,7 +77,10 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
-            let cfg = load(&config)?;
+            let (cfg, warnings) = load_warned(&config)?;
+            for w in &warnings {
+                eprintln!("{w}");
+            }
             println!("{}: ok: {}", config.display(), cfg.summary());
             Ok(ExitCode::SUCCESS)
         }

@@ -491,3 +491,56 @@ fn rules_import_of_a_file_that_is_not_utf8_is_bad_input_located_and_changes_noth
     assert_eq!(stderr(&check), want, "the same place as `check` names");
     assert_eq!(std::fs::read(&config).unwrap(), broken);
 }
+
+/// A UDP service without a health check table gets the default TCP
+/// connect check, which marks a UDP-only server down: `check` still
+/// accepts the file (exit 0) but warns, at the service's name; with the
+/// table written out, there is no warning.
+#[test]
+fn check_warns_of_a_udp_service_left_with_the_default_tcp_check() {
+    let dir = TempDir::new("udpcheck");
+    let text = r#"[instance]
+name = "u"
+client_interface = "lb-c"
+backend_interface = "lb-b"
+client_gateway = "198.18.0.2"
+
+[[listener]]
+name = "dns"
+vip = "198.18.100.1"
+protocol = "udp"
+port = 53
+backend_service = "dns"
+
+[[backend_service]]
+name = "dns"
+protocol = "udp"
+
+  [[backend_service.server]]
+  address = "198.18.2.11"
+  port = 53
+"#;
+    std::fs::write(dir.path("u.toml"), text).unwrap();
+    let o = l4lb_in(&dir.0, &["check", "-c", "u.toml"], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "u.toml: ok: u: 1 listener, 1 backend service, 1 server, 1 worker, nat mode on lb-c/lb-b\n"
+    );
+    assert_eq!(
+        stderr(&o),
+        "u.toml:15:8: warning: backend service \"dns\" is udp but has no \
+         [backend_service.health_check]: the default is a TCP connect to each server's \
+         port, and a server that does not accept TCP there is marked down; add the table \
+         (type = \"udp\", or a tcp or http check on a port the servers listen on)\n"
+    );
+    let checked = text.replace(
+        "protocol = \"udp\"\n\n  [[backend_service.server]]",
+        "protocol = \"udp\"\n\n  [backend_service.health_check]\n  type = \"udp\"\n\n  [[backend_service.server]]",
+    );
+    assert_ne!(checked, text);
+    std::fs::write(dir.path("u.toml"), checked).unwrap();
+    let o = l4lb_in(&dir.0, &["check", "-c", "u.toml"], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+}

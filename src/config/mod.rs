@@ -267,13 +267,19 @@ impl Config {
     /// Reads and validates the file at `path`; messages name the file as
     /// `path` is written.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Config::from_file_warned(path).map(|(config, _)| config)
+    }
+
+    /// [`Config::from_file`], with the file's warnings: settings that are
+    /// valid but probably not what was meant (`FILE:LINE:COL: warning: ...`).
+    pub fn from_file_warned(path: &Path) -> Result<(Config, Vec<Located>), ConfigError> {
         let file_name = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|error| ConfigError::Io {
             path: file_name.clone(),
             error,
         })?;
         match String::from_utf8(bytes) {
-            Ok(text) => Config::from_str(&text, &file_name),
+            Ok(text) => Config::from_str_warned(&text, &file_name),
             Err(e) => {
                 let valid = e.utf8_error().valid_up_to();
                 let bytes = e.as_bytes();
@@ -291,6 +297,15 @@ impl Config {
 
     /// Parses and validates `text`; `file_name` is used in messages.
     pub fn from_str(text: &str, file_name: &str) -> Result<Config, ConfigError> {
+        Config::from_str_warned(text, file_name).map(|(config, _)| config)
+    }
+
+    /// [`Config::from_str`], with the warnings (see
+    /// [`Config::from_file_warned`]).
+    pub fn from_str_warned(
+        text: &str,
+        file_name: &str,
+    ) -> Result<(Config, Vec<Located>), ConfigError> {
         validate::load(text, file_name).map_err(ConfigError::Invalid)
     }
 

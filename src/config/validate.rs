@@ -102,7 +102,9 @@ impl<'a> LineIndex<'a> {
 
 /// Parses and validates `text`; on failure returns every problem found, in
 /// file order.
-pub(crate) fn load(text: &str, file: &str) -> Result<Config, Vec<Located>> {
+/// With the configuration, its warnings: settings that are valid but
+/// probably not what was meant, located like the problems.
+pub(crate) fn load(text: &str, file: &str) -> Result<(Config, Vec<Located>), Vec<Located>> {
     let index = LineIndex::new(text);
     let locate = |offset: usize, message: String| {
         let (line, col) = index.position(offset);
@@ -138,11 +140,20 @@ pub(crate) fn load(text: &str, file: &str) -> Result<Config, Vec<Located>> {
     let mut v = Validator {
         index: &index,
         problems: Vec::new(),
+        warnings: Vec::new(),
     };
     let config = v.config(&raw);
     let mut problems = v.problems;
     match config {
-        Some(config) if problems.is_empty() => Ok(config),
+        Some(config) if problems.is_empty() => {
+            let mut warnings = v.warnings;
+            warnings.sort_by_key(|w| w.0);
+            let warnings = warnings
+                .into_iter()
+                .map(|(o, m)| locate(o, format!("warning: {m}")))
+                .collect();
+            Ok((config, warnings))
+        }
         _ => {
             if problems.is_empty() {
                 // Unreachable by construction: every `None` above records a
@@ -361,11 +372,18 @@ struct ListenerInfo<'r> {
 struct Validator<'a> {
     index: &'a LineIndex<'a>,
     problems: Vec<(usize, String)>,
+    /// Valid, but probably not what was meant (`l4lb check` and `run` say
+    /// so; the file is still loaded).
+    warnings: Vec<(usize, String)>,
 }
 
 impl Validator<'_> {
     fn report(&mut self, span: Range<usize>, message: String) {
         self.problems.push((span.start, message));
+    }
+
+    fn warn(&mut self, span: Range<usize>, message: String) {
+        self.warnings.push((span.start, message));
     }
 
     fn line_of<T>(&self, value: &Spanned<T>) -> usize {
@@ -973,6 +991,17 @@ impl Validator<'_> {
                 AllDown::Drop,
             );
             let health_check = self.health_check(s.health_check.as_ref());
+            if protocol == Some(Protocol::Udp) && s.health_check.is_none() {
+                self.warn(
+                    s.name.span(),
+                    format!(
+                        "backend service {name:?} is udp but has no [backend_service.health_check]: \
+                         the default is a TCP connect to each server's port, and a server that \
+                         does not accept TCP there is marked down; add the table (type = \"udp\", \
+                         or a tcp or http check on a port the servers listen on)"
+                    ),
+                );
+            }
 
             // Own servers, then each group's, in order.
             let mut members: Vec<Member> = s

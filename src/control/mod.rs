@@ -373,7 +373,10 @@ impl Plane {
                 "l4lb was started with the built-in config: there is no file to reload".into(),
             );
         };
-        let new = Config::from_file(&path).map_err(|e| e.to_string())?;
+        let (new, warnings) = Config::from_file_warned(&path).map_err(|e| e.to_string())?;
+        for w in &warnings {
+            tracing::warn!("{w}");
+        }
         let fixed = restart_only_changes(&self.config, &new);
         if !fixed.is_empty() {
             return Err(format!(
