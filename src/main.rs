@@ -199,7 +199,7 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
             Ok(reply) => {
                 return Err(Failure::Runtime(anyhow::anyhow!(
                     "{config_name} was updated, but the running instance rejected it: {}",
-                    reply.trim_end()
+                    reply.strip_prefix("error: ").unwrap_or(&reply).trim_end()
                 )))
             }
             Err(e) => println!("no running instance answered on {} ({e:#})", sock.display()),

@@ -544,3 +544,57 @@ protocol = "udp"
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stderr(&o), "");
 }
+
+/// A stand-in for a running instance on the control socket `path`: answers
+/// each of `replies` in turn, one per connection, and hands back the
+/// request lines it was sent (fewer if no more came within 10 s).
+fn fake_instance(path: &Path, replies: &[&str]) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::{BufRead, BufReader};
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind the fake socket");
+    listener.set_nonblocking(true).unwrap();
+    let replies: Vec<String> = replies.iter().map(|r| r.to_string()).collect();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut asked = Vec::new();
+        for reply in replies {
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => return asked,
+                }
+            };
+            conn.set_nonblocking(false).unwrap();
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line).expect("request");
+            asked.push(line.trim_end().to_string());
+            conn.write_all(reply.as_bytes()).expect("reply");
+        }
+        asked
+    })
+}
+
+/// The running instance's refusal is quoted once, without the control
+/// protocol's `error: ` prefix.
+#[test]
+fn rules_import_rejected_by_the_running_instance_says_why_and_exits_1() {
+    let dir = TempDir::new("import-rejected");
+    let config = demo_config_in(&dir, "l4lb.toml");
+    let c = config.to_str().unwrap();
+    let rules = dir.path("rules.txt");
+    std::fs::write(&rules, "80 TCP 300 HTTP 8080 2 5 3 2 / -\n").unwrap();
+    let why = format!(
+        "{c}: instance.workers cannot change while running (restart l4lb); the running configuration is unchanged"
+    );
+    let instance = fake_instance(&dir.path("none.sock"), &[&format!("error: {why}\n")]);
+    let o = l4lb(&["rules", "import", "-c", c, rules.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stdout(&o), format!("{c}: applied 1 rule(s)\n"));
+    assert_eq!(
+        stderr(&o),
+        format!("l4lb: {c} was updated, but the running instance rejected it: {why}\n")
+    );
+    assert_eq!(instance.join().unwrap(), ["reload"]);
+}
