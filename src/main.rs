@@ -106,7 +106,7 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             socket,
             json,
         } => {
-            let path = socket_path(socket, config)?;
+            let (path, _) = socket_path(socket, config)?;
             let reply = l4lb::control::ctl::request(&path, "stats")?;
             if json {
                 println!("{reply}");
@@ -118,8 +118,14 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload { config, socket } => {
-            let path = socket_path(socket, config)?;
-            let reply = l4lb::control::ctl::request(&path, "reload")?;
+            // A file that fails validation is refused by the instance, which
+            // logs why; with no instance to ask, its errors are the answer.
+            let (path, errors) = socket_path(socket, config)?;
+            let reply = match (l4lb::control::ctl::request(&path, "reload"), errors) {
+                (Ok(reply), _) => reply,
+                (Err(_), Some(errors)) => return Err(Failure::Invalid(errors)),
+                (Err(e), None) => return Err(e.into()),
+            };
             if let Some(ok) = reply.strip_prefix("ok: ") {
                 print!("{ok}");
                 Ok(ExitCode::SUCCESS)
@@ -156,12 +162,39 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
     }
 }
 
-fn socket_path(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, Failure> {
+/// The control socket to ask: `-s`, else the one `-c`'s file names, else
+/// the default. With it, the validation errors of `-c`'s file, if any.
+fn socket_path(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<(PathBuf, Option<String>), Failure> {
     Ok(match (socket, config) {
-        (Some(s), _) => s,
-        (None, Some(c)) => load(&c)?.instance.control_socket,
-        (None, None) => PathBuf::from(DEFAULT_SOCKET),
+        (Some(s), _) => (s, None),
+        (None, Some(c)) => match load(&c) {
+            Ok(cfg) => (cfg.instance.control_socket, None),
+            // `-c` only says where the socket is: a file with errors
+            // elsewhere still says that.
+            Err(Failure::Invalid(errors)) => match control_socket_of(&c) {
+                Some(path) => (path, Some(errors)),
+                None => return Err(Failure::Invalid(errors)),
+            },
+            Err(e) => return Err(e),
+        },
+        (None, None) => (PathBuf::from(DEFAULT_SOCKET), None),
     })
+}
+
+/// The control socket a config file names, read as plain TOML without
+/// validating the rest: `instance.control_socket`, or the default when the
+/// `[instance]` table leaves it out. None if the file does not say (not
+/// TOML, no `[instance]` table, or a value that is not a non-empty string).
+fn control_socket_of(path: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let doc: toml::Table = text.parse().ok()?;
+    match doc.get("instance")?.as_table()?.get("control_socket") {
+        None => Some(PathBuf::from(DEFAULT_SOCKET)),
+        Some(v) => v.as_str().filter(|s| !s.is_empty()).map(PathBuf::from),
+    }
 }
 
 /// `l4lb rules import`: validate every rule, apply all or nothing, then

@@ -576,6 +576,45 @@ fn fake_instance(path: &Path, replies: &[&str]) -> std::thread::JoinHandle<Vec<S
     })
 }
 
+/// `reload -c FILE` and `stats -c FILE` only look up the control socket in
+/// FILE. A FILE that fails validation still names it: the instance is
+/// asked, and the reload is refused by the instance itself, which logs the
+/// errors (README, "Reload and drain"), rather than by the command alone.
+#[test]
+fn reload_and_stats_find_the_socket_in_a_config_that_fails_validation() {
+    let dir = TempDir::new("ctl-invalid");
+    let config = demo_config_in(&dir, "l4lb.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let broken = text.replacen("weight = 50", "weight = 150", 1);
+    std::fs::write(&config, &broken).unwrap();
+    let line = 1 + broken.lines().position(|l| l.contains("150")).unwrap();
+    let c = config.to_str().unwrap();
+    let check = l4lb(&["check", "-c", c], "");
+    assert_eq!(check.status.code(), Some(2));
+    let errors = format!("{c}:{line}:12: weight 150 is out of range (0-100)\n");
+    assert_eq!(stderr(&check), errors);
+
+    let refused = format!("error: {errors}");
+    let instance = fake_instance(&dir.path("none.sock"), &[&refused, "{\"a\":1}"]);
+    let reload = l4lb(&["reload", "-c", c], "");
+    let stats = l4lb(&["stats", "--json", "-c", c], "");
+    assert_eq!(
+        instance.join().unwrap(),
+        ["reload", "stats"],
+        "the instance was asked"
+    );
+    assert_eq!(reload.status.code(), Some(2));
+    assert_eq!(stderr(&reload), errors);
+    assert_eq!(stats.status.code(), Some(0), "{}", stderr(&stats));
+    assert_eq!(stdout(&stats), "{\"a\":1}\n");
+    std::fs::remove_file(dir.path("none.sock")).unwrap();
+
+    // With no instance there, the file's own errors are the answer.
+    let o = l4lb(&["reload", "-c", c], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o), errors);
+}
+
 /// The running instance's refusal is quoted once, without the control
 /// protocol's `error: ` prefix.
 #[test]
