@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, RulesCommand};
 use l4lb::config::{Config, ConfigError, Located, DEFAULT_CONFIG};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -42,6 +43,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: a log file or the
+        // journal gets plain lines that grep and log tools can match.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match real_main(Cli::parse()) {
         Ok(code) => code,

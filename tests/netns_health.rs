@@ -424,3 +424,158 @@ fn weight_zero_drains_a_server_open_connections_finish_new_clients_avoid_it() {
     assert!(assignment(&d, ECHO).values().all(|b| b != "b1"));
     assert_no_drops(&t);
 }
+
+/// Runs `l4lb ARGS`: (exit code, stdout, stderr).
+fn l4lb(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(harness::L4LB)
+        .args(args)
+        .output()
+        .expect("running l4lb");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every way an operator can have a change refused, one after another,
+/// while clients hold connections open and persisted clients sit on
+/// servers the plain hash would no longer give them: a SIGHUP and an
+/// `l4lb reload -c` of an invalid file, a reload of a restart-only change,
+/// a rules file with a broken line, and rules the file takes but the
+/// running instance refuses. Nothing is published, the open connections
+/// finish on their servers, every client comes back to its server, and
+/// the log says why each was refused, as plain lines.
+#[test]
+fn refused_reloads_and_imports_keep_open_connections_and_persisted_clients() {
+    let mut t = Topology::up("refused", 200);
+    const CLIENTS: &str = "198.18.4.1-198.18.4.200";
+    let persisted = t.config_text(|c| {
+        fast_checks(c).replace(
+            "scheduler = \"weighted_source_ip\"\n# Servers",
+            "scheduler = \"weighted_source_ip\"\npersistence_timeout = 300\n# Servers",
+        )
+    });
+    assert!(persisted.contains("persistence_timeout = 300\n# Servers"));
+    t.start_lb(&persisted);
+    let before = assignment(&t.drive(&[WEB], &[], CLIENTS, 1), WEB);
+    // b1 from 50 to 5: the hash alone would now move many of b1's clients.
+    let good = persisted.replacen("weight = 50", "weight = 5", 1);
+    t.apply(&good);
+    let clients: Vec<String> = before.keys().cloned().collect();
+    let by_hash = t.simulate(&t.config, "web", &clients);
+    let hash_moves = before
+        .iter()
+        .filter(|(s, b)| by_hash[*s] != harness::backend_addr(b, 8080))
+        .count();
+    assert!(hash_moves > 30, "only {hash_moves} clients would move");
+    let gen = t.stats()["generation"].as_u64().unwrap();
+
+    let held = t.drive_spawn(
+        &[WEB],
+        &[ECHO],
+        CLIENTS,
+        1,
+        &["--hold-ms", "6000", "--parallel", "400"],
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let c = t.config.display().to_string();
+    let generation = |t: &Topology| t.stats()["generation"].as_u64().unwrap();
+
+    // An invalid file, by SIGHUP and by `l4lb reload -c`.
+    let invalid = good.replacen("weight = 5\n", "weight = 150\n", 1);
+    let line = invalid
+        .lines()
+        .position(|l| l.contains("weight = 150"))
+        .unwrap()
+        + 1;
+    let why = format!("{c}:{line}:12: weight 150 is out of range (0-100)");
+    std::fs::write(&t.config, &invalid).unwrap();
+    t.kill_lb(libc::SIGHUP);
+    // (Handled before the file changes again.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !t.lb_log().contains("(via SIGHUP)") {
+        assert!(
+            Instant::now() < deadline,
+            "no SIGHUP reload:\n{}",
+            t.lb_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, err) = l4lb(&["reload", "-c", &c]);
+    assert_eq!((code, err.trim_end()), (Some(2), why.as_str()));
+    assert_eq!(generation(&t), gen);
+
+    // A restart-only key.
+    std::fs::write(&t.config, good.replace("workers = [0]", "workers = [0, 1]")).unwrap();
+    let (code, _, err) = t.reload();
+    let restart = format!("{c}: instance.workers cannot change while running (restart l4lb); the running configuration is unchanged");
+    assert_eq!((code, err.trim_end()), (2, restart.as_str()));
+    assert_eq!(generation(&t), gen);
+
+    // A rules file with a broken line changes neither file nor instance.
+    std::fs::write(&t.config, &good).unwrap();
+    let rules = t.dir.join("rules.txt");
+    let r = rules.display().to_string();
+    std::fs::write(
+        &rules,
+        "80 TCP 0 HTTP 8080 1 1 2 2 / -\n53 UDP 0 UDP 9053 1 1 2\n",
+    )
+    .unwrap();
+    let (code, _, err) = l4lb(&["rules", "import", "-c", &c, &r]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.starts_with(&format!("{r}:2: expected 11 fields")),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&t.config).unwrap(), good);
+    assert_eq!(generation(&t), gen);
+
+    // Rules the file takes (persistence off), but a restart-only key
+    // waiting in the file makes the running instance refuse them.
+    std::fs::write(&t.config, good.replace("workers = [0]", "workers = [0, 1]")).unwrap();
+    std::fs::write(&rules, "80 TCP 0 HTTP 8080 1 1 2 2 / -\n").unwrap();
+    let (code, out, err) = l4lb(&["rules", "import", "-c", &c, &r]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("l4lb: {c} was updated, but the running instance rejected it: {restart}")
+    );
+    assert_eq!(generation(&t), gen);
+    std::fs::write(&t.config, &good).unwrap();
+
+    let held = Topology::drive_wait(held);
+    assert_eq!(
+        held.failures,
+        0,
+        "open connections broke:\n{}",
+        held.failures_text()
+    );
+    for (src, b) in assignment(&held, WEB) {
+        assert_eq!(before[&src], b, "{src}'s open connection moved");
+    }
+    let hits = t.stats()["persistence"]["hits"].as_u64().unwrap();
+    let after = assignment(&t.drive(&[WEB], &[], CLIENTS, 1), WEB);
+    assert_eq!(
+        after, before,
+        "every persisted client is back on its server"
+    );
+    assert_eq!(
+        t.stats()["persistence"]["hits"].as_u64().unwrap(),
+        hits + 200,
+        "each came back through its session"
+    );
+    assert_no_drops(&t);
+
+    // The log says why, once per refusal, in plain text.
+    let log = t.lb_log();
+    assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log:?}");
+    for want in [
+        format!("ERROR l4lb::control: reload rejected (via SIGHUP): {why}"),
+        format!("ERROR l4lb::control: reload rejected (via control socket): {why}"),
+        format!("ERROR l4lb::control: reload rejected (via control socket): {restart}"),
+    ] {
+        assert!(log.contains(&want), "the log lacks {want:?}:\n{log}");
+    }
+    assert_eq!(log.matches("reload rejected").count(), 4, "{log}");
+}
