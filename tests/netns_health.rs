@@ -579,3 +579,93 @@ fn refused_reloads_and_imports_keep_open_connections_and_persisted_clients() {
     }
     assert_eq!(log.matches("reload rejected").count(), 4, "{log}");
 }
+
+/// An availability group is used as a whole by every service that lists
+/// it, and its members stay servers of their own: here `web-spare` holds
+/// b2 and b3, and serves `web` (after web's own b1) and `web2` (alone).
+/// When b3 dies, it leaves both services, only its clients move (in
+/// `web2`, to the group's other member), and when it comes back they
+/// return.
+#[test]
+fn a_group_member_that_goes_down_leaves_every_service_of_the_group_alone() {
+    const WEB2: &str = "198.18.100.3:80";
+    let mut t = Topology::up("group", N_SOURCES);
+    let b2_own =
+        "  [[backend_service.server]]\n  address = \"198.18.2.12\"\n  port = 8080\n  weight = 30\n";
+    let b3_in_group = "  [[availability_group.server]]\n  address = \"198.18.2.13\"\n  port = 8080\n  weight = 20";
+    let cfg = t.config_text(|c| {
+        assert!(c.contains(b2_own) && c.contains(b3_in_group), "demo layout");
+        fast_checks(c).replace(b2_own, "").replace(
+            b3_in_group,
+            &format!(
+                "{}\n\n{b3_in_group}",
+                b2_own
+                    .replace("backend_service", "availability_group")
+                    .trim_end()
+            ),
+        ) + &format!(
+            r#"
+[[listener]]
+name = "web2"
+vip = "198.18.100.3"
+protocol = "tcp"
+port = 80
+backend_service = "web2"
+
+[[backend_service]]
+name = "web2"
+protocol = "tcp"
+availability_groups = ["web-spare"]
+  [backend_service.health_check]
+  type = "http"
+  port = 8080
+{FAST}"#
+        )
+    });
+    t.start_lb(&cfg);
+    let (code, out, err) = l4lb(&["check", "-c", &t.config.display().to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("4 listeners, 3 backend services, 8 servers"),
+        "{out}"
+    );
+
+    let d = t.drive(&[WEB, WEB2], &[], SOURCES, 1);
+    let (web, web2) = (assignment(&d, WEB), assignment(&d, WEB2));
+    for (name, a, want) in [
+        ("web", &web, &["b1", "b2", "b3"][..]),
+        ("web2", &web2, &["b2", "b3"]),
+    ] {
+        let mut seen: Vec<&str> = a.values().map(String::as_str).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(
+            seen, want,
+            "{name} uses its own servers and the whole group"
+        );
+    }
+
+    t.stop_backend("b3");
+    t.wait_backend_up("198.18.2.13:8080/tcp", false, Duration::from_secs(10));
+    let d = t.drive(&[WEB, WEB2], &[], SOURCES, 1);
+    for (name, before, during) in [
+        ("web", &web, assignment(&d, WEB)),
+        ("web2", &web2, assignment(&d, WEB2)),
+    ] {
+        for (src, b) in before {
+            if b == "b3" {
+                assert_ne!(during[src], "b3", "{name}: {src} stayed on the down b3");
+            } else {
+                assert_eq!(&during[src], b, "{name}: {src} moved off a healthy server");
+            }
+        }
+    }
+    assert!(assignment(&d, WEB2).values().all(|b| b == "b2"));
+
+    t.start_backend("b3", &[]);
+    t.wait_backend_up("198.18.2.13:8080/tcp", true, Duration::from_secs(10));
+    let d = t.drive(&[WEB, WEB2], &[], SOURCES, 1);
+    assert_eq!(assignment(&d, WEB), web, "web's clients are back");
+    assert_eq!(assignment(&d, WEB2), web2, "web2's clients are back");
+    assert_no_drops(&t);
+}
