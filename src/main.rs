@@ -239,12 +239,26 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
                     reply.strip_prefix("error: ").unwrap_or(&reply).trim_end()
                 )))
             }
+            // Not allowed to connect: an instance may well run there, and
+            // the command cannot tell, so it has not done its job.
+            Err(e) if is_permission_denied(&e) => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "{config_name} was updated, but the running instance could not be asked to reload it: {e:#}"
+                )))
+            }
             Err(e) => println!("no running instance answered on {} ({e:#})", sock.display()),
         }
     } else {
         println!("no running instance ({} does not exist)", sock.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `e` comes from an operation the user is not allowed (EACCES).
+fn is_permission_denied(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
 }
 
 /// Reads a text file named on the command line. A file that is not UTF-8

@@ -637,3 +637,52 @@ fn rules_import_rejected_by_the_running_instance_says_why_and_exits_1() {
     );
     assert_eq!(instance.join().unwrap(), ["reload"]);
 }
+
+/// A user who may write the config but not use the control socket (it is
+/// root's, mode 0600) cannot tell whether an instance runs there: the
+/// import wrote the file but did not reach the instance, and says so with
+/// exit 1, not "no running instance" and 0.
+#[test]
+fn rules_import_that_may_not_use_the_control_socket_fails() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("import-denied");
+    let config = demo_config_in(&dir, "l4lb.toml");
+    let rules = dir.path("rules.txt");
+    std::fs::write(&rules, "80 TCP 300 HTTP 8080 2 5 3 2 / -\n").unwrap();
+    let sock = dir.path("none.sock");
+    let _instance = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (c, r) = (config.to_str().unwrap(), rules.to_str().unwrap());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l4lb"));
+    cmd.args(["rules", "import", "-c", c, r])
+        .env_remove("L4LB_LOG");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root may use any socket: the import runs as nobody, who owns
+        // the config (and its directory, for the file written beside it).
+        const NOBODY: u32 = 65534;
+        for p in [&dir.0, &config, &rules] {
+            std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cmd.uid(NOBODY).gid(NOBODY);
+    } else {
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let o = cmd.output().unwrap();
+    assert_eq!(
+        stdout(&o),
+        format!("{c}: applied 1 rule(s)\n"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "l4lb: {c} was updated, but the running instance could not be asked to reload it: \
+             connecting to {} (is l4lb running, and are you root?): Permission denied (os error 13)\n",
+            sock.display()
+        )
+    );
+    assert_eq!(o.status.code(), Some(1));
+}
