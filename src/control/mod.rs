@@ -442,7 +442,11 @@ fn reload(
             format!("ok: {msg}\n")
         }
         Err(e) => {
-            tracing::error!("reload rejected (via {via}): {e}");
+            // A line per problem: each keeps its level and cause in a log
+            // that stores lines (the journal), instead of bare follow-ons.
+            for problem in e.lines() {
+                tracing::error!("reload rejected (via {via}): {problem}");
+            }
             format!("error: {e}\n")
         }
     }
