@@ -678,3 +678,33 @@ availability_groups = ["web-spare"]
     assert_eq!(assignment(&d, WEB2), web2, "web2's clients are back");
     assert_no_drops(&t);
 }
+
+/// A reload is accepted with a next hop whose MAC does not resolve (here a
+/// mistyped `client_gateway`: every reply is dropped as `no_neighbour`),
+/// and the log names it, as start-up does, rather than saying nothing.
+#[test]
+fn a_reload_with_a_next_hop_that_does_not_resolve_names_it_in_the_log() {
+    let mut t = Topology::up("reload-nexthop", 10);
+    let base = t.config_text(fast_checks);
+    t.start_lb(&base);
+    let typo = base.replace(
+        "client_gateway = \"198.18.0.2\"",
+        "client_gateway = \"198.18.0.99\"",
+    );
+    assert_ne!(typo, base);
+    t.apply(&typo);
+    let warning = "WARN l4lb::control: next hop(s) unresolved 1 s after the reload, \
+                   their packets dropped as no_neighbour until they resolve: 198.18.0.99";
+    let log = t.lb_log();
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    // Put right: nothing more to say, and replies flow again.
+    t.apply(&base);
+    assert_eq!(
+        t.lb_log().matches("unresolved").count(),
+        1,
+        "{}",
+        t.lb_log()
+    );
+    let d = t.drive(&[WEB], &[ECHO], "198.18.4.1-198.18.4.10", 1);
+    assert_eq!(d.failures, 0, "{}", d.failures_text());
+}

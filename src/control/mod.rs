@@ -341,18 +341,18 @@ impl Plane {
     }
 
     /// Asks the kernel to resolve next hops whose MAC is missing; returns
-    /// how many are missing.
-    fn solicit_missing(&self) -> usize {
+    /// them.
+    fn solicit_missing(&self) -> Vec<IpAddr> {
         let mut wanted = vec![(self.client_idx, self.config.instance.client_gateway)];
         for s in self.config.services.iter().flat_map(|s| &s.servers) {
             wanted.push((self.backend_idx, s.address));
         }
         wanted.sort();
         wanted.dedup();
-        let mut missing = 0;
+        let mut missing = Vec::new();
         for (idx, ip) in wanted {
             if self.nb.get(idx, &ip).is_none() {
-                missing += 1;
+                missing.push(ip);
                 if let Err(e) = netdev::solicit(idx, &ip) {
                     tracing::debug!("{e:#}");
                 }
@@ -391,9 +391,11 @@ impl Plane {
         // New servers: give the kernel a moment (bounded) to resolve their
         // MACs, so that their first packets are not no_neighbour drops.
         let deadline = Instant::now() + Duration::from_millis(1000);
-        while self.solicit_missing() > 0 && Instant::now() < deadline {
+        let mut missing = self.solicit_missing();
+        while !missing.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
             self.nb.refresh();
+            missing = self.solicit_missing();
         }
         // The health targets follow the new configuration before the
         // snapshot is built from them: servers that remain keep their
@@ -419,6 +421,16 @@ impl Plane {
                 "{}: {e:#}; the running configuration is unchanged",
                 path.display()
             ));
+        }
+        if !missing.is_empty() {
+            // Accepted all the same (a server may come up later), but a
+            // mistyped client_gateway would silently drop every reply.
+            let list: Vec<String> = missing.iter().map(IpAddr::to_string).collect();
+            tracing::warn!(
+                "next hop(s) unresolved 1 s after the reload, their packets dropped as \
+                 no_neighbour until they resolve: {}",
+                list.join(", ")
+            );
         }
         Ok(format!(
             "reloaded {}: snapshot {}: {}",
@@ -664,7 +676,7 @@ pub fn run(config: Config, path: Option<PathBuf>, config_name: &str) -> Result<(
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         plane.nb.refresh();
-        let missing = plane.solicit_missing();
+        let missing = plane.solicit_missing().len();
         if missing == 0 || stop.load(Ordering::Relaxed) {
             break;
         }
