@@ -515,7 +515,13 @@ fn refused_reloads_and_imports_keep_open_connections_and_persisted_clients() {
     // A restart-only key.
     std::fs::write(&t.config, good.replace("workers = [0]", "workers = [0, 1]")).unwrap();
     let (code, _, err) = t.reload();
-    let restart = format!("{c}: instance.workers cannot change while running (restart l4lb); the running configuration is unchanged");
+    // Located at the value that changed, as other config errors are.
+    let workers_line = good
+        .lines()
+        .position(|l| l.starts_with("workers = [0]"))
+        .expect("the config sets workers")
+        + 1;
+    let restart = format!("{c}:{workers_line}:11: instance.workers cannot change while running (restart l4lb); the running configuration is unchanged");
     assert_eq!((code, err.trim_end()), (2, restart.as_str()));
     assert_eq!(generation(&t), gen);
 

@@ -309,6 +309,13 @@ impl Config {
         validate::load(text, file_name).map_err(ConfigError::Invalid)
     }
 
+    /// Where the `[instance]` key `key` is set in the configuration text
+    /// `text`, as (line, column): its value, or the `[instance]` header
+    /// when the key is left out. `None` if `text` does not parse.
+    pub fn instance_key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+        validate::instance_key_position(text, key)
+    }
+
     /// One line, e.g. "demo: 3 listeners, 2 backend services, 6 servers,
     /// 1 worker, nat mode on lb-c/lb-b".
     pub fn summary(&self) -> String {

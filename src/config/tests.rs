@@ -2021,3 +2021,29 @@ fn from_file_rejects_invalid_utf8_with_location() {
         format!("{}:2:10: the file is not valid UTF-8", path.display())
     );
 }
+
+/// A reload that changes a restart-only key names the line that sets it:
+/// the value's position, or the `[instance]` header's for a key the file
+/// leaves out.
+#[test]
+fn instance_key_positions_point_at_the_value_or_the_header() {
+    let text = format!("# a comment\n{INSTANCE}workers = [0, 1]\n\n{WEB}");
+    let workers_line = text.lines().position(|l| l.starts_with("workers")).unwrap() + 1;
+    assert_eq!(
+        Config::instance_key_position(&text, "workers"),
+        Some((workers_line, 11))
+    );
+    assert_eq!(
+        Config::instance_key_position(&text, "client_interface"),
+        Some((4, 20))
+    );
+    // Left out: the header.
+    assert_eq!(
+        Config::instance_key_position(&text, "flow_table_capacity"),
+        Some((2, 1))
+    );
+    assert_eq!(
+        Config::instance_key_position("not = [toml", "workers"),
+        None
+    );
+}

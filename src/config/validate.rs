@@ -170,6 +170,32 @@ pub(crate) fn load(text: &str, file: &str) -> Result<(Config, Vec<Located>), Vec
     }
 }
 
+/// Where `[instance]`'s `key` is set in `text`: its value's line and
+/// column, or the `[instance]` header's when the file leaves the key out.
+/// `None` if the text is not a configuration's TOML.
+pub(crate) fn instance_key_position(text: &str, key: &str) -> Option<(usize, usize)> {
+    let raw: RawConfig = toml::from_str(text).ok()?;
+    let i: &RawInstance = raw.instance.get_ref();
+    let span = match key {
+        "mode" => i.mode.as_ref().map(Spanned::span),
+        "client_interface" => Some(i.client_interface.span()),
+        "backend_interface" => Some(i.backend_interface.span()),
+        "attach" => i.attach.as_ref().map(Spanned::span),
+        "bind" => i.bind.as_ref().map(Spanned::span),
+        "workers" => i.workers.as_ref().map(Spanned::span),
+        "flow_table_capacity" => i.flow_table_capacity.as_ref().map(Spanned::span),
+        "flow_idle_timeout" => i.flow_idle_timeout.as_ref().map(Spanned::span),
+        "tcp_closed_timeout" => i.tcp_closed_timeout.as_ref().map(Spanned::span),
+        "tcp_syn_timeout" => i.tcp_syn_timeout.as_ref().map(Spanned::span),
+        "persistence_capacity" => i.persistence_capacity.as_ref().map(Spanned::span),
+        "persistence_when_full" => i.persistence_when_full.as_ref().map(Spanned::span),
+        "control_socket" => i.control_socket.as_ref().map(Spanned::span),
+        _ => None,
+    }
+    .unwrap_or_else(|| raw.instance.span());
+    Some(LineIndex::new(text).position(span.start))
+}
+
 /// Makes a toml/serde message fit on one line and speak of keys, not fields.
 /// The error for a dotted key (`health_check.type = "http"`) whose last
 /// part starts at `offset`.

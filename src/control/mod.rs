@@ -379,11 +379,22 @@ impl Plane {
         }
         let fixed = restart_only_changes(&self.config, &new);
         if !fixed.is_empty() {
-            return Err(format!(
-                "{}: instance.{} cannot change while running (restart l4lb); the running configuration is unchanged",
-                path.display(),
-                fixed.join(", instance.")
-            ));
+            // Each at the line that sets it, as other config errors are.
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<String> = fixed
+                .iter()
+                .map(|key| {
+                    let at = match Config::instance_key_position(&text, key) {
+                        Some((line, col)) => format!("{}:{line}:{col}", path.display()),
+                        None => path.display().to_string(),
+                    };
+                    format!(
+                        "{at}: instance.{key} cannot change while running (restart l4lb); \
+                         the running configuration is unchanged"
+                    )
+                })
+                .collect();
+            return Err(lines.join("\n"));
         }
         let old = std::mem::replace(&mut self.config, new);
         let old_ids = self.ids.clone();
