@@ -1260,6 +1260,24 @@ scheduler = "weighted_round_robin"
   port = 9053
 "#;
 
+/// The server of hop `s` sends a datagram to its client (of the echo
+/// listener, 198.18.100.1:53) at each of `times`, each answered from the
+/// VIP.
+fn server_streams(r: &Replayer, s: &Hop, times: impl IntoIterator<Item = u32>) {
+    for t in times {
+        run_at(
+            r,
+            t,
+            &[tx(
+                "the server streams",
+                udp(s, b"stream"),
+                REPLY,
+                udp(&s.to_client(VIP, 53), b"stream"),
+            )],
+        );
+    }
+}
+
 /// The idle timeout counts silence in both directions: a client that only
 /// listens (a UDP stream, a subscription) for longer than
 /// `flow_idle_timeout` stays on the server still sending to it, even under
@@ -1283,18 +1301,7 @@ fn a_flow_kept_alive_by_its_servers_traffic_keeps_its_server() {
         )],
     );
     // flow_idle_timeout is 10 s: the server's stream keeps the flow busy.
-    for t in [105, 110, 115, 120] {
-        run_at(
-            &r,
-            t,
-            &[tx(
-                "the server streams",
-                udp(&s, b"stream"),
-                REPLY,
-                udp(&s.to_client(VIP, 53), b"stream"),
-            )],
-        );
-    }
+    server_streams(&r, &s, [105, 110, 115, 120]);
     run_at(
         &r,
         121,
@@ -1465,18 +1472,7 @@ fn a_session_lives_while_the_servers_traffic_keeps_its_flow_alive() {
         let s = Hop::from_server(first, 9053, CLIENT, 40000);
         // flow_idle_timeout is 10 s: the server's stream keeps the flow
         // alive, the client stays silent.
-        for t in (105..=160).step_by(5) {
-            run_at(
-                &r,
-                t,
-                &[tx(
-                    "the server streams",
-                    udp(&s, b"stream"),
-                    REPLY,
-                    udp(&s.to_client(VIP, 53), b"stream"),
-                )],
-            );
-        }
+        server_streams(&r, &s, (105..=160).step_by(5));
         // Round robin: `first` went to CLIENT, so the next new client gets
         // the other server, and the one after that `first` again, which
         // leaves the cursor at the other server for CLIENT's next flow.
