@@ -6,12 +6,10 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{Cli, Command, RulesCommand};
-use l4lb::config::{Config, ConfigError, Located, DEFAULT_CONFIG};
+use l4lb::config::{Config, ConfigError, Located, DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-const DEFAULT_SOCKET: &str = "/run/l4lb/l4lb.sock";
 
 enum Failure {
     Invalid(String),
@@ -184,7 +182,7 @@ fn socket_path(
             },
             Err(e) => return Err(e),
         },
-        (None, None) => (PathBuf::from(DEFAULT_SOCKET), None),
+        (None, None) => (PathBuf::from(DEFAULT_CONTROL_SOCKET), None),
     })
 }
 
@@ -196,7 +194,7 @@ fn control_socket_of(path: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(path).ok()?;
     let doc: toml::Table = text.parse().ok()?;
     match doc.get("instance")?.as_table()?.get("control_socket") {
-        None => Some(PathBuf::from(DEFAULT_SOCKET)),
+        None => Some(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
         Some(v) => v.as_str().filter(|s| !s.is_empty()).map(PathBuf::from),
     }
 }

@@ -40,6 +40,10 @@ pub const MAX_SERVERS: usize = 4096;
 /// (`control::xdp::MAX_QUEUES`, `MAX_QUEUES` in bpf/l4lb_steer.c).
 pub const MAX_WORKERS: usize = 64;
 
+/// Where the control socket is when `instance.control_socket` is left
+/// out, and where the CLI looks without `-c` or `-s`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/l4lb/l4lb.sock";
+
 /// The demo configuration (`config/l4lb.toml`), also the built-in default.
 pub const DEFAULT_CONFIG: &str = include_str!("../../config/l4lb.toml");
 

@@ -34,7 +34,6 @@ const TCP_CLOSED_TIMEOUT_RANGE: (i64, i64) = (1, 86_400);
 const DEFAULT_TCP_SYN_TIMEOUT: i64 = 30;
 const DEFAULT_PERSISTENCE_CAPACITY: i64 = 262_144;
 const PERSISTENCE_CAPACITY_RANGE: (i64, i64) = (1024, 67_108_864);
-const DEFAULT_CONTROL_SOCKET: &str = "/run/l4lb/l4lb.sock";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// CPU core ids must be below this.
@@ -832,7 +831,7 @@ impl Validator<'_> {
 
     fn control_socket(&mut self, value: Option<&Str>) -> Option<PathBuf> {
         let Some(value) = value else {
-            return Some(PathBuf::from(DEFAULT_CONTROL_SOCKET));
+            return Some(PathBuf::from(super::DEFAULT_CONTROL_SOCKET));
         };
         let text = value.get_ref();
         let problem = if text.is_empty() {
