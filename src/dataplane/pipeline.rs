@@ -1290,6 +1290,13 @@ protocol = "udp"
             }
         }
 
+        /// The same rig with a flow table of one bucket (eight slots), so
+        /// that a ninth entry has to evict one.
+        fn one_bucket(mut self) -> Rig {
+            self.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+            self
+        }
+
         fn process(&self, frame: &mut [u8], now: u32) -> Verdict {
             Processor {
                 snapshot: &self.snapshot,
@@ -1841,8 +1848,7 @@ protocol = "udp"
     fn every_entry_evicted_from_a_full_flow_table_is_counted() {
         use std::sync::atomic::Ordering::Relaxed;
         let mut ids = Ids::default();
-        let mut rig = Rig::with_ids(true, &mut ids);
-        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let mut rig = Rig::with_ids(true, &mut ids).one_bucket();
         let vip = ("198.18.100.1", 80);
         let server = ("198.18.2.11", 8080);
         let fwd = Verdict::Tx(Port::Backend);
@@ -1931,8 +1937,7 @@ backend_service = \"web\"
     #[test]
     fn a_reply_entry_evicting_a_flow_counts_that_flow_closed() {
         let mut ids = Ids::default();
-        let mut rig = Rig::with_ids(true, &mut ids);
-        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let mut rig = Rig::with_ids(true, &mut ids).one_bucket();
         let vip = ("198.18.100.1", 80);
         let server = ("198.18.2.11", 8080);
         let fwd = Verdict::Tx(Port::Backend);
@@ -1954,8 +1959,7 @@ backend_service = \"web\"
     #[test]
     fn a_flow_written_over_a_dead_reply_entry_counts_no_flow_closed() {
         let mut ids = Ids::default();
-        let mut rig = Rig::with_config(&shared_config(), true, &mut ids);
-        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let mut rig = Rig::with_config(&shared_config(), true, &mut ids).one_bucket();
         let vip = ("198.18.100.1", 80);
         let server = ("198.18.2.11", 8080);
         let fwd = Verdict::Tx(Port::Backend);
@@ -2027,9 +2031,8 @@ backend_service = \"web\"
     /// active (not fewer than none).
     #[test]
     fn a_handshake_completed_while_another_worker_evicts_its_flow_is_counted_once() {
-        let mut rig = Rig::new(true);
         // One bucket: the other worker's every insert evicts a live entry.
-        rig.tables.flows = FlowTable::new(crate::table::flow::WINDOW);
+        let mut rig = Rig::new(true).one_bucket();
         let other = Arc::new(WorkerStats::new());
         rig.shared = Shared::new(vec![Arc::clone(&rig.stats), Arc::clone(&other)]);
         let vip = ("198.18.100.1", 80);
