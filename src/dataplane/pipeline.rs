@@ -774,7 +774,9 @@ impl Processor<'_> {
     /// scheduled), the forward and reply entries (for listener
     /// `listener_id`, `opening` if the packet was a SYN without ACK, with
     /// the timeout that implies; `m`: the frame's probes and hints), and
-    /// the opened connection.
+    /// the opened connection. The session and the forward entry are
+    /// inserted without a search for them first
+    /// ([`FlowTable::insert_probe`]): their lookups just missed.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn record_new(
@@ -793,7 +795,7 @@ impl Processor<'_> {
         let be = &self.snapshot.backends[b as usize];
         if se.persistence_timeout > 0 && !persisted {
             let v = FlowValue::new(0, be.id);
-            match t.persist.upsert_probe(
+            match t.persist.insert_probe(
                 pprobe,
                 v,
                 self.now,
@@ -815,7 +817,7 @@ impl Processor<'_> {
         let timeout = t.flow_timeout_of(value);
         let stored = t
             .flows
-            .upsert_probe(&m.flow, value, self.now, timeout, true);
+            .insert_probe(&m.flow, value, self.now, timeout, true);
         self.record(stored);
         if !matches!(stored, Upsert::Full | Upsert::Existing) {
             // Only a stored flow can later be counted closed; one found

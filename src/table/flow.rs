@@ -852,6 +852,36 @@ impl FlowTable {
         }
     }
 
+    /// [`FlowTable::upsert_probe`] for a key that is most likely absent (a
+    /// new flow, a new session: the caller has just looked it up in vain),
+    /// with the same outcome. The insert is tried first, without searching
+    /// the bucket for the key: [`FlowTable::take`] shows the key's tag in
+    /// its slot and then looks for the key in the bucket's other slots
+    /// anyway, so if the key is there after all (stored since the caller's
+    /// lookup, or being stored now) the insert gives up and a full upsert
+    /// finds that entry. The full upsert also takes over when the insert
+    /// would evict a live entry (which might be the key's own) or found its
+    /// slot changed: at most two tries, as an upsert.
+    #[inline]
+    pub fn insert_probe(
+        &self,
+        p: &Probe,
+        value: FlowValue,
+        now: u32,
+        timeout: u32,
+        evict: bool,
+    ) -> Upsert {
+        let b = p.bucket();
+        let tags = self.buckets[b].tags.load(Ordering::Acquire);
+        let pick = self.insert_slot(b, tags, p.hint.tag, now);
+        if !pick.live {
+            if let Some(u) = self.take(p, pick, value, now, timeout) {
+                return u;
+            }
+        }
+        self.upsert_again(p, value, now, timeout, evict)
+    }
+
     #[cold]
     #[inline(never)]
     fn upsert_again(
@@ -1776,6 +1806,71 @@ mod tests {
     /// in another slot of the bucket.
     #[test]
     fn a_key_inserted_by_two_writers_at_once_is_stored_once() {
+        two_writers_store_each_key_once(|t, k| {
+            t.upsert(k, V, 1, T, true);
+        });
+    }
+
+    /// The same for the insert that does not search for the key first
+    /// (the packet path's, for new flows and sessions).
+    #[test]
+    fn a_key_inserted_without_a_search_by_two_writers_at_once_is_stored_once() {
+        two_writers_store_each_key_once(|t, k| {
+            t.insert_probe(&t.probe(k), V, 1, T, true);
+        });
+    }
+
+    /// An insert without a search for the key ends exactly as an upsert
+    /// when the key is there after all: refreshed or replaced in place,
+    /// never stored twice. Otherwise it inserts as an upsert does: into the
+    /// key's own expired slot, evicting (counted) or refusing in a full
+    /// bucket.
+    #[test]
+    fn an_insert_without_a_search_ends_as_an_upsert() {
+        let t = FlowTable::new(WINDOW);
+        let ins = |k: &FlowKey, v, now, evict| t.insert_probe(&t.probe(k), v, now, T, evict);
+        let k = key(1, 1);
+        assert_eq!(ins(&k, V, 10, true), Upsert::Inserted(None));
+        assert_eq!(ins(&k, V, 11, true), Upsert::Existing);
+        let other = FlowValue::new(9, 7);
+        assert_eq!(ins(&k, other, 12, true), Upsert::Replaced(V));
+        assert_eq!(t.lookup(&k, 12), Some(other));
+        assert_eq!(t.count_live(12), 1, "replaced in place, not duplicated");
+        // Expired: its own slot is taken back.
+        let later = 12 + T + 1;
+        assert_eq!(
+            ins(&k, V, later, true),
+            Upsert::Inserted(Some(Displaced {
+                value: other,
+                forward: false
+            }))
+        );
+        assert_eq!(t.count_live(later), 1);
+        // A full bucket: refused without eviction, else the entry closest
+        // to expiry (the key's, stored first) goes.
+        for c in 2..=WINDOW as u32 {
+            assert!(matches!(
+                ins(&key(c, 1), V, later + c, true),
+                Upsert::Inserted(_)
+            ));
+        }
+        assert_eq!(ins(&key(99, 1), V, later + 20, false), Upsert::Full);
+        assert_eq!(t.peek(&k, later + 20), Some(V), "a refusal keeps the old");
+        assert_eq!(
+            ins(&key(99, 1), V, later + 21, true),
+            Upsert::Evicted(Displaced {
+                value: V,
+                forward: false
+            })
+        );
+        assert_eq!(t.count_live(later + 21), WINDOW);
+        assert_eq!(t.peek(&key(99, 1), later + 21), Some(V));
+        assert_eq!(t.peek(&k, later + 21), None);
+    }
+
+    /// Two threads store the same 20,000 new keys at once, one key per
+    /// round, each with `store`; no key may end up stored twice.
+    fn two_writers_store_each_key_once(store: fn(&FlowTable, &FlowKey)) {
         let t = Arc::new(FlowTable::new(1 << 16));
         let rounds = 20_000u32;
         let barrier = Arc::new(std::sync::Barrier::new(2));
@@ -1787,7 +1882,7 @@ mod tests {
                     for c in 0..rounds {
                         barrier.wait();
                         if start.elapsed().as_secs() < 20 {
-                            t.upsert(&key(c, 1), V, 1, T, true);
+                            store(&t, &key(c, 1));
                         }
                     }
                 })
