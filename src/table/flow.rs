@@ -259,6 +259,15 @@ struct Bucket {
     expires: [AtomicU32; WINDOW],
 }
 
+impl Bucket {
+    /// Slot `i`'s expiry (`i` modulo [`WINDOW`]: in range without a
+    /// bounds check).
+    #[inline(always)]
+    fn expiry(&self, i: usize) -> &AtomicU32 {
+        &self.expires[i % WINDOW]
+    }
+}
+
 #[repr(C, align(64))]
 struct Slot {
     /// Even: stable. Odd: a writer owns the slot (and its header fields).
@@ -451,6 +460,27 @@ impl FlowTable {
         self.slots.len()
     }
 
+    /// Bucket `b`, taken modulo the number of buckets: so any index is in
+    /// range, and the packet path pays no bounds check (every bucket
+    /// number is a hash masked with `mask` already).
+    #[inline(always)]
+    fn bucket(&self, b: usize) -> &Bucket {
+        // SAFETY: `buckets` holds `mask + 1` entries (`new`), and
+        // `b & mask <= mask`.
+        unsafe { self.buckets.get_unchecked(b & self.mask) }
+    }
+
+    /// Slot `i` of bucket `b`, both taken modulo their counts, as in
+    /// [`FlowTable::bucket`].
+    #[inline(always)]
+    fn slot(&self, b: usize, i: usize) -> &Slot {
+        // SAFETY: `slots` holds `(mask + 1) * WINDOW` entries (`new`).
+        unsafe {
+            self.slots
+                .get_unchecked((b & self.mask) * WINDOW + (i & (WINDOW - 1)))
+        }
+    }
+
     /// Bytes of memory the table holds (mapped, in whole 2 MiB pages).
     pub fn memory(&self) -> usize {
         self.slots.mapped_bytes() + self.buckets.mapped_bytes()
@@ -482,7 +512,7 @@ impl FlowTable {
     /// Starts loading the hinted bucket's header into the cache.
     #[inline(always)]
     pub fn prefetch(&self, h: Hint) {
-        prefetch(&self.buckets[h.bucket as usize]);
+        prefetch(self.bucket(h.bucket as usize));
     }
 
     /// Looks at the (prefetched) header of the hinted bucket and starts
@@ -497,12 +527,12 @@ impl FlowTable {
     #[inline(always)]
     pub fn prefetch_slot(&self, h: &mut Hint, now: u32) -> bool {
         let b = h.bucket as usize;
-        let header = &self.buckets[b];
+        let header = self.bucket(b);
         let tags = header.tags.load(Ordering::Relaxed);
         let hits = zero_bytes(tags ^ (h.tag as u64).wrapping_mul(LOW_BITS));
         for i in flagged(hits) {
-            if live_at(header.expires[i].load(Ordering::Relaxed), now) {
-                prefetch(&self.slots[b * WINDOW + i]);
+            if live_at(header.expiry(i).load(Ordering::Relaxed), now) {
+                prefetch(self.slot(b, i));
                 h.slot = i as u8 + 1;
                 return true;
             }
@@ -510,7 +540,7 @@ impl FlowTable {
         if hits != 0 {
             // Only expired entries with the key's tag: the insert takes
             // the first ([`FlowTable::insert_slot`]).
-            prefetch(&self.slots[b * WINDOW + hits.trailing_zeros() as usize / 8]);
+            prefetch(self.slot(b, hits.trailing_zeros() as usize / 8));
         } else {
             self.prefetch_insert_slot(b, tags, now);
         }
@@ -523,7 +553,7 @@ impl FlowTable {
     #[inline(never)]
     fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) {
         let pick = self.dead_or_soonest(b, tags, now);
-        prefetch(&self.slots[b * WINDOW + pick.i]);
+        prefetch(self.slot(b, pick.i));
     }
 
     /// The slot an insert of a key with tag `tag` into bucket `b` (whose
@@ -536,9 +566,9 @@ impl FlowTable {
     /// the key stepped over.)
     #[inline(always)]
     fn insert_slot(&self, b: usize, tags: u64, tag: u8, now: u32) -> Pick {
-        let header = &self.buckets[b];
+        let header = self.bucket(b);
         for i in flagged(zero_bytes(tags ^ (tag as u64).wrapping_mul(LOW_BITS))) {
-            let expires = header.expires[i].load(Ordering::Relaxed);
+            let expires = header.expiry(i).load(Ordering::Relaxed);
             if !live_at(expires, now) {
                 return Pick {
                     i,
@@ -554,7 +584,7 @@ impl FlowTable {
     /// entry closest to expiry (then [`Pick::live`]).
     #[inline(always)]
     fn dead_or_soonest(&self, b: usize, tags: u64, now: u32) -> Pick {
-        let header = &self.buckets[b];
+        let header = self.bucket(b);
         let mut best = Pick {
             i: 0,
             live: true,
@@ -562,7 +592,7 @@ impl FlowTable {
         };
         let mut best_left = i32::MAX;
         for i in 0..WINDOW {
-            let expires = header.expires[i].load(Ordering::Relaxed);
+            let expires = header.expiry(i).load(Ordering::Relaxed);
             if (tags >> (8 * i)) as u8 == 0 {
                 return Pick {
                     i,
@@ -601,8 +631,8 @@ impl FlowTable {
         i: usize,
         f: impl Fn(&Slot, &AtomicU32) -> R,
     ) -> Option<(R, u32)> {
-        let slot = &self.slots[b * WINDOW + i];
-        let expires = &self.buckets[b].expires[i];
+        let slot = self.slot(b, i);
+        let expires = self.bucket(b).expiry(i);
         // A few looks inlined: almost every read ends at the first.
         for _ in 0..4 {
             let s1 = slot.seq.load(Ordering::Acquire);
@@ -702,13 +732,13 @@ impl FlowTable {
                 }
             }
         }
-        let header = &self.buckets[p.bucket()];
+        let header = self.bucket(p.bucket());
         let tags = header.tags.load(Ordering::Acquire);
         let hits = zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS));
         for i in flagged(hits) {
             // Skip an expired entry without touching its slot's line (the
             // read below checks again, consistently).
-            if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
+            if !live_at(header.expiry(i).load(Ordering::Relaxed), now) {
                 continue;
             }
             if let Ok(Some(e)) = self.read_key(p.bucket(), i, &p.words) {
@@ -733,14 +763,14 @@ impl FlowTable {
                 }
             }
         }
-        let header = &self.buckets[p.bucket()];
+        let header = self.bucket(p.bucket());
         let tags = header.tags.load(Ordering::Acquire);
         let hits = zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS));
         let mut busy = false;
         for i in flagged(hits) {
             // Skip an expired entry without touching its slot's line (the
             // read below checks again, consistently).
-            if !live_at(header.expires[i].load(Ordering::Relaxed), now) {
+            if !live_at(header.expiry(i).load(Ordering::Relaxed), now) {
                 continue;
             }
             match self.read_key(p.bucket(), i, &p.words) {
@@ -784,8 +814,10 @@ impl FlowTable {
     #[cold]
     #[inline(never)]
     fn move_expiry(&self, b: usize, i: usize, seq: u32, from: u32, to: u32) -> bool {
-        self.slots[b * WINDOW + i].seq.load(Ordering::Acquire) == seq
-            && self.buckets[b].expires[i]
+        self.slot(b, i).seq.load(Ordering::Acquire) == seq
+            && self
+                .bucket(b)
+                .expiry(i)
                 .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
     }
@@ -862,7 +894,7 @@ impl FlowTable {
     /// finds that entry. The full upsert also takes over when the insert
     /// would evict a live entry (which might be the key's own) or found its
     /// slot changed: at most two tries, as an upsert.
-    #[inline]
+    #[inline(always)]
     pub fn insert_probe(
         &self,
         p: &Probe,
@@ -872,7 +904,7 @@ impl FlowTable {
         evict: bool,
     ) -> Upsert {
         let b = p.bucket();
-        let tags = self.buckets[b].tags.load(Ordering::Acquire);
+        let tags = self.bucket(b).tags.load(Ordering::Acquire);
         let pick = self.insert_slot(b, tags, p.hint.tag, now);
         if !pick.live {
             if let Some(u) = self.take(p, pick, value, now, timeout) {
@@ -927,7 +959,7 @@ impl FlowTable {
         // The slot to take ([`FlowTable::insert_slot`]; a live one only
         // when evicting). Only the header is read; what the slot held is
         // read once it is ours.
-        let header = &self.buckets[b];
+        let header = self.bucket(b);
         let tags = header.tags.load(Ordering::Acquire);
         let pick = self.insert_slot(b, tags, p.hint.tag, now);
         if pick.live && !evict {
@@ -949,15 +981,15 @@ impl FlowTable {
         timeout: u32,
     ) -> Option<Upsert> {
         let (b, i) = (p.bucket(), pick.i);
-        let header = &self.buckets[b];
-        let slot = &self.slots[b * WINDOW + i];
+        let header = self.bucket(b);
+        let slot = self.slot(b, i);
         let s = slot.seq.load(Ordering::Relaxed);
         if !self.claim(b, i, s) {
             return None;
         }
         // Ours: what the slot holds now cannot change under us.
         let old_tag = (header.tags.load(Ordering::Relaxed) >> (8 * i)) as u8;
-        let old_expires = header.expires[i].load(Ordering::Relaxed);
+        let old_expires = header.expiry(i).load(Ordering::Relaxed);
         let old = Displaced {
             value: FlowValue::unpack(slot.value.load(Ordering::Relaxed)),
             forward: slot.key[4].load(Ordering::Relaxed) & 0xff == KIND_FORWARD,
@@ -1015,13 +1047,13 @@ impl FlowTable {
     #[cold]
     #[inline(never)]
     fn alone(&self, b: usize, i: usize, others: u64, p: &Probe, now: u32) -> bool {
-        let header = &self.buckets[b];
+        let header = self.bucket(b);
         let tags = header.tags.load(Ordering::SeqCst);
         for j in flagged(others) {
             if j == i || (tags >> (8 * j)) as u8 != p.hint.tag {
                 continue;
             }
-            let slot = &self.slots[b * WINDOW + j];
+            let slot = self.slot(b, j);
             let s1 = slot.seq.load(Ordering::SeqCst);
             if s1 & 1 == 1 {
                 return false;
@@ -1031,7 +1063,7 @@ impl FlowTable {
                 .iter()
                 .zip(&p.words)
                 .all(|(k, w)| k.load(Ordering::Relaxed) == *w);
-            let expires = header.expires[j].load(Ordering::Relaxed);
+            let expires = header.expiry(j).load(Ordering::Relaxed);
             fence(Ordering::Acquire);
             if slot.seq.load(Ordering::Relaxed) != s1 || (same && live_at(expires, now)) {
                 return false;
@@ -1098,7 +1130,7 @@ impl FlowTable {
         for k in 0..count.min(n) {
             let idx = (start + k) & (n - 1);
             let (b, i) = (idx / WINDOW, idx % WINDOW);
-            let tag = (self.buckets[b].tags.load(Ordering::Relaxed) >> (8 * i)) as u8;
+            let tag = (self.bucket(b).tags.load(Ordering::Relaxed) >> (8 * i)) as u8;
             if tag == 0 {
                 continue;
             }
@@ -1125,7 +1157,7 @@ impl FlowTable {
     /// (another writer owns it, or changed it since).
     #[inline(always)]
     fn claim(&self, b: usize, i: usize, seq: u32) -> bool {
-        let slot = &self.slots[b * WINDOW + i];
+        let slot = self.slot(b, i);
         if seq & 1 == 1
             || slot
                 .seq
@@ -1163,14 +1195,14 @@ impl FlowTable {
         expires: u32,
         timeout: u32,
     ) {
-        let slot = &self.slots[b * WINDOW + i];
-        let header = &self.buckets[b];
+        let slot = self.slot(b, i);
+        let header = self.bucket(b);
         for (dst, w) in slot.key.iter().zip(words) {
             dst.store(*w, Ordering::Relaxed);
         }
         slot.value.store(value.pack(), Ordering::Relaxed);
         slot.timeout.store(timeout, Ordering::Relaxed);
-        header.expires[i].store(expires, Ordering::Relaxed);
+        header.expiry(i).store(expires, Ordering::Relaxed);
         set_tag(header, i, tag);
         slot.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
@@ -1184,7 +1216,7 @@ impl FlowTable {
                 (0..WINDOW)
                     .filter(|&i| {
                         (tags >> (8 * i)) as u8 != 0
-                            && live_at(b.expires[i].load(Ordering::Relaxed), now)
+                            && live_at(b.expiry(i).load(Ordering::Relaxed), now)
                     })
                     .count()
             })
