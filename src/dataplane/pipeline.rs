@@ -776,7 +776,10 @@ impl Processor<'_> {
     /// the timeout that implies; `m`: the frame's probes and hints), and
     /// the opened connection. The session and the forward entry are
     /// inserted without a search for them first
-    /// ([`FlowTable::insert_probe`]): their lookups just missed.
+    /// ([`FlowTable::insert_probe`]): their lookups almost always just
+    /// missed. (When one found an entry that no longer holds, a backend
+    /// gone down say, the insert finds that entry and replaces it, as an
+    /// upsert does, at the cost of one more try.)
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn record_new(
