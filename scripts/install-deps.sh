@@ -11,6 +11,7 @@ set -euo pipefail
 PKGS=(
     gcc clang llvm libelf-dev zlib1g-dev libpcap-dev m4 make pkg-config  # xsk-rs, build.rs
     iproute2 ethtool procps                                             # netns harness (ip, ethtool, sysctl)
+    iputils-ping                                                        # netns tests: a server pings the host
 )
 
 missing=()
@@ -29,7 +30,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-for tool in cargo gcc clang llc ip ethtool sysctl; do
+for tool in cargo gcc clang llc ip ethtool sysctl ping; do
     command -v "$tool" >/dev/null || { echo "install-deps: $tool still missing" >&2; exit 1; }
 done
 # A minimal rustup profile has neither rustfmt nor clippy: add them to the

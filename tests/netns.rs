@@ -351,11 +351,12 @@ fn b1_pings_the_host(t: &mut Topology, flags: &[&str], target: &str, answers_fro
         .args(flags)
         .arg(target)
         .output()
-        .expect("ping");
+        .expect("ip netns exec ... ping");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains(&format!("from {answers_from}:")),
-        "ping {flags:?} {target} from b1, answered by {answers_from}: {stdout}"
+        "ping {flags:?} {target} from b1, answered by {answers_from}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let st = t.stats();
     for (reason, n) in st["drops"].as_object().expect("drops") {
