@@ -1568,6 +1568,17 @@ fn http_path_and_domain_rules() {
             format!("path {:?} contains {:?} {NO_BLANKS}", "/\u{a0}", '\u{a0}'),
         ),
         (&long, "path is 1025 bytes long (at most 1024)".to_string()),
+        (
+            "/caf\u{e9}",
+            "path \"/caf\u{e9}\" contains '\u{e9}' (ASCII only, and no '#': \
+             percent-encode it, %C3%A9)"
+                .to_string(),
+        ),
+        (
+            "/a#b",
+            "path \"/a#b\" contains '#' (ASCII only, and no '#': percent-encode it, %23)"
+                .to_string(),
+        ),
     ] {
         let value = toml_edit::Value::from(bad).to_string();
         assert_eq!(

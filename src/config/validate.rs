@@ -285,6 +285,19 @@ pub(crate) fn path_problem(p: &str) -> Option<String> {
              percent-encode them, like %20 for a space)"
         ));
     }
+    // A request target is ASCII, and '#' would start a fragment, which a
+    // client never sends: servers answer such a request 400.
+    if let Some(c) = p.chars().find(|c| !c.is_ascii() || *c == '#') {
+        let mut utf8 = [0; 4];
+        let encoded: String = c
+            .encode_utf8(&mut utf8)
+            .bytes()
+            .map(|b| format!("%{b:02X}"))
+            .collect();
+        return Some(format!(
+            "path {p:?} contains {c:?} (ASCII only, and no '#': percent-encode it, {encoded})"
+        ));
+    }
     (p.len() > MAX_PATH).then(|| format!("path is {} bytes long (at most {MAX_PATH})", p.len()))
 }
 
