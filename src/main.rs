@@ -225,7 +225,28 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     }
     replace_file(config, &new_text)?;
-    println!("{config_name}: applied {} rule(s)", parsed.len());
+    // A rule changes the file if applying it alone does (the rules passed
+    // together, so each passes alone).
+    let changing = parsed
+        .iter()
+        .filter(|r| {
+            rules::apply(
+                &config_text,
+                &config_name,
+                std::slice::from_ref(r),
+                &rules_name,
+            )
+            .map_or(true, |t| t != config_text)
+        })
+        .count();
+    if changing == parsed.len() {
+        println!("{config_name}: applied {} rule(s)", parsed.len());
+    } else {
+        println!(
+            "{config_name}: applied {} rule(s), {changing} of them changing it (the others already in effect)",
+            parsed.len()
+        );
+    }
     let cfg = load(config)?;
     let sock = cfg.instance.control_socket;
     if sock.exists() {

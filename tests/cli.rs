@@ -615,6 +615,38 @@ fn reload_and_stats_find_the_socket_in_a_config_that_fails_validation() {
     assert_eq!(stderr(&o), errors);
 }
 
+/// An import says how many of its rules changed the file: a rule already
+/// in effect is applied, but counted apart.
+#[test]
+fn rules_import_counts_the_rules_already_in_effect_apart() {
+    let dir = TempDir::new("import-count");
+    let config = demo_config_in(&dir, "l4lb.toml");
+    let c = config.to_str().unwrap();
+    let rules = dir.path("rules.txt");
+    // The demo's DNS rule as it stands, and its web rule with persistence.
+    std::fs::write(
+        &rules,
+        "53 UDP 0 UDP 9053 2 5 3 2 - -\n80 TCP 300 HTTP 8080 2 5 3 2 / -\n",
+    )
+    .unwrap();
+    let o = l4lb(&["rules", "import", "-c", c, rules.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "{c}: applied 2 rule(s), 1 of them changing it (the others already in effect)\n\
+             no running instance ({} does not exist)\n",
+            dir.path("none.sock").display()
+        )
+    );
+    let export = l4lb(&["rules", "export", "-c", c], "");
+    assert!(
+        stdout(&export).contains("\n80 TCP 300 HTTP 8080 2 5 3 2 / -\n"),
+        "{}",
+        stdout(&export)
+    );
+}
+
 /// The running instance's refusal is quoted once, without the control
 /// protocol's `error: ` prefix.
 #[test]
