@@ -258,6 +258,10 @@ int l4lb_steer(struct xdp_md *ctx)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end)
 			return pass(); // cannot tell whose it is: the kernel drops it
+		// Not an IPv4 header after all: the kernel drops it, as user
+		// space would pass it (a frame it cannot hand back).
+		if (ip->version != 4)
+			return pass();
 		map_v4(&dst, ip->daddr);
 		map_v4(&src, ip->saddr);
 		void *l4 = NULL;

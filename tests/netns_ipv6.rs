@@ -5,7 +5,7 @@
 
 mod harness;
 
-use harness::{backend_addr6, Drive, Topology, N_SOURCES, SOURCES, SOURCES6};
+use harness::{backend_addr6, in_netns, Drive, Topology, N_SOURCES, SOURCES, SOURCES6};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -207,23 +207,6 @@ fn ipv6_on_two_workers_whichever_queue_a_packet_lands_on() {
         assert!(w["rx"].as_u64().unwrap() > 1000, "worker idle: {w}");
         assert_eq!(w["rx"], w["tx"], "{w}");
     }
-}
-
-/// Runs `f` on a thread of its own inside network namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    use std::os::fd::AsRawFd;
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on an open namespace file; it moves only this
-        // thread, which ends with `f`.
-        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "setns {path}");
-        f()
-    })
 }
 
 /// An IPv6 packet of another protocol than TCP, UDP or ICMPv6 to a VIP,

@@ -542,6 +542,23 @@ impl Drop for Topology {
 }
 
 /// Backend name (b1..b3) → its address in the harness.
+/// Runs `f` on a thread of its own inside network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on an open namespace file; it moves only this
+        // thread, which ends with `f`.
+        let ret = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns {path}");
+        f()
+    })
+}
+
 pub fn backend_addr(name: &str, port: u16) -> String {
     format!("198.18.2.1{}:{port}", &name[1..])
 }
