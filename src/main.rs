@@ -225,8 +225,8 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     }
     replace_file(config, &new_text)?;
-    // A rule changes the file if applying it alone does (the rules passed
-    // together, so each passes alone).
+    // A rule changes the file if applying it alone to the old text does
+    // (one that could not be applied alone counts as changing it).
     let changing = parsed
         .iter()
         .filter(|r| {

@@ -541,7 +541,6 @@ impl Drop for Topology {
     }
 }
 
-/// Backend name (b1..b3) → its address in the harness.
 /// Runs `f` on a thread of its own inside network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
@@ -559,6 +558,7 @@ pub fn in_netns<T: Send + 'static>(
     })
 }
 
+/// Backend name (b1..b3) → its address in the harness.
 pub fn backend_addr(name: &str, port: u16) -> String {
     format!("198.18.2.1{}:{port}", &name[1..])
 }
