@@ -892,8 +892,10 @@ impl FlowTable {
     /// anyway, so if the key is there after all (stored since the caller's
     /// lookup, or being stored now) the insert gives up and a full upsert
     /// finds that entry. The full upsert also takes over when the insert
-    /// would evict a live entry (which might be the key's own) or found its
-    /// slot changed: at most two tries, as an upsert.
+    /// found its slot changed (its second try), or when it would evict a
+    /// live entry (which might be the key's own): into a full bucket this
+    /// makes one try where an upsert makes two, so a writer that loses a
+    /// race there gets [`Upsert::Full`] (counted by the caller) sooner.
     #[inline(always)]
     pub fn insert_probe(
         &self,
