@@ -95,13 +95,16 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct RunArgs {
-    /// Measured runs per case (the median is reported).
+    /// Measured runs per case (the median is reported). The cases take
+    /// turns: each round runs every case once, so that a slow spell of
+    /// the machine falls on all of them rather than on one case's runs.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Seconds per run.
     #[arg(long, default_value_t = 10)]
     secs: u64,
-    /// Seconds of traffic before the first run of a case (not measured).
+    /// Seconds of traffic before each run, its forwarder just started (not
+    /// measured).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
     /// Client source addresses (198.19.0.0 upwards, at most 65536).
@@ -842,8 +845,9 @@ fn start_forwarder(ctx: &Ctx, case: &Case, cores: &[usize]) -> Result<Forwarder>
     }
 }
 
-/// Measures one case: warm-up, then `runs` runs.
-fn run_case(ctx: &Ctx, case: &Case) -> Result<Vec<Run>> {
+/// One measured run of a case: its forwarder started, warmed up, measured
+/// once, stopped.
+fn run_case(ctx: &Ctx, case: &Case, round: usize) -> Result<Run> {
     let w = case.workers.min(ctx.nproc);
     // Generator threads on the first CPUs (thread i feeds RX queue i of
     // l4lb's client veth: veth picks the queue by the sending CPU),
@@ -859,7 +863,7 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Vec<Run>> {
         common::FIRST_CLIENT_PORT,
     );
     let fwd = start_forwarder(ctx, case, &cores)?;
-    let result = (|| -> Result<Vec<Run>> {
+    let result = (|| -> Result<Run> {
         let go = |secs: Duration| {
             ctx.gen.run(
                 netns::NS_GEN,
@@ -872,9 +876,8 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Vec<Run>> {
         };
         go(Duration::from_secs(ctx.args.warmup))?;
         std::thread::sleep(Duration::from_millis(300));
-        let mut runs = Vec::new();
-        for i in 0..ctx.args.runs {
-            interrupted(ctx)?;
+        interrupted(ctx)?;
+        {
             let s0 = ctx.sink.read();
             let f0 = fwd.counters()?;
             let g = go(Duration::from_secs(ctx.args.secs))?;
@@ -892,21 +895,20 @@ fn run_case(ctx: &Ctx, case: &Case) -> Result<Vec<Run>> {
             };
             eprintln!(
                 "  run {}: {:.3} Mpps at the sink (offered {:.2} Mpps)",
-                i + 1,
+                round + 1,
                 run.pps / 1e6,
                 g.sent as f64 / g.elapsed.as_secs_f64() / 1e6
             );
-            runs.push(run);
+            Ok(run)
         }
-        Ok(runs)
     })();
     let stopped = fwd.stop();
-    let runs = result?;
+    let run = result?;
     stopped?;
     if ctx.gen.rejected() > 0 {
         bail!("the generator rejected its template frame");
     }
-    Ok(runs)
+    Ok(run)
 }
 
 #[derive(Debug, Default)]
@@ -1122,25 +1124,46 @@ fn run(args: RunArgs) -> Result<()> {
         stop,
     };
 
-    let mut results = Vec::new();
-    for case in &cases {
-        if ctx.stop.load(Ordering::Relaxed) {
-            break;
-        }
-        eprintln!("l4lb-bench: {} ({})", case.name(), case.describe());
-        let r = netns::check_alive().and_then(|_| run_case(&ctx, case));
-        let r = match (r, netns::check_alive()) {
-            (Err(e), Err(gone)) => Err(e.context(format!("{gone:#}"))),
-            (r, _) => r,
-        };
-        if let Err(e) = &r {
-            eprintln!("l4lb-bench: {}: {e:#}", case.name());
-        }
-        results.push(CaseResult {
+    // The cases take turns, one run each per round: rates here drift by
+    // up to 20 % over minutes, and run back to back, one case's three runs
+    // could all fall in a slow spell that another case's missed, which
+    // skewed their ratio.
+    let mut results: Vec<CaseResult> = cases
+        .iter()
+        .map(|case| CaseResult {
             case: *case,
-            error: r.as_ref().err().map(|e| format!("{e:#}")),
-            runs: r.unwrap_or_default(),
-        });
+            error: None,
+            runs: Vec::new(),
+        })
+        .collect();
+    'rounds: for round in 0..args.runs {
+        for r in results.iter_mut().filter(|r| r.error.is_none()) {
+            if ctx.stop.load(Ordering::Relaxed) {
+                break 'rounds;
+            }
+            let case = r.case;
+            eprintln!(
+                "l4lb-bench: round {} of {}: {} ({})",
+                round + 1,
+                args.runs,
+                case.name(),
+                case.describe()
+            );
+            let run = netns::check_alive().and_then(|_| run_case(&ctx, &case, round));
+            let run = match (run, netns::check_alive()) {
+                (Err(e), Err(gone)) => Err(e.context(format!("{gone:#}"))),
+                (run, _) => run,
+            };
+            match run {
+                Ok(run) => r.runs.push(run),
+                Err(e) => {
+                    // A case that failed is void, and not run again.
+                    eprintln!("l4lb-bench: {}: {e:#}", case.name());
+                    r.error = Some(format!("{e:#}"));
+                    r.runs.clear();
+                }
+            }
+        }
     }
     let mem = if args.no_memory || ctx.stop.load(Ordering::Relaxed) {
         None
@@ -1305,7 +1328,8 @@ fn report(
     let _ = writeln!(
         o,
         "- Traffic: BPF live-frame generator (XDP_TX) → veth → forwarder → veth → BPF sink ({}; counts, drops); \
-         {} client address(es) × {} port(s), {} backends; median of {} runs of {} s after {} s of warm-up; \
+         {} client address(es) × {} port(s), {} backends; median of {} runs of {} s, each after {} s of warm-up, \
+         the cases taking turns (one run of each per round); \
          generator {}",
         match a.sink.as_str() {
             "xdp" => "native XDP, NAPI threads on the generator's CPU",
