@@ -877,30 +877,28 @@ fn run_case(ctx: &Ctx, case: &Case, round: usize) -> Result<Run> {
         go(Duration::from_secs(ctx.args.warmup))?;
         std::thread::sleep(Duration::from_millis(300));
         interrupted(ctx)?;
-        {
-            let s0 = ctx.sink.read();
-            let f0 = fwd.counters()?;
-            let g = go(Duration::from_secs(ctx.args.secs))?;
-            let s1 = ctx.sink.read();
-            // Let the rings drain before the loss accounting.
-            std::thread::sleep(Duration::from_millis(300));
-            let s2 = ctx.sink.read();
-            let f1 = fwd.counters()?;
-            let run = Run {
-                pps: (s1.frames - s0.frames) as f64 / g.elapsed.as_secs_f64(),
-                sent: g.sent,
-                elapsed: g.elapsed,
-                sink: s2 - s0,
-                fwd: f1.delta(&f0),
-            };
-            eprintln!(
-                "  run {}: {:.3} Mpps at the sink (offered {:.2} Mpps)",
-                round + 1,
-                run.pps / 1e6,
-                g.sent as f64 / g.elapsed.as_secs_f64() / 1e6
-            );
-            Ok(run)
-        }
+        let s0 = ctx.sink.read();
+        let f0 = fwd.counters()?;
+        let g = go(Duration::from_secs(ctx.args.secs))?;
+        let s1 = ctx.sink.read();
+        // Let the rings drain before the loss accounting.
+        std::thread::sleep(Duration::from_millis(300));
+        let s2 = ctx.sink.read();
+        let f1 = fwd.counters()?;
+        let run = Run {
+            pps: (s1.frames - s0.frames) as f64 / g.elapsed.as_secs_f64(),
+            sent: g.sent,
+            elapsed: g.elapsed,
+            sink: s2 - s0,
+            fwd: f1.delta(&f0),
+        };
+        eprintln!(
+            "  run {}: {:.3} Mpps at the sink (offered {:.2} Mpps)",
+            round + 1,
+            run.pps / 1e6,
+            g.sent as f64 / g.elapsed.as_secs_f64() / 1e6
+        );
+        Ok(run)
     })();
     let stopped = fwd.stop();
     let run = result?;
