@@ -287,6 +287,11 @@ pub struct Hint {
     /// 1 + the slot [`FlowTable::prefetch_slot`] found the key's tag live
     /// in (0: not looked): where a lookup looks first.
     slot: u8,
+    /// 1 + the free or expired slot [`FlowTable::prefetch_slot`] chose for
+    /// the key's insert, when it found the key absent (0: not looked, the
+    /// key probably present, or only live entries to evict): where
+    /// [`FlowTable::insert_probe`] tries first, without choosing again.
+    insert: u8,
 }
 
 /// A key (as words) with its [`Hint`].
@@ -499,6 +504,7 @@ impl FlowTable {
             bucket: (h as usize & self.mask) as u32,
             tag: tag + (tag == 0) as u8,
             slot: 0,
+            insert: 0,
         }
     }
 
@@ -519,8 +525,10 @@ impl FlowTable {
     /// loading the slot the key is probably in: the first slot whose tag
     /// matches, else the slot an insert would take (a free or expired one,
     /// else the one closest to expiry). Returns whether a tag matched (the
-    /// key is probably present), and records that slot in the hint, where
-    /// the lookup will look first. Only a hint: nothing is decided here.
+    /// key is probably present), and records that slot in the hint: where
+    /// the lookup will look first, or (a free or expired slot) where the
+    /// insert will. Only a hint: nothing is decided here, and the insert
+    /// checks the slot again once it owns it.
     ///
     /// The hit is inlined into the burst pipeline (most packets belong to
     /// established flows); the search for an insert's slot is not.
@@ -540,20 +548,27 @@ impl FlowTable {
         if hits != 0 {
             // Only expired entries with the key's tag: the insert takes
             // the first ([`FlowTable::insert_slot`]).
-            prefetch(self.slot(b, hits.trailing_zeros() as usize / 8));
+            let i = hits.trailing_zeros() as usize / 8;
+            prefetch(self.slot(b, i));
+            h.insert = i as u8 + 1;
         } else {
-            self.prefetch_insert_slot(b, tags, now);
+            h.insert = self.prefetch_insert_slot(b, tags, now);
         }
         false
     }
 
     /// Starts loading the slot an insert of a key whose tag is nowhere in
     /// bucket `b` (whose tag word is `tags`) takes
-    /// ([`FlowTable::insert_slot`]).
+    /// ([`FlowTable::insert_slot`]); returns it as [`Hint::insert`] does.
     #[inline(never)]
-    fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) {
+    fn prefetch_insert_slot(&self, b: usize, tags: u64, now: u32) -> u8 {
         let pick = self.dead_or_soonest(b, tags, now);
         prefetch(self.slot(b, pick.i));
+        if pick.live {
+            0
+        } else {
+            pick.i as u8 + 1
+        }
     }
 
     /// The slot an insert of a key with tag `tag` into bucket `b` (whose
@@ -887,7 +902,9 @@ impl FlowTable {
     /// [`FlowTable::upsert_probe`] for a key that is most likely absent (a
     /// new flow, a new session: the caller has just looked it up in vain),
     /// with the same outcome. The insert is tried first, without searching
-    /// the bucket for the key: [`FlowTable::take`] shows the key's tag in
+    /// the bucket for the key, into the slot the probe's hint names
+    /// ([`Hint::insert`]: the burst pipeline's stages chose it already) or
+    /// else the one [`FlowTable::insert_slot`] chooses: [`FlowTable::take`] shows the key's tag in
     /// its slot and then looks for the key in the bucket's other slots
     /// anyway, so if the key is there after all (stored since the caller's
     /// lookup, or being stored now) the insert gives up and a full upsert
@@ -906,8 +923,19 @@ impl FlowTable {
         evict: bool,
     ) -> Upsert {
         let b = p.bucket();
-        let tags = self.bucket(b).tags.load(Ordering::Acquire);
-        let pick = self.insert_slot(b, tags, p.hint.tag, now);
+        let pick = match (p.hint.insert as usize).checked_sub(1) {
+            // Chosen by `prefetch_slot`: free or expired then. If it is
+            // live now (another insert took it since), `take` leaves it be.
+            Some(i) => Pick {
+                i: i & (WINDOW - 1),
+                live: false,
+                expires: 0,
+            },
+            None => {
+                let tags = self.bucket(b).tags.load(Ordering::Acquire);
+                self.insert_slot(b, tags, p.hint.tag, now)
+            }
+        };
         if !pick.live {
             if let Some(u) = self.take(p, pick, value, now, timeout) {
                 return u;
@@ -1852,6 +1880,60 @@ mod tests {
         two_writers_store_each_key_once(|t, k| {
             t.insert_probe(&t.probe(k), V, 1, T, true);
         });
+    }
+
+    /// The same with the slot chosen ahead ([`Hint::insert`]), as the
+    /// burst pipeline inserts: both writers' hints mostly name the same
+    /// slot.
+    #[test]
+    fn a_key_inserted_into_a_slot_chosen_ahead_by_two_writers_at_once_is_stored_once() {
+        two_writers_store_each_key_once(|t, k| {
+            let mut p = t.probe(k);
+            t.prefetch_slot(&mut p.hint, 1);
+            t.insert_probe(&p, V, 1, T, true);
+        });
+    }
+
+    /// The slot `prefetch_slot` chooses for an insert is only a hint too:
+    /// taken by another key before the insert, the insert goes to another
+    /// slot and both keys stay; still free, the insert takes it; and a
+    /// returning key's hint names its own expired slot.
+    #[test]
+    fn an_insert_into_a_slot_chosen_ahead_checks_it_again() {
+        let t = FlowTable::new(WINDOW);
+        let a = key(1, 1);
+        let tag = |k: &FlowKey| t.probe(k).hint.tag;
+        let b = (2..)
+            .map(|c| key(c, 1))
+            .find(|k| tag(k) != tag(&a))
+            .expect("a key with another tag");
+        let (mut pa, mut pb) = (t.probe(&a), t.probe(&b));
+        assert!(!t.prefetch_slot(&mut pa.hint, 1));
+        assert!(!t.prefetch_slot(&mut pb.hint, 1));
+        assert_eq!(
+            (pa.hint.insert, pb.hint.insert),
+            (1, 1),
+            "both: the first slot"
+        );
+        let w = FlowValue::new(4, 9);
+        assert_eq!(t.insert_probe(&pa, V, 1, T, true), Upsert::Inserted(None));
+        assert_eq!(t.insert_probe(&pb, w, 1, T, true), Upsert::Inserted(None));
+        assert_eq!((t.lookup(&a, 1), t.lookup(&b, 1)), (Some(V), Some(w)));
+        assert_eq!(t.count_live(1), 2);
+        let tags = t.buckets[0].tags.load(Ordering::Relaxed);
+        assert_eq!((tags as u8, (tags >> 8) as u8), (tag(&a), tag(&b)));
+
+        // Both expired; a returns: its hint names its own slot, not b's.
+        let later = 1 + T + 1;
+        let mut pa = t.probe(&a);
+        assert!(!t.prefetch_slot(&mut pa.hint, later));
+        assert_eq!(pa.hint.insert, 1);
+        assert_eq!(
+            t.insert_probe(&pa, w, later, T, true),
+            Upsert::Inserted(Some(D))
+        );
+        assert_eq!(t.lookup(&a, later), Some(w));
+        assert_eq!(t.count_live(later), 1);
     }
 
     /// An insert without a search for the key ends exactly as an upsert
