@@ -287,7 +287,8 @@ impl Processor<'_> {
     /// 1. parse and classify every frame (prefetching frames 8 ahead),
     ///    hash its table keys, prefetch their bucket headers;
     /// 2. from each header, prefetch the slot the key is probably in (and
-    ///    remember it for the lookup), or the slot its insert will take;
+    ///    remember it for the lookup), or the slot its insert will take
+    ///    (remembered for the insert);
     ///    for a probably new flow, hash its persistence key and prefetch
     ///    that bucket, and under the source-IP scheduler hash the client
     ///    and prefetch its Maglev slot;
