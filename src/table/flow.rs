@@ -904,8 +904,9 @@ impl FlowTable {
     /// with the same outcome. The insert is tried first, without searching
     /// the bucket for the key, into the slot the probe's hint names
     /// ([`Hint::insert`]: the burst pipeline's stages chose it already) or
-    /// else the one [`FlowTable::insert_slot`] chooses: [`FlowTable::take`] shows the key's tag in
-    /// its slot and then looks for the key in the bucket's other slots
+    /// else the one [`FlowTable::insert_slot`] chooses: [`FlowTable::take`]
+    /// shows the key's tag in its slot and then looks for the key in the
+    /// bucket's other slots
     /// anyway, so if the key is there after all (stored since the caller's
     /// lookup, or being stored now) the insert gives up and a full upsert
     /// finds that entry. The full upsert also takes over when the insert
@@ -1897,7 +1898,8 @@ mod tests {
     /// The slot `prefetch_slot` chooses for an insert is only a hint too:
     /// taken by another key before the insert, the insert goes to another
     /// slot and both keys stay; still free, the insert takes it; and a
-    /// returning key's hint names its own expired slot.
+    /// returning key's hint names its own expired slot, as
+    /// [`FlowTable::insert_slot`] would.
     #[test]
     fn an_insert_into_a_slot_chosen_ahead_checks_it_again() {
         let t = FlowTable::new(WINDOW);
@@ -1923,16 +1925,20 @@ mod tests {
         let tags = t.buckets[0].tags.load(Ordering::Relaxed);
         assert_eq!((tags as u8, (tags >> 8) as u8), (tag(&a), tag(&b)));
 
-        // Both expired; a returns: its hint names its own slot, not b's.
+        // Both expired; b returns: its hint names its own expired slot,
+        // not the first expired one (a's).
         let later = 1 + T + 1;
-        let mut pa = t.probe(&a);
-        assert!(!t.prefetch_slot(&mut pa.hint, later));
-        assert_eq!(pa.hint.insert, 1);
+        let mut pb = t.probe(&b);
+        assert!(!t.prefetch_slot(&mut pb.hint, later));
+        assert_eq!(pb.hint.insert, 2);
         assert_eq!(
-            t.insert_probe(&pa, w, later, T, true),
-            Upsert::Inserted(Some(D))
+            t.insert_probe(&pb, V, later, T, true),
+            Upsert::Inserted(Some(Displaced {
+                value: w,
+                forward: false
+            }))
         );
-        assert_eq!(t.lookup(&a, later), Some(w));
+        assert_eq!(t.lookup(&b, later), Some(V));
         assert_eq!(t.count_live(later), 1);
     }
 
