@@ -33,7 +33,7 @@
 //! * `*_nopersist`: the same with persistence off (only the flow table).
 //! * `*_1k`: the same with 1024 clients (16 bursts): their table lines
 //!   (4096 with persistence) stay within the L2 cache, so these time the
-//!   work of a new session without its wait for DRAM.
+//!   work of a new session without its wait for memory.
 //! * `reply_*_hot`: a backend's reply to an established flow (reverse NAT).
 //!
 //! Targets (issue 5): established <= 30 ns/packet, new session <= 80
