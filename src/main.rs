@@ -108,8 +108,9 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             socket,
             json,
         } => {
+            let named_by = config.clone().filter(|_| socket.is_none());
             let (path, _) = socket_path(socket, config)?;
-            let reply = l4lb::control::ctl::request(&path, "stats")?;
+            let reply = ask(&path, "stats", named_by.as_deref())?;
             if json {
                 println!("{reply}");
             } else {
@@ -122,8 +123,9 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Reload { config, socket } => {
             // A file that fails validation is refused by the instance, which
             // logs why; with no instance to ask, its errors are the answer.
+            let named_by = config.clone().filter(|_| socket.is_none());
             let (path, errors) = socket_path(socket, config)?;
-            let reply = match (l4lb::control::ctl::request(&path, "reload"), errors) {
+            let reply = match (ask(&path, "reload", named_by.as_deref()), errors) {
                 (Ok(reply), _) => reply,
                 (Err(_), Some(errors)) => return Err(Failure::Invalid(errors)),
                 (Err(e), None) => return Err(e.into()),
@@ -184,6 +186,36 @@ fn socket_path(
         },
         (None, None) => (PathBuf::from(DEFAULT_CONTROL_SOCKET), None),
     })
+}
+
+/// Sends `req` to the instance on the control socket `path`, which the
+/// config file `named_by` gave, if one did. Nothing listening there may
+/// mean an instance started before that file's `control_socket` changed:
+/// the key takes effect only on a restart, so such an instance still
+/// listens on its old socket, and the error says how to reach it.
+fn ask(path: &Path, req: &str, named_by: Option<&Path>) -> anyhow::Result<String> {
+    l4lb::control::ctl::request(path, req).map_err(|e| match named_by {
+        Some(config) if is_not_listening(&e) => e.context(format!(
+            "nothing answers on the control socket {} names; if l4lb was started before \
+             that control_socket was set, it listens on its old one until restarted (reach it \
+             with --socket)",
+            config.display()
+        )),
+        _ => e,
+    })
+}
+
+/// Whether a request failed because nothing listens on the socket: no
+/// such file, or a file no process listens on (left by one that died).
+fn is_not_listening(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            )
+        })
 }
 
 /// The control socket a config file names, read as plain TOML without

@@ -615,6 +615,54 @@ fn reload_and_stats_find_the_socket_in_a_config_that_fails_validation() {
     assert_eq!(stderr(&o), errors);
 }
 
+/// `control_socket` changes only when l4lb restarts: after it is edited,
+/// `reload -c FILE` and `stats -c FILE` ask the new path, where nothing
+/// listens yet. The error says why that may be and how to reach the
+/// running instance; `--socket` with the old path reaches it.
+#[test]
+fn a_command_that_finds_no_instance_on_the_configs_socket_says_how_to_reach_one() {
+    let dir = TempDir::new("ctl-moved");
+    let config = demo_config_in(&dir, "l4lb.toml");
+    let c = config.to_str().unwrap();
+    let sock = dir.path("none.sock");
+    for (args, req) in [
+        (vec!["reload", "-c", c], "reload"),
+        (vec!["stats", "-c", c], "stats"),
+    ] {
+        let o = l4lb(&args, "");
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            stderr(&o),
+            format!(
+                "l4lb: nothing answers on the control socket {c} names; if l4lb was started \
+                 before that control_socket was set, it listens on its old one until restarted \
+                 (reach it with --socket): connecting to {} (is l4lb running, and are you root?): \
+                 No such file or directory (os error 2)\n",
+                sock.display()
+            ),
+            "{req}"
+        );
+    }
+    // The instance's old socket, named with --socket.
+    let old = dir.path("old.sock");
+    let instance = fake_instance(&old, &["ok: reloaded\n"]);
+    let o = l4lb(&["reload", "--socket", old.to_str().unwrap()], "");
+    assert_eq!(instance.join().unwrap(), ["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "reloaded\n");
+    // Named with --socket, a missing socket gets no word about configs.
+    let o = l4lb(&["stats", "--socket", sock.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "l4lb: connecting to {} (is l4lb running, and are you root?): \
+             No such file or directory (os error 2)\n",
+            sock.display()
+        )
+    );
+}
+
 /// An import says how many of its rules changed the file: a rule already
 /// in effect is applied, but counted apart.
 #[test]
