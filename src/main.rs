@@ -208,14 +208,15 @@ fn ask(path: &Path, req: &str, named_by: Option<&Path>) -> anyhow::Result<String
 /// Whether a request failed because nothing listens on the socket: no
 /// such file, or a file no process listens on (left by one that died).
 fn is_not_listening(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    io_error_kind(e).is_some_and(|k| matches!(k, NotFound | ConnectionRefused))
+}
+
+/// The kind of the first I/O error in `e`'s chain of causes.
+fn io_error_kind(e: &anyhow::Error) -> Option<std::io::ErrorKind> {
     e.chain()
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| {
-            matches!(
-                io.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            )
-        })
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind)
 }
 
 /// The control socket a config file names, read as plain TOML without
@@ -307,9 +308,7 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
 
 /// Whether `e` comes from an operation the user is not allowed (EACCES).
 fn is_permission_denied(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<std::io::Error>())
-        .any(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    io_error_kind(e) == Some(std::io::ErrorKind::PermissionDenied)
 }
 
 /// Reads a text file named on the command line. A file that is not UTF-8
