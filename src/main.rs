@@ -108,8 +108,7 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
             socket,
             json,
         } => {
-            let named_by = config.clone().filter(|_| socket.is_none());
-            let (path, _) = socket_path(socket, config)?;
+            let (path, named_by, _) = socket_path(socket, config)?;
             let reply = ask(&path, "stats", named_by.as_deref())?;
             if json {
                 println!("{reply}");
@@ -123,8 +122,7 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Reload { config, socket } => {
             // A file that fails validation is refused by the instance, which
             // logs why; with no instance to ask, its errors are the answer.
-            let named_by = config.clone().filter(|_| socket.is_none());
-            let (path, errors) = socket_path(socket, config)?;
+            let (path, named_by, errors) = socket_path(socket, config)?;
             let reply = match (ask(&path, "reload", named_by.as_deref()), errors) {
                 (Ok(reply), _) => reply,
                 (Err(_), Some(errors)) => return Err(Failure::Invalid(errors)),
@@ -167,24 +165,25 @@ fn real_main(cli: Cli) -> Result<ExitCode, Failure> {
 }
 
 /// The control socket to ask: `-s`, else the one `-c`'s file names, else
-/// the default. With it, the validation errors of `-c`'s file, if any.
+/// the default. With it, the file that named it (`-c`'s, when `-s` was not
+/// given) and that file's validation errors, if any.
 fn socket_path(
     socket: Option<PathBuf>,
     config: Option<PathBuf>,
-) -> Result<(PathBuf, Option<String>), Failure> {
+) -> Result<(PathBuf, Option<PathBuf>, Option<String>), Failure> {
     Ok(match (socket, config) {
-        (Some(s), _) => (s, None),
+        (Some(s), _) => (s, None, None),
         (None, Some(c)) => match load(&c) {
-            Ok(cfg) => (cfg.instance.control_socket, None),
+            Ok(cfg) => (cfg.instance.control_socket, Some(c), None),
             // `-c` only says where the socket is: a file with errors
             // elsewhere still says that.
             Err(Failure::Invalid(errors)) => match control_socket_of(&c) {
-                Some(path) => (path, Some(errors)),
+                Some(path) => (path, Some(c), Some(errors)),
                 None => return Err(Failure::Invalid(errors)),
             },
             Err(e) => return Err(e),
         },
-        (None, None) => (PathBuf::from(DEFAULT_CONTROL_SOCKET), None),
+        (None, None) => (PathBuf::from(DEFAULT_CONTROL_SOCKET), None, None),
     })
 }
 
