@@ -24,23 +24,35 @@ fn replayer(scheduler: &str) -> Replayer {
 }
 
 /// 640 frames: 10 bursts of 64, in which every new flow shows up three
-/// times (UDP and TCP alike), and some clients return in later bursts.
+/// times (UDP and TCP alike), each client opens two flows in a row (with
+/// persistence, the second must follow the session the first recorded
+/// earlier in the burst), and clients return in later bursts.
 fn stream() -> Vec<u8> {
     let mut out = Vec::new();
     for burst in 0..10u32 {
         for k in 0..64u32 {
             let flow = burst * 21 + k / 3 % 21;
-            let proto = if flow % 2 == 0 {
-                Proto::Udp
-            } else {
-                Proto::Tcp
-            };
-            let client = client_addr(flow % 150);
-            let port = FIRST_CLIENT_PORT + (flow / 150) as u16;
+            let proto = if flow % 4 < 2 { Proto::Udp } else { Proto::Tcp };
+            let (pair, second) = (flow / 2, flow % 2);
+            let client = client_addr(pair % 40);
+            let port = FIRST_CLIENT_PORT + (2 * (pair / 40) + second) as u16;
             out.extend_from_slice(&client_frame(proto, CLIENT_IF_MAC, client, port));
         }
     }
     out
+}
+
+/// The counters of what was recorded: flows, sessions, and new flows sent
+/// to a session's backend.
+fn counts(r: &Replayer) -> [u64; 4] {
+    let c = &r.stats.core;
+    [
+        &c.flows_created,
+        &c.flows_evicted,
+        &c.persist_hits,
+        &c.persist_recorded,
+    ]
+    .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 fn dst_of(frame: &[u8]) -> ([u8; 4], u16) {
@@ -81,6 +93,7 @@ fn bursts_decide_what_frame_by_frame_decides() {
             got.extend_from_slice(&verdicts);
         }
         assert_eq!(got, want, "{scheduler}: verdicts");
+        assert_eq!(counts(&staged), counts(&one), "{scheduler}: counters");
         assert!(want.iter().all(|v| *v == Verdict::Tx(Port::Backend)));
         assert!(a == b, "{scheduler}: rewritten frames differ");
 

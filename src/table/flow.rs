@@ -301,6 +301,15 @@ pub struct Probe {
     pub hint: Hint,
 }
 
+impl Hint {
+    /// The bucket the key hashes to: a number below the table's bucket
+    /// count, uniformly spread.
+    #[inline(always)]
+    pub fn bucket(&self) -> usize {
+        self.bucket as usize
+    }
+}
+
 impl Probe {
     #[inline(always)]
     pub fn new(key: &impl TableKey, hint: Hint) -> Self {
