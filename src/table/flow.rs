@@ -993,7 +993,7 @@ impl FlowTable {
             if !self.claim(b, i, e.seq) {
                 return None;
             }
-            self.fill(b, i, e.seq, &p.words, p.hint.tag, value, expires, timeout);
+            self.fill(b, i, e.seq, &p.words, value, expires, timeout);
             return Some(Upsert::Replaced(old));
         }
         // The slot to take ([`FlowTable::insert_slot`]; a live one only
@@ -1065,16 +1065,7 @@ impl FlowTable {
             slot.seq.store(s, Ordering::Release);
             return None;
         }
-        self.fill(
-            b,
-            i,
-            s,
-            &p.words,
-            p.hint.tag,
-            value,
-            now.wrapping_add(timeout),
-            timeout,
-        );
+        self.fill(b, i, s, &p.words, value, now.wrapping_add(timeout), timeout);
         Some(outcome)
     }
 
@@ -1142,16 +1133,7 @@ impl FlowTable {
         if !self.claim(p.bucket(), i, e.seq) {
             return false;
         }
-        self.fill(
-            p.bucket(),
-            i,
-            e.seq,
-            &p.words,
-            p.hint.tag,
-            val,
-            expires,
-            timeout,
-        );
+        self.fill(p.bucket(), i, e.seq, &p.words, val, expires, timeout);
         true
     }
 
@@ -1186,7 +1168,7 @@ impl FlowTable {
             }
             val.closed = true;
             if self.claim(b, i, e.seq) {
-                self.fill(b, i, e.seq, &e.key, tag, val, e.expires, e.timeout);
+                self.fill(b, i, e.seq, &e.key, val, e.expires, e.timeout);
                 f(val);
             }
         }
@@ -1221,7 +1203,11 @@ impl FlowTable {
     }
 
     /// Writes the entry into slot `i` of bucket `b`, claimed from `seq`,
-    /// and releases it.
+    /// and releases it. The header shows the key's tag for the slot
+    /// already: [`FlowTable::take`] announced it, or the slot held the
+    /// key's own entry, and nobody else writes a slot's tag while it is
+    /// claimed. (Setting it here again, as this did, cost every insert
+    /// another read of the tag word, for nothing.)
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn fill(
@@ -1230,7 +1216,6 @@ impl FlowTable {
         i: usize,
         seq: u32,
         words: &[u64; 5],
-        tag: u8,
         value: FlowValue,
         expires: u32,
         timeout: u32,
@@ -1243,7 +1228,6 @@ impl FlowTable {
         slot.value.store(value.pack(), Ordering::Relaxed);
         slot.timeout.store(timeout, Ordering::Relaxed);
         header.expiry(i).store(expires, Ordering::Relaxed);
-        set_tag(header, i, tag);
         slot.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 
@@ -1529,16 +1513,8 @@ mod tests {
         // A writer claims that slot from the same sequence number and puts
         // another entry there, expiring at second 8.
         assert!(t.claim(0, i, e.seq));
-        t.fill(
-            0,
-            i,
-            e.seq,
-            &b.words,
-            b.hint.tag,
-            FlowValue::new(4, 5),
-            8,
-            3,
-        );
+        announce_tag(&t.buckets[0], i, b.hint.tag);
+        t.fill(0, i, e.seq, &b.words, FlowValue::new(4, 5), 8, 3);
         // The reader now refreshes what it read (5 + 10 = 15 > 10).
         assert!(!t.touch(0, i, &e, 5));
         assert_eq!(t.buckets[0].expires[i].load(Ordering::Relaxed), 8);
@@ -1623,7 +1599,8 @@ mod tests {
         // ... another one replaces key 0 there with key 50, expiring at 320...
         let k50 = t.probe(&key(50, 1));
         assert!(t.claim(0, i0, e0.seq));
-        t.fill(0, i0, e0.seq, &k50.words, k50.hint.tag, V, 320, T);
+        announce_tag(&t.buckets[0], i0, k50.hint.tag);
+        t.fill(0, i0, e0.seq, &k50.words, V, 320, T);
         // ... and the first one's claim backs off: key 50 stays.
         assert_eq!(t.take(&newcomer, pick, v2, 20, T), None);
         assert_eq!(t.peek(&key(50, 1), 20), Some(V));
