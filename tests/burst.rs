@@ -1,10 +1,12 @@
 //! The staged burst pipeline (`Processor::process_burst`, what the AF_XDP
 //! worker runs) decides exactly what processing one frame at a time
-//! (`Processor::process`) decides: same verdicts, same bytes out. Its early
-//! stages only prefetch and compute what no earlier frame changes, so a
-//! burst holding several frames of one new flow still sends them all to one
-//! backend, even with round robin, where each scheduling decision moves a
-//! cursor.
+//! (`Processor::process`) decides: same verdicts, same bytes out, same
+//! flows and sessions recorded. Its early stages only prefetch and compute
+//! what no earlier frame changes, so a burst holding several frames of one
+//! new flow still sends them all to one backend, even with round robin,
+//! where each scheduling decision moves a cursor; and a client's second new
+//! flow in a burst finds the session its first one recorded, although stage
+//! 3 found the client without one.
 
 use l4lb::dataplane::pipeline::{Chunks, Meta};
 use l4lb::dataplane::{Port, Verdict};
