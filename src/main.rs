@@ -187,6 +187,11 @@ fn socket_path(
     })
 }
 
+/// What nothing answering on the control socket a config file names may
+/// mean: `control_socket` takes effect only on a restart.
+const OLD_SOCKET: &str =
+    "if l4lb was started before that control_socket was set, it listens on its old one until restarted";
+
 /// Sends `req` to the instance on the control socket `path`, which the
 /// config file `named_by` gave, if one did. Nothing listening there may
 /// mean an instance started before that file's `control_socket` changed:
@@ -195,9 +200,8 @@ fn socket_path(
 fn ask(path: &Path, req: &str, named_by: Option<&Path>) -> anyhow::Result<String> {
     l4lb::control::ctl::request(path, req).map_err(|e| match named_by {
         Some(config) if is_not_listening(&e) => e.context(format!(
-            "nothing answers on the control socket {} names; if l4lb was started before \
-             that control_socket was set, it listens on its old one until restarted (reach it \
-             with --socket)",
+            "nothing answers on the control socket {} names; {OLD_SOCKET} (reach it with \
+             --socket)",
             config.display()
         )),
         _ => e,
@@ -297,10 +301,18 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
                     "{config_name} was updated, but the running instance could not be asked to reload it: {e:#}"
                 )))
             }
-            Err(e) => println!("no running instance answered on {} ({e:#})", sock.display()),
+            Err(e) => println!(
+                "no running instance answered on {} ({e:#}); {OLD_SOCKET} (reload it with \
+                 `l4lb reload --socket`)",
+                sock.display()
+            ),
         }
     } else {
-        println!("no running instance ({} does not exist)", sock.display());
+        println!(
+            "no running instance ({} does not exist); {OLD_SOCKET} (reload it with \
+             `l4lb reload --socket`)",
+            sock.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

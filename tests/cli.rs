@@ -14,6 +14,12 @@ use std::time::Duration;
 
 const DEMO_CONFIG: &str = "config/l4lb.toml";
 
+/// What `rules import` adds when no instance answers on the config's
+/// control socket.
+const OLD_SOCKET: &str = "if l4lb was started before that control_socket was set, it \
+                          listens on its old one until restarted (reload it with `l4lb \
+                          reload --socket`)";
+
 /// Runs `l4lb ARGS` in `dir` with `stdin`, logging off.
 fn l4lb_in(dir: &Path, args: &[&str], stdin: impl AsRef<[u8]>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_l4lb"))
@@ -437,7 +443,7 @@ fn rules_import_keeps_the_configs_mode_and_owner_and_writes_through_a_link() {
     assert_eq!(
         stdout(&o),
         format!(
-            "{}: applied 1 rule(s)\nno running instance ({} does not exist)\n",
+            "{}: applied 1 rule(s)\nno running instance ({} does not exist); {OLD_SOCKET}\n",
             link.display(),
             dir.path("none.sock").display()
         )
@@ -683,7 +689,7 @@ fn rules_import_counts_the_rules_already_in_effect_apart() {
         stdout(&o),
         format!(
             "{c}: applied 2 rule(s), 1 of them changing it (the others already in effect)\n\
-             no running instance ({} does not exist)\n",
+             no running instance ({} does not exist); {OLD_SOCKET}\n",
             dir.path("none.sock").display()
         )
     );
