@@ -387,26 +387,10 @@ fn zero_bytes(x: u64) -> u64 {
 }
 
 /// Sets slot `i`'s tag in the bucket header, whose other slots' writers
-/// share the word (hence the compare-and-swap loop).
-#[inline(always)]
-fn set_tag(header: &Bucket, i: usize, tag: u8) {
-    let shift = 8 * i;
-    let mut t = header.tags.load(Ordering::Relaxed);
-    while (t >> shift) as u8 != tag {
-        let new = t & !(0xff << shift) | (tag as u64) << shift;
-        match header
-            .tags
-            .compare_exchange_weak(t, new, Ordering::Release, Ordering::Relaxed)
-        {
-            Ok(_) => break,
-            Err(now) => t = now,
-        }
-    }
-}
-
-/// [`set_tag`] for an inserter announcing its key (see `FlowTable::take`),
-/// sequentially consistent, returning the tag word as it stands after it.
-/// Of two inserters, each of which owns its slot, announces the key's tag
+/// share the word (hence the compare-and-swap loop): an inserter
+/// announcing its key (see `FlowTable::take`), or taking the announcement
+/// back. Sequentially consistent; returns the tag word as it stands after
+/// it. Of two inserters, each of which owns its slot, announces the key's tag
 /// there and then looks at the other's slot, at least one sees the other:
 /// a read-modify-write sees every earlier one, and a tag already there
 /// before the claim is seen by any writer that looks after the claim.
@@ -1061,7 +1045,7 @@ impl FlowTable {
         let others =
             zero_bytes(tags ^ (p.hint.tag as u64).wrapping_mul(LOW_BITS)) & !(0x80 << (8 * i));
         if others != 0 && !self.alone(b, i, others, p, now) {
-            set_tag(header, i, old_tag);
+            announce_tag(header, i, old_tag);
             slot.seq.store(s, Ordering::Release);
             return None;
         }
