@@ -285,9 +285,14 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
     }
     let cfg = load(config)?;
     let sock = cfg.instance.control_socket;
-    if sock.exists() {
+    let missing = if !sock.exists() {
+        format!("({} does not exist)", sock.display())
+    } else {
         match l4lb::control::ctl::request(&sock, "reload") {
-            Ok(reply) if reply.starts_with("ok") => print!("running instance: {reply}"),
+            Ok(reply) if reply.starts_with("ok") => {
+                print!("running instance: {reply}");
+                return Ok(ExitCode::SUCCESS);
+            }
             Ok(reply) => {
                 return Err(Failure::Runtime(anyhow::anyhow!(
                     "{config_name} was updated, but the running instance rejected it: {}",
@@ -301,19 +306,10 @@ fn rules_import(config: &Path, rules: &Path) -> Result<ExitCode, Failure> {
                     "{config_name} was updated, but the running instance could not be asked to reload it: {e:#}"
                 )))
             }
-            Err(e) => println!(
-                "no running instance answered on {} ({e:#}); {OLD_SOCKET} (reload it with \
-                 `l4lb reload --socket`)",
-                sock.display()
-            ),
+            Err(e) => format!("answered on {} ({e:#})", sock.display()),
         }
-    } else {
-        println!(
-            "no running instance ({} does not exist); {OLD_SOCKET} (reload it with \
-             `l4lb reload --socket`)",
-            sock.display()
-        );
-    }
+    };
+    println!("no running instance {missing}; {OLD_SOCKET} (reload it with `l4lb reload --socket`)");
     Ok(ExitCode::SUCCESS)
 }
 
