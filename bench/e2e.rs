@@ -249,7 +249,12 @@ struct Case {
 impl Case {
     fn name(&self) -> String {
         match self.kind {
-            Kind::Bare => format!("bare/{}/{}w", self.attach, self.workers),
+            Kind::Bare => format!(
+                "bare/{}/{}w/{}",
+                self.attach,
+                self.workers,
+                self.proto.name()
+            ),
             Kind::L4lb => format!(
                 "l4lb/{}/{}w/{}",
                 self.attach,
@@ -264,9 +269,10 @@ impl Case {
         let w = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
         match self.kind {
             Kind::Bare => format!(
-                "bare AF_XDP forwarder, {} attach, {}",
+                "bare AF_XDP forwarder, {} attach, {}, {}",
                 self.attach,
-                w(self.workers, "worker")
+                w(self.workers, "worker"),
+                self.proto.name().to_uppercase()
             ),
             Kind::L4lb => format!(
                 "l4lb, {} attach, {}, {}",
@@ -283,6 +289,10 @@ impl Case {
     }
 }
 
+/// Every case, in the order a round runs them: each l4lb case right after
+/// the bare forwarder with the same attach mode, workers and protocol, and
+/// nftables with as many CPUs and that protocol after the native pair, so
+/// that the runs a ratio compares are minutes apart at most.
 fn all_cases() -> Vec<Case> {
     let mut v = Vec::new();
     let c = |kind, attach, workers, proto| Case {
@@ -292,20 +302,14 @@ fn all_cases() -> Vec<Case> {
         proto,
     };
     for attach in ["native", "skb"] {
-        for w in [1, 2] {
-            v.push(c(Kind::Bare, attach, w, Proto::Udp));
+        for (w, proto) in [(1, Proto::Udp), (1, Proto::Tcp), (2, Proto::Udp)] {
+            v.push(c(Kind::Bare, attach, w, proto));
+            v.push(c(Kind::L4lb, attach, w, proto));
+            if attach == "native" {
+                v.push(c(Kind::Nft, "", w, proto));
+            }
         }
     }
-    for attach in ["native", "skb"] {
-        for w in [1, 2] {
-            v.push(c(Kind::L4lb, attach, w, Proto::Udp));
-        }
-        v.push(c(Kind::L4lb, attach, 1, Proto::Tcp));
-    }
-    for w in [1, 2] {
-        v.push(c(Kind::Nft, "", w, Proto::Udp));
-    }
-    v.push(c(Kind::Nft, "", 1, Proto::Tcp));
     v
 }
 
@@ -614,6 +618,8 @@ struct Ctx {
 
 #[derive(Debug, Clone, Default)]
 struct Run {
+    /// The round it ran in, from 0.
+    round: usize,
     pps: f64,
     sent: u64,
     elapsed: Duration,
@@ -628,15 +634,32 @@ struct CaseResult {
     error: Option<String>,
 }
 
+/// The median of `v` (NaN if empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 impl CaseResult {
     fn median(&self) -> f64 {
-        let mut v: Vec<f64> = self.runs.iter().map(|r| r.pps).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
+        median(self.runs.iter().map(|r| r.pps).collect())
+    }
+
+    /// This case's rate over `other`'s, round by round (only the rounds
+    /// both ran in): runs of one round are minutes apart at most, so a
+    /// slow spell of the host falls on both.
+    fn ratios(&self, other: &CaseResult) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter_map(|a| {
+                let b = other.runs.iter().find(|b| b.round == a.round)?;
+                Some(a.pps / b.pps)
+            })
+            .collect()
     }
     fn min(&self) -> f64 {
         self.runs
@@ -886,6 +909,7 @@ fn run_case(ctx: &Ctx, case: &Case, round: usize) -> Result<Run> {
         let s2 = ctx.sink.read();
         let f1 = fwd.counters()?;
         let run = Run {
+            round,
             pps: (s1.frames - s0.frames) as f64 / g.elapsed.as_secs_f64(),
             sent: g.sent,
             elapsed: g.elapsed,
@@ -1368,14 +1392,27 @@ fn throughput(o: &mut String, rs: &[CaseResult]) {
     for r in rs.iter().filter(|r| r.case.kind == Kind::L4lb) {
         let c = r.case;
         let bare = find(rs, |x| {
-            x.kind == Kind::Bare && x.attach == c.attach && x.workers == c.workers
+            x.kind == Kind::Bare
+                && x.attach == c.attach
+                && x.workers == c.workers
+                && x.proto == c.proto
         });
         let nft = find(rs, |x| {
             x.kind == Kind::Nft && x.workers == c.workers && x.proto == c.proto
         });
         let ratio = |other: Option<&CaseResult>| match other {
             Some(b) if r.error.is_none() && !r.runs.is_empty() => {
-                format!("{:.2} ({} Mpps)", r.median() / b.median(), mpps(b.median()))
+                let v = r.ratios(b);
+                let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                });
+                format!(
+                    "{:.2} ({:.2}–{:.2}; {} Mpps)",
+                    median(v),
+                    lo,
+                    hi,
+                    mpps(b.median())
+                )
             }
             _ => "—".to_string(),
         };
@@ -1388,6 +1425,13 @@ fn throughput(o: &mut String, rs: &[CaseResult]) {
             ratio(nft)
         );
     }
+
+    let _ = writeln!(
+        o,
+        "\nRatios: the median of l4lb's rate over the other forwarder's, taken round by round \
+         (each round runs every case once, an l4lb case right after the bare forwarder with the same \
+         attach mode, workers and protocol), then their min–max and the other forwarder's median rate."
+    );
 
     // Everything, with the frame accounting.
     let _ = writeln!(
