@@ -84,7 +84,7 @@ enum Cmd {
     /// The pipeline benchmark's workloads in a plain loop, for counting
     /// instructions per packet under valgrind (`scripts/bench.sh icount`).
     PipelineLoop {
-        /// "established", "new-session" or "reply".
+        /// "established", "new-session", "new-session-tcp" or "reply".
         #[arg(long)]
         workload: String,
         /// Bursts of 64 frames, after one untimed round.

@@ -113,7 +113,7 @@ icount() {
     echo
     echo "| workload (as in bench/pipeline.rs) | instructions per packet |"
     echo "|---|---:|"
-    for workload in established new-session reply; do
+    for workload in established new-session new-session-tcp reply; do
         a=$(count "$workload" "$n")
         b=$(count "$workload" $((2 * n)))
         echo "| $workload | $(((b - a) / (n * 64))) |"

@@ -18,6 +18,7 @@
 //! * `new-session`: 1024 bursts of 65,536 client addresses in turn, the
 //!   clock moving past both timeouts after each round, so that every frame
 //!   creates its session (`pipeline/new_session_udp`);
+//! * `new-session-tcp`: the same with TCP SYNs (`pipeline/new_session_tcp`);
 //! * `reply`: the servers' replies to the 64 established flows, over and
 //!   over (`pipeline/reply_udp_hot`).
 
@@ -31,17 +32,27 @@ use crate::common::{self, Proto, FRAME_LEN};
 const BURST: usize = 64;
 
 pub fn run(workload: &str, bursts: usize) -> Result<()> {
-    let pool_bursts = match workload {
-        "established" | "reply" => 1,
-        "new-session" => common::MAX_CLIENT_ADDRS as usize / BURST,
-        other => bail!("unknown workload {other:?}: established, new-session or reply"),
+    let new_session = workload.starts_with("new-session");
+    let (pool_bursts, proto) = match workload {
+        "established" | "reply" => (1, Proto::Udp),
+        "new-session" | "new-session-tcp" => (
+            common::MAX_CLIENT_ADDRS as usize / BURST,
+            if workload == "new-session" {
+                Proto::Udp
+            } else {
+                Proto::Tcp
+            },
+        ),
+        other => bail!(
+            "unknown workload {other:?}: established, new-session, new-session-tcp or reply"
+        ),
     };
     let (cfg, _) = common::offline_config();
     let r = Replayer::new(&cfg)?;
     let mut metas = [Meta::default(); BURST];
     let mut verdicts = [Verdict::Pass; BURST];
     let mut now = 1_000_000;
-    let mut pool = common::client_frames(Proto::Udp, CLIENT_IF_MAC, pool_bursts * BURST);
+    let mut pool = common::client_frames(proto, CLIENT_IF_MAC, pool_bursts * BURST);
     let mut out = Port::Backend;
     if workload == "reply" {
         // The flows first (as in bench/pipeline.rs): the forwarded frames,
@@ -80,7 +91,7 @@ pub fn run(workload: &str, bursts: usize) -> Result<()> {
             &mut verdicts,
         );
         forwarded += verdicts.iter().filter(|v| **v == Verdict::Tx(out)).count();
-        if workload == "new-session" && (i + 1) % pool_bursts == 0 {
+        if new_session && (i + 1) % pool_bursts == 0 {
             now += 1000;
         }
     }
@@ -93,7 +104,7 @@ pub fn run(workload: &str, bursts: usize) -> Result<()> {
         .core
         .flows_created
         .load(std::sync::atomic::Ordering::Relaxed) as usize;
-    let want = if workload == "new-session" {
+    let want = if new_session {
         frames
     } else {
         BURST
