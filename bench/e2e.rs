@@ -97,8 +97,10 @@ enum Cmd {
 struct RunArgs {
     /// Measured runs per case (the median is reported). The cases take
     /// turns: each round runs every case once, so that a slow spell of
-    /// the machine falls on all of them rather than on one case's runs.
-    #[arg(long, default_value_t = 3)]
+    /// the machine falls on all of them rather than on one case's runs,
+    /// and every other round runs each l4lb case before its bare twin
+    /// instead of after it (an even number balances the two orders).
+    #[arg(long, default_value_t = 4)]
     runs: usize,
     /// Seconds per run.
     #[arg(long, default_value_t = 10)]
@@ -289,8 +291,9 @@ impl Case {
     }
 }
 
-/// Every case, in the order a round runs them: each l4lb case right after
-/// the bare forwarder with the same attach mode, workers and protocol, and
+/// Every case, in the order a round runs them (but see `round_order`): each
+/// l4lb case right after the bare forwarder with the same attach mode,
+/// workers and protocol, and
 /// nftables with as many CPUs and that protocol after the native pair, so
 /// that the runs a ratio compares are minutes apart at most.
 fn all_cases() -> Vec<Case> {
@@ -1159,7 +1162,11 @@ fn run(args: RunArgs) -> Result<()> {
         })
         .collect();
     'rounds: for round in 0..args.runs {
-        for r in results.iter_mut().filter(|r| r.error.is_none()) {
+        for i in round_order(&cases, round) {
+            let r = &mut results[i];
+            if r.error.is_some() {
+                continue;
+            }
             if ctx.stop.load(Ordering::Relaxed) {
                 break 'rounds;
             }
@@ -1212,6 +1219,31 @@ fn run(args: RunArgs) -> Result<()> {
         )
     );
     Ok(())
+}
+
+/// The order in which round `round` (from 0) runs `cases`, as indexes:
+/// their own order, except that in odd rounds each l4lb case runs before
+/// the bare forwarder case just ahead of it. Whichever of the two runs
+/// second follows the other's teardown, and in a hand-run ABBA sequence
+/// (2026-11-22 15:33 UTC) the second of a pair tended to be the slower.
+fn round_order(cases: &[Case], round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..cases.len()).collect();
+    if round % 2 == 1 {
+        let mut i = 0;
+        while i + 1 < cases.len() {
+            let (a, b) = (&cases[i], &cases[i + 1]);
+            if a.kind == Kind::Bare
+                && b.kind == Kind::L4lb
+                && (a.attach, a.workers, a.proto) == (b.attach, b.workers, b.proto)
+            {
+                order.swap(i, i + 1);
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    order
 }
 
 /// Attaches the sink and moves its work to `--sink-cpu`.
@@ -1351,7 +1383,8 @@ fn report(
         o,
         "- Traffic: BPF live-frame generator (XDP_TX) → veth → forwarder → veth → BPF sink ({}; counts, drops); \
          {} client address(es) × {} port(s), {} backends; median of {} runs of {} s, each after {} s of warm-up, \
-         the cases taking turns (one run of each per round); \
+         the cases taking turns (one run of each per round; l4lb right after its bare twin, or right \
+         before it in every other round); \
          generator {}",
         match a.sink.as_str() {
             "xdp" => "native XDP, NAPI threads on the generator's CPU",
@@ -1429,8 +1462,8 @@ fn throughput(o: &mut String, rs: &[CaseResult]) {
     let _ = writeln!(
         o,
         "\nRatios: the median of l4lb's rate over the other forwarder's, taken round by round \
-         (each round runs every case once, an l4lb case right after the bare forwarder with the same \
-         attach mode, workers and protocol), then their min–max and the other forwarder's median rate."
+         (each round runs every case once, an l4lb case next to the bare forwarder with the same \
+         attach mode, workers and protocol: after it, or before it in every other round), then their min–max and the other forwarder's median rate."
     );
 
     // Everything, with the frame accounting.
@@ -1542,5 +1575,67 @@ fn memory_report(o: &mut String, m: &Memory) {
             }
             let _ = writeln!(o);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn odd_rounds_run_each_l4lb_case_before_its_bare_twin() {
+        let cases = all_cases();
+        let names = |round| -> Vec<String> {
+            round_order(&cases, round)
+                .into_iter()
+                .map(|i| cases[i].name())
+                .collect()
+        };
+        let even: Vec<String> = cases.iter().map(Case::name).collect();
+        assert_eq!(names(0), even);
+        assert_eq!(names(2), even);
+        assert_eq!(
+            names(1)[..6],
+            [
+                "l4lb/native/1w/udp",
+                "bare/native/1w/udp",
+                "nft/1cpu/udp",
+                "l4lb/native/1w/tcp",
+                "bare/native/1w/tcp",
+                "nft/1cpu/tcp",
+            ]
+        );
+        assert_eq!(
+            names(1)[9..],
+            [
+                "l4lb/skb/1w/udp",
+                "bare/skb/1w/udp",
+                "l4lb/skb/1w/tcp",
+                "bare/skb/1w/tcp",
+                "l4lb/skb/2w/udp",
+                "bare/skb/2w/udp",
+            ]
+        );
+        // Only filtered-in pairs swap: an l4lb case without its twin keeps
+        // its place.
+        let some: Vec<Case> = cases
+            .iter()
+            .copied()
+            .filter(|c| c.kind != Kind::Bare || c.proto == Proto::Tcp)
+            .collect();
+        let odd: Vec<String> = round_order(&some, 1)
+            .into_iter()
+            .map(|i| some[i].name())
+            .collect();
+        assert_eq!(
+            odd[..5],
+            [
+                "l4lb/native/1w/udp",
+                "nft/1cpu/udp",
+                "l4lb/native/1w/tcp",
+                "bare/native/1w/tcp",
+                "nft/1cpu/tcp",
+            ]
+        );
     }
 }

@@ -4,7 +4,7 @@
 #   scripts/bench.sh [e2e] [OPTIONS]  the end-to-end forwarding benchmark in
 #                                     network namespaces (default: 3 runs of
 #                                     10 s per case, the cases taking turns,
-#                                     about 9 minutes)
+#                                     about 14 minutes)
 #   scripts/bench.sh micro            the criterion micro-benchmarks (pipeline,
 #                                     flow table, Maglev), then their table
 #   scripts/bench.sh all [OPTIONS]    both

@@ -43,9 +43,9 @@ pub fn run(workload: &str, bursts: usize) -> Result<()> {
                 Proto::Tcp
             },
         ),
-        other => bail!(
-            "unknown workload {other:?}: established, new-session, new-session-tcp or reply"
-        ),
+        other => {
+            bail!("unknown workload {other:?}: established, new-session, new-session-tcp or reply")
+        }
     };
     let (cfg, _) = common::offline_config();
     let r = Replayer::new(&cfg)?;
@@ -104,11 +104,7 @@ pub fn run(workload: &str, bursts: usize) -> Result<()> {
         .core
         .flows_created
         .load(std::sync::atomic::Ordering::Relaxed) as usize;
-    let want = if new_session {
-        frames
-    } else {
-        BURST
-    };
+    let want = if new_session { frames } else { BURST };
     if created != want {
         bail!("{created} flows created, expected {want}");
     }
