@@ -2,7 +2,7 @@
 # l4lb's benchmarks. Root required for the end-to-end part.
 #
 #   scripts/bench.sh [e2e] [OPTIONS]  the end-to-end forwarding benchmark in
-#                                     network namespaces (default: 3 runs of
+#                                     network namespaces (default: 4 runs of
 #                                     10 s per case, the cases taking turns,
 #                                     about 14 minutes)
 #   scripts/bench.sh micro            the criterion micro-benchmarks (pipeline,
