@@ -293,9 +293,9 @@ impl Case {
 
 /// Every case, in the order a round runs them (but see `round_order`): each
 /// l4lb case right after the bare forwarder with the same attach mode,
-/// workers and protocol, and
-/// nftables with as many CPUs and that protocol after the native pair, so
-/// that the runs a ratio compares are minutes apart at most.
+/// workers and protocol, and nftables with as many CPUs and that protocol
+/// after the native pair, so that the runs a ratio compares are minutes
+/// apart at most.
 fn all_cases() -> Vec<Case> {
     let mut v = Vec::new();
     let c = |kind, attach, workers, proto| Case {

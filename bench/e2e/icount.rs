@@ -10,9 +10,10 @@
 //! divides the difference by N × 64 frames, so set-up cancels out.
 //!
 //! The workloads are those of bench/pipeline.rs: the same config (3
-//! backends per service, persistence 300 s), 64-byte IPv4 UDP frames, 64 per
-//! burst through `Processor::process_burst`, each burst restored from a
-//! pristine copy first:
+//! backends per service, persistence 300 s), 64-byte IPv4 frames (UDP,
+//! but for `new-session-tcp`), 64 per burst through
+//! `Processor::process_burst`, each burst restored from a pristine copy
+//! first:
 //! * `established`: one burst of 64 established flows, over and over
 //!   (`pipeline/established_udp_hot`);
 //! * `new-session`: 1024 bursts of 65,536 client addresses in turn, the
@@ -32,21 +33,16 @@ use crate::common::{self, Proto, FRAME_LEN};
 const BURST: usize = 64;
 
 pub fn run(workload: &str, bursts: usize) -> Result<()> {
-    let new_session = workload.starts_with("new-session");
+    let pool = common::MAX_CLIENT_ADDRS as usize / BURST;
     let (pool_bursts, proto) = match workload {
         "established" | "reply" => (1, Proto::Udp),
-        "new-session" | "new-session-tcp" => (
-            common::MAX_CLIENT_ADDRS as usize / BURST,
-            if workload == "new-session" {
-                Proto::Udp
-            } else {
-                Proto::Tcp
-            },
-        ),
+        "new-session" => (pool, Proto::Udp),
+        "new-session-tcp" => (pool, Proto::Tcp),
         other => {
             bail!("unknown workload {other:?}: established, new-session, new-session-tcp or reply")
         }
     };
+    let new_session = pool_bursts > 1;
     let (cfg, _) = common::offline_config();
     let r = Replayer::new(&cfg)?;
     let mut metas = [Meta::default(); BURST];
