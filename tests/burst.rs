@@ -1,7 +1,7 @@
 //! The staged burst pipeline (`Processor::process_burst`, what the AF_XDP
 //! worker runs) decides exactly what processing one frame at a time
 //! (`Processor::process`) decides: same verdicts, same bytes out, same
-//! flows and sessions recorded. Its early stages only prefetch and compute
+//! flows and sessions recorded, same counts. Its early stages only prefetch and compute
 //! what no earlier frame changes, so a burst holding several frames of one
 //! new flow still sends them all to one backend, even with round robin,
 //! where each scheduling decision moves a cursor; and a client's second new
@@ -9,7 +9,7 @@
 //! 3 found the client without one.
 
 use l4lb::dataplane::pipeline::{Chunks, Meta};
-use l4lb::dataplane::{Port, Verdict};
+use l4lb::dataplane::{DropReason, Port, Verdict};
 use l4lb::replay::{Replayer, CLIENT_IF_MAC};
 
 #[path = "../bench/common.rs"]
@@ -114,4 +114,87 @@ fn bursts_decide_what_frame_by_frame_decides() {
         let backends: std::collections::HashSet<_> = seen.values().collect();
         assert!(backends.len() >= 3, "{scheduler}: spread over {backends:?}");
     }
+}
+
+/// What the worker reports: frames forwarded, replied, passed to the kernel
+/// and dropped as TTL-expired.
+fn verdict_counts(r: &Replayer) -> [u64; 4] {
+    let c = &r.stats.core;
+    [
+        c.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+        c.replied.load(std::sync::atomic::Ordering::Relaxed),
+        c.passed.load(std::sync::atomic::Ordering::Relaxed),
+        r.stats.drops(DropReason::TtlExceeded),
+    ]
+}
+
+/// A burst counts its forwarded and replied frames once, at its end, and
+/// every other verdict as it comes: the totals are what frame-by-frame
+/// processing counts. The second burst mixes replies to the first burst's
+/// flows, new clients, frames for the kernel (not IP) and client frames
+/// whose TTL runs out.
+#[test]
+fn bursts_count_every_verdict_as_frame_by_frame_does() {
+    let one = replayer("weighted_source_ip");
+    let staged = replayer("weighted_source_ip");
+    let mut first = client_frames(Proto::Udp, CLIENT_IF_MAC, 64);
+    let mut second = Vec::new();
+    for (k, f) in client_frames(Proto::Udp, CLIENT_IF_MAC, 128)
+        .chunks(FRAME_LEN)
+        .skip(64)
+        .enumerate()
+    {
+        let mut f = f.to_vec();
+        if (40..50).contains(&k) {
+            // ARP's EtherType: not IP.
+            f[12..14].copy_from_slice(&[0x08, 0x06]);
+        } else if k >= 50 {
+            // TTL 1, with the header checksum made right again.
+            f[22] = 1;
+            f[24..26].copy_from_slice(&[0, 0]);
+            let sum = f[14..34]
+                .chunks(2)
+                .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+                .sum::<u32>();
+            let sum = (sum & 0xffff) + (sum >> 16);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        }
+        second.extend_from_slice(&f);
+    }
+    let mut metas = [Meta::default(); 64];
+    let mut verdicts = [Verdict::Pass; 64];
+    let mut burst = |r: &Replayer, frames: &mut [u8]| {
+        r.processor(NOW).process_burst(
+            &mut Chunks {
+                buf: frames,
+                frame_len: FRAME_LEN,
+            },
+            &mut metas,
+            &mut verdicts,
+        );
+        verdicts
+    };
+    let mut first_staged = first.clone();
+    for f in first.chunks_exact_mut(FRAME_LEN) {
+        one.process(f, NOW);
+    }
+    burst(&staged, &mut first_staged);
+    assert!(
+        first == first_staged,
+        "first burst: rewritten frames differ"
+    );
+    // Replies to the first 40 flows take the first 40 places.
+    for (k, f) in first.chunks(FRAME_LEN).take(40).enumerate() {
+        second[k * FRAME_LEN..(k + 1) * FRAME_LEN].copy_from_slice(&reply_frame(Proto::Udp, f));
+    }
+    let mut second_staged = second.clone();
+    let want: Vec<Verdict> = second
+        .chunks_exact_mut(FRAME_LEN)
+        .map(|f| one.process(f, NOW))
+        .collect();
+    let got = burst(&staged, &mut second_staged);
+    assert_eq!(got[..], want[..]);
+    assert_eq!(verdict_counts(&one), [64, 40, 10, 14]);
+    assert_eq!(verdict_counts(&staged), verdict_counts(&one));
 }

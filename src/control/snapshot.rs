@@ -73,6 +73,32 @@ pub struct ListenerEntry {
     pub service: u32,
 }
 
+/// A listener's dense index and its service's, in one word: the listener
+/// index holds both, so that the burst pipeline's stages that need only the
+/// service (2 and 3, for a new flow) do not load the listener's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerRef(u32);
+
+impl ListenerRef {
+    fn pack(listener: u32, service: u32) -> u32 {
+        assert!(
+            listener <= 0xffff && service <= 0xffff,
+            "dense indices fit 16 bits (one u16 id each)"
+        );
+        listener | service << 16
+    }
+    /// Index into [`Snapshot::listeners`].
+    #[inline(always)]
+    pub fn index(self) -> u32 {
+        self.0 & 0xffff
+    }
+    /// Index into [`Snapshot::services`] (the listener's `service`).
+    #[inline(always)]
+    pub fn service(self) -> u32 {
+        self.0 >> 16
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServiceEntry {
     pub id: u16,
@@ -453,7 +479,13 @@ impl Snapshot {
                 .collect();
             WordIndex::build(&entries)
         };
-        let listener_index = index(&mut listener_keys.iter().zip(0..));
+        // Both indices are below 2^16 (one stable u16 id each).
+        let listener_index = index(
+            &mut listener_keys
+                .iter()
+                .zip(listeners.iter().enumerate())
+                .map(|(k, (i, le))| (k, ListenerRef::pack(i as u32, le.service))),
+        );
         let backend_index = index(&mut backend_index.iter().map(|(k, i)| (k, *i)));
         let mut backend_host_list: Vec<Addr16> = backends.iter().map(|b| b.addr16).collect();
         backend_host_list.sort_unstable();
@@ -504,9 +536,12 @@ impl Snapshot {
         )
     }
 
+    /// The listener on `addr`:`port`/`proto`, with its service.
     #[inline]
-    pub fn listener(&self, addr: &Addr16, port: u16, proto: u8) -> Option<u32> {
-        self.listener_index.get(&L4Key::words(addr, port, proto))
+    pub fn listener(&self, addr: &Addr16, port: u16, proto: u8) -> Option<ListenerRef> {
+        self.listener_index
+            .get(&L4Key::words(addr, port, proto))
+            .map(ListenerRef)
     }
 
     #[inline]

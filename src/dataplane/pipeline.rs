@@ -6,7 +6,9 @@
 //! lock, makes no syscall and logs nothing.
 
 use crate::config::Scheduler;
-use crate::control::snapshot::{BackendEntry, ListenerEntry, SchedState, ServiceEntry, Snapshot};
+use crate::control::snapshot::{
+    BackendEntry, ListenerEntry, ListenerRef, SchedState, ServiceEntry, Snapshot,
+};
 use crate::dataplane::counters::{DropReason, Shared, WorkerStats};
 use crate::dataplane::icmp::{self, Icmp, Toward};
 use crate::dataplane::nat::{rewrite, Side};
@@ -170,8 +172,8 @@ impl Buckets {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Class {
-    /// To listener (dense index).
-    Forward(u32),
+    /// To a listener (and its service).
+    Forward(ListenerRef),
     /// From a backend (dense index).
     Reverse(u32),
     Other,
@@ -405,9 +407,20 @@ impl Processor<'_> {
                 }
             }
         }
+        // Forwarded frames are counted once per burst, in registers
+        // meanwhile; every other verdict as it comes.
+        let (mut forwarded, mut replied) = (0, 0);
         for (i, (m, v)) in metas.iter().zip(verdicts.iter_mut()).enumerate() {
-            *v = frames.with(i, |f| self.finish(f, m));
+            *v = frames.with(i, |f| self.decide(f, m));
+            match *v {
+                Verdict::Tx(Port::Backend) => forwarded += 1,
+                Verdict::Tx(Port::Client) => replied += 1,
+                other => self.count(other),
+            }
         }
+        let c = &self.stats.core;
+        WorkerStats::add(&c.forwarded, forwarded);
+        WorkerStats::add(&c.replied, replied);
     }
 
     /// Stage 1: parse, find the listener, hash the keys, prefetch. Writes
@@ -456,7 +469,7 @@ impl Processor<'_> {
                 // Settled by stage 3 (with persistence).
                 m.no_session = !rec.found;
                 let snap = self.snapshot;
-                let svc = snap.listeners[l as usize].service;
+                let svc = l.service();
                 let se = &snap.services[svc as usize];
                 if se.persistence_timeout > 0 {
                     let h = t.persist.hint(&persist_key(se, p).words());
@@ -499,7 +512,7 @@ impl Processor<'_> {
             m.no_session = false;
         }
         let snap = self.snapshot;
-        let svc = snap.listeners[l as usize].service;
+        let svc = l.service();
         if let Some(h) = m.client_hash {
             m.pick = snap.pick_hashed(svc, h);
             // Only a backend that several listeners share gets a reply
@@ -514,11 +527,18 @@ impl Processor<'_> {
         }
     }
 
-    /// Stage 4: decides what to do with the frame, rewrites it in place
-    /// when it is to be forwarded, and counts the outcome.
+    /// Stage 5 for one frame: decides what to do with it, rewrites it in
+    /// place when it is to be forwarded, and counts the outcome.
     #[inline]
     pub fn finish(&self, frame: &mut [u8], m: &Meta) -> Verdict {
         let v = self.decide(frame, m);
+        self.count(v);
+        v
+    }
+
+    /// Counts a verdict.
+    #[inline(always)]
+    fn count(&self, v: Verdict) {
         let c = &self.stats.core;
         match v {
             Verdict::Tx(Port::Backend) => WorkerStats::add(&c.forwarded, 1),
@@ -526,7 +546,6 @@ impl Processor<'_> {
             Verdict::Pass => WorkerStats::add(&c.passed, 1),
             Verdict::Drop(why) => self.stats.count_drop(why),
         }
-        v
     }
 
     /// The two directions of a flow, inlined into the burst loop; every
@@ -588,14 +607,14 @@ impl Processor<'_> {
     }
 
     #[inline]
-    fn forward(&self, frame: &mut [u8], p: &Parsed, l: u32, m: &Meta) -> Verdict {
+    fn forward(&self, frame: &mut [u8], p: &Parsed, l: ListenerRef, m: &Meta) -> Verdict {
         let snap = self.snapshot;
         let t = self.tables;
         if p.ttl <= 1 {
             return Verdict::Drop(DropReason::TtlExceeded);
         }
-        let le = &snap.listeners[l as usize];
-        let svc = le.service;
+        let le = &snap.listeners[l.index() as usize];
+        let svc = l.service();
         let flags = tcp_flags(frame, p);
         let fprobe = &m.flow;
 
@@ -1107,7 +1126,7 @@ impl Processor<'_> {
                 let Some(l) = snap.listener(&e.src, e.sport, e.proto) else {
                     return Verdict::Pass;
                 };
-                let le = &snap.listeners[l as usize];
+                let le = &snap.listeners[l.index() as usize];
                 let key = ForwardKey {
                     proto: e.proto,
                     client: e.dst,
