@@ -124,7 +124,7 @@ repeated() {
     echo
     echo "| benchmark | runs | per element: median of the runs' estimates | min–max |"
     echo "|---|---:|---:|---|"
-    sort -k1,1 -k2,2n "$samples" | awk '
+    LC_ALL=C sort -k1,1 -k2,2n "$samples" | LC_ALL=C awk '
         function flush() {
             if (n == 0) return
             m = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
