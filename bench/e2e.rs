@@ -80,6 +80,17 @@ enum Cmd {
         /// epoch): those of the current run.
         #[arg(long, default_value_t = 0)]
         since: u64,
+        /// Print `benchmark nanoseconds-per-element` lines instead (only
+        /// benchmarks with a throughput in elements), for micro-repeated.
+        #[arg(long)]
+        samples: bool,
+    },
+    /// The median and min–max per benchmark over several runs' samples
+    /// (`micro-report --samples` outputs, concatenated in FILE), as a
+    /// markdown table.
+    MicroRepeated {
+        /// The concatenated samples.
+        file: PathBuf,
     },
     /// The pipeline benchmark's workloads in a plain loop, for counting
     /// instructions per packet under valgrind (`scripts/bench.sh icount`).
@@ -190,7 +201,20 @@ fn main() {
             netns::down();
             Ok(())
         }
-        Cmd::MicroReport { dir, since } => micro::report(&dir, since).map(|r| print!("{r}")),
+        Cmd::MicroReport {
+            dir,
+            since,
+            samples,
+        } => if samples {
+            micro::samples(&dir, since)
+        } else {
+            micro::report(&dir, since)
+        }
+        .map(|r| print!("{r}")),
+        Cmd::MicroRepeated { file } => std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))
+            .and_then(|t| micro::repeated(&file.display().to_string(), &t))
+            .map(|r| print!("{r}")),
         Cmd::PipelineLoop { workload, bursts } => icount::run(&workload, bursts),
     };
     if let Err(e) = r {

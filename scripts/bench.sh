@@ -112,27 +112,14 @@ repeated() {
         since=$(date +%s)
         cargo bench --bench pipeline -- "$REPEAT_FILTER" \
             --warm-up-time 1 --measurement-time 3 --noplot >&2
-        # "| pipeline/x | ... | 64 | 79.0 ns (78.8 ns–79.2 ns) |" -> "pipeline/x 79.0"
-        "$BIN/l4lb-bench" micro-report --since "$since" "$TARGET/criterion" |
-            awk -F'|' '$2 ~ /pipeline\// { gsub(/ /, "", $2); split($5, t, " "); if (t[2] != "ns") exit 1; print $2, t[1] }' \
-                >>"$samples" || die "repeated run $r: a per-packet time not in ns"
+        "$BIN/l4lb-bench" micro-report --samples --since "$since" "$TARGET/criterion" >>"$samples"
     done
     echo
     echo "#### The targets' benchmarks, repeated"
     echo
     echo "- Command: the same, then $REPEAT_RUNS more runs of \`cargo bench --bench pipeline -- \"$REPEAT_FILTER\" --warm-up-time 1 --measurement-time 3 --noplot\`, back to back ($(date -u '+%H:%M UTC') at the end)"
     echo
-    echo "| benchmark | runs | per element: median of the runs' estimates | min–max |"
-    echo "|---|---:|---:|---|"
-    LC_ALL=C sort -k1,1 -k2,2n "$samples" | LC_ALL=C awk '
-        function flush() {
-            if (n == 0) return
-            m = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-            printf "| %s | %d | %.1f ns | %.1f–%.1f ns |\n", id, n, m, v[1], v[n]
-        }
-        $1 != id { flush(); id = $1; n = 0 }
-        { v[++n] = $2 }
-        END { flush() }'
+    "$BIN/l4lb-bench" micro-repeated "$samples"
     rm -f "$samples"
 }
 

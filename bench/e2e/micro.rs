@@ -1,7 +1,9 @@
 //! `l4lb-bench micro-report`: criterion's results (target/criterion) as a
-//! markdown table, per element where the benchmark declared a throughput.
+//! markdown table, per element where the benchmark declared a throughput;
+//! with `--samples`, as plain `benchmark nanoseconds-per-element` lines,
+//! which `l4lb-bench micro-repeated` summarises over several runs.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -71,10 +73,69 @@ fn ns(x: f64) -> String {
     }
 }
 
-pub fn report(dir: &Path, since: u64) -> Result<String> {
+fn rows(dir: &Path, since: u64) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     collect(dir, since, &mut rows)?;
     rows.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(rows)
+}
+
+/// One `benchmark nanoseconds` line per benchmark that declared a
+/// throughput in elements: its estimate per element, unrounded.
+pub fn samples(dir: &Path, since: u64) -> Result<String> {
+    let mut o = String::new();
+    for r in rows(dir, since)? {
+        if let Some(n) = r.elements {
+            let _ = writeln!(o, "{} {}", r.id, r.time.1 / n as f64);
+        }
+    }
+    Ok(o)
+}
+
+/// The runs collected by [`samples`] (several outputs concatenated in
+/// `text`, read from `file`) as a markdown table: per benchmark, how many
+/// runs, the median of their estimates and the min–max.
+pub fn repeated(file: &str, text: &str) -> Result<String> {
+    let mut runs: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for (i, line) in text.lines().enumerate() {
+        let at = || format!("{file}:{}", i + 1);
+        let mut f = line.split_whitespace();
+        let (Some(id), Some(v), None) = (f.next(), f.next(), f.next()) else {
+            bail!("{}: expected \"benchmark nanoseconds\", got {line:?}", at());
+        };
+        let v: f64 = match v.parse() {
+            Ok(v) if v > 0.0 && f64::is_finite(v) => v,
+            _ => bail!("{}: {v:?} is not a time in nanoseconds", at()),
+        };
+        runs.entry(id).or_default().push(v);
+    }
+    if runs.is_empty() {
+        bail!("{file}: no samples");
+    }
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "| benchmark | runs | per element: median of the runs' estimates | min–max |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---|");
+    for (id, v) in runs {
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let _ = writeln!(
+            o,
+            "| {id} | {} | {} | {}–{} |",
+            v.len(),
+            ns(super::median(v)),
+            ns(lo),
+            ns(hi)
+        );
+    }
+    Ok(o)
+}
+
+pub fn report(dir: &Path, since: u64) -> Result<String> {
+    let rows = rows(dir, since)?;
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -103,4 +164,38 @@ pub fn report(dir: &Path, since: u64) -> Result<String> {
         );
     }
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_runs_give_each_benchmark_its_median_and_range() {
+        let text = "pipeline/b 30.04\npipeline/a 81.0\npipeline/b 28.96\n\
+                    pipeline/a 77.0\npipeline/b 29.5\npipeline/a 78.5\npipeline/a 80.5\n";
+        assert_eq!(
+            repeated("s", text).unwrap(),
+            "| benchmark | runs | per element: median of the runs' estimates | min–max |\n\
+             |---|---:|---:|---|\n\
+             | pipeline/a | 4 | 79.5 ns | 77.0 ns–81.0 ns |\n\
+             | pipeline/b | 3 | 29.5 ns | 29.0 ns–30.0 ns |\n"
+        );
+    }
+
+    #[test]
+    fn a_broken_sample_line_is_located() {
+        let e = repeated("/tmp/s", "pipeline/a 80.1\npipeline/a 79 ns\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/tmp/s:2: expected \"benchmark nanoseconds\", got \"pipeline/a 79 ns\""
+        );
+        let e = repeated("/tmp/s", "pipeline/a NaN\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/tmp/s:1: \"NaN\" is not a time in nanoseconds"
+        );
+        let e = repeated("/tmp/s", "").unwrap_err();
+        assert_eq!(e.to_string(), "/tmp/s: no samples");
+    }
 }
