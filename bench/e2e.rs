@@ -77,9 +77,11 @@ enum Cmd {
         #[arg(default_value = "target/criterion")]
         dir: PathBuf,
         /// Only results written at or after this time (seconds since the
-        /// epoch): those of the current run.
-        #[arg(long, default_value_t = 0)]
-        since: u64,
+        /// epoch, with a fraction: `date +%s.%N`): those of the current
+        /// run. Whole seconds would also take in results written earlier
+        /// in the second the run began.
+        #[arg(long, default_value_t = 0.0)]
+        since: f64,
         /// Print `benchmark nanoseconds-per-element` lines instead (only
         /// benchmarks with a throughput in elements), for micro-repeated.
         #[arg(long)]

@@ -85,7 +85,7 @@ e2e() {
 
 micro() {
     local since
-    since=$(date +%s)
+    since=$(date +%s.%N)
     echo "== cargo bench (pipeline, flow_table, maglev)" >&2
     cargo bench --bench pipeline --bench flow_table --bench maglev >&2
     cargo build --release --quiet --bin l4lb-bench
@@ -109,7 +109,7 @@ repeated() {
     samples=$(mktemp)
     for ((r = 1; r <= REPEAT_RUNS; r++)); do
         echo "== repeated run $r of $REPEAT_RUNS" >&2
-        since=$(date +%s)
+        since=$(date +%s.%N)
         cargo bench --bench pipeline -- "$REPEAT_FILTER" \
             --warm-up-time 1 --measurement-time 3 --noplot >&2
         "$BIN/l4lb-bench" micro-report --samples --since "$since" "$TARGET/criterion" >>"$samples"

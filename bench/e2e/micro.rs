@@ -31,7 +31,7 @@ fn estimate(v: &Value) -> Option<(f64, f64, f64)> {
     ))
 }
 
-fn collect(dir: &Path, since: u64, out: &mut Vec<Row>) -> Result<()> {
+fn collect(dir: &Path, since: f64, out: &mut Vec<Row>) -> Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
         if !p.is_dir() {
@@ -43,7 +43,7 @@ fn collect(dir: &Path, since: u64, out: &mut Vec<Row>) -> Result<()> {
             let written = std::fs::metadata(&est)?
                 .modified()?
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+                .map_or(0.0, |d| d.as_secs_f64());
             if written < since {
                 continue;
             }
@@ -73,7 +73,7 @@ fn ns(x: f64) -> String {
     }
 }
 
-fn rows(dir: &Path, since: u64) -> Result<Vec<Row>> {
+fn rows(dir: &Path, since: f64) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     collect(dir, since, &mut rows)?;
     rows.sort_by(|a, b| a.id.cmp(&b.id));
@@ -82,7 +82,7 @@ fn rows(dir: &Path, since: u64) -> Result<Vec<Row>> {
 
 /// One `benchmark nanoseconds` line per benchmark that declared a
 /// throughput in elements: its estimate per element, unrounded.
-pub fn samples(dir: &Path, since: u64) -> Result<String> {
+pub fn samples(dir: &Path, since: f64) -> Result<String> {
     let mut o = String::new();
     for r in rows(dir, since)? {
         if let Some(n) = r.elements {
@@ -112,6 +112,15 @@ pub fn repeated(file: &str, text: &str) -> Result<String> {
     if runs.is_empty() {
         bail!("{file}: no samples");
     }
+    // Every run times the same benchmarks: a benchmark with fewer samples
+    // than another is a result of some other run, picked up by mistake.
+    let counts: Vec<(&str, usize)> = runs.iter().map(|(id, v)| (*id, v.len())).collect();
+    let most = counts.iter().map(|c| c.1).max().unwrap_or(0);
+    if let Some((id, n)) = counts.iter().find(|c| c.1 != most) {
+        bail!(
+            "{file}: {id} has {n} sample(s), other benchmarks {most}: not all from the same runs"
+        );
+    }
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -134,7 +143,7 @@ pub fn repeated(file: &str, text: &str) -> Result<String> {
     Ok(o)
 }
 
-pub fn report(dir: &Path, since: u64) -> Result<String> {
+pub fn report(dir: &Path, since: f64) -> Result<String> {
     let rows = rows(dir, since)?;
     let mut o = String::new();
     let _ = writeln!(
@@ -173,13 +182,13 @@ mod tests {
     #[test]
     fn repeated_runs_give_each_benchmark_its_median_and_range() {
         let text = "pipeline/b 30.04\npipeline/a 81.0\npipeline/b 28.96\n\
-                    pipeline/a 77.0\npipeline/b 29.5\npipeline/a 78.5\npipeline/a 80.5\n";
+                    pipeline/a 77.0\npipeline/b 29.4\npipeline/a 78.5\npipeline/a 80.5\npipeline/b 29.6\n";
         assert_eq!(
             repeated("s", text).unwrap(),
             "| benchmark | runs | per element: median of the runs' estimates | min–max |\n\
              |---|---:|---:|---|\n\
              | pipeline/a | 4 | 79.5 ns | 77.0 ns–81.0 ns |\n\
-             | pipeline/b | 3 | 29.5 ns | 29.0 ns–30.0 ns |\n"
+             | pipeline/b | 4 | 29.5 ns | 29.0 ns–30.0 ns |\n"
         );
     }
 
@@ -197,5 +206,10 @@ mod tests {
         );
         let e = repeated("/tmp/s", "").unwrap_err();
         assert_eq!(e.to_string(), "/tmp/s: no samples");
+        let e = repeated("/tmp/s", "p/a 80\np/b 29\np/a 79\np/b 30\np/c 31\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/tmp/s: p/c has 1 sample(s), other benchmarks 2: not all from the same runs"
+        );
     }
 }
