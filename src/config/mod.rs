@@ -277,13 +277,21 @@ impl Config {
     /// [`Config::from_file`], with the file's warnings: settings that are
     /// valid but probably not what was meant (`FILE:LINE:COL: warning: ...`).
     pub fn from_file_warned(path: &Path) -> Result<(Config, Vec<Located>), ConfigError> {
+        let text = Config::read_text(path)?;
+        Config::from_str_warned(&text, &path.display().to_string())
+    }
+
+    /// A configuration file's text, for [`Config::from_str_warned`]: the
+    /// error of a file that cannot be read, or is not UTF-8 (located), is
+    /// the one [`Config::from_file`] gives.
+    pub fn read_text(path: &Path) -> Result<String, ConfigError> {
         let file_name = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|error| ConfigError::Io {
             path: file_name.clone(),
             error,
         })?;
         match String::from_utf8(bytes) {
-            Ok(text) => Config::from_str_warned(&text, &file_name),
+            Ok(text) => Ok(text),
             Err(e) => {
                 let valid = e.utf8_error().valid_up_to();
                 let bytes = e.as_bytes();

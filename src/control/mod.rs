@@ -373,14 +373,16 @@ impl Plane {
                 "l4lb was started with the built-in config: there is no file to reload".into(),
             );
         };
-        let (new, warnings) = Config::from_file_warned(&path).map_err(|e| e.to_string())?;
+        // Read once: a refusal below locates keys in the text it judged.
+        let text = Config::read_text(&path).map_err(|e| e.to_string())?;
+        let (new, warnings) = Config::from_str_warned(&text, &path.display().to_string())
+            .map_err(|e| e.to_string())?;
         for w in &warnings {
             tracing::warn!("{w}");
         }
         let fixed = restart_only_changes(&self.config, &new);
         if !fixed.is_empty() {
             // Each at the line that sets it, as other config errors are.
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
             let lines: Vec<String> = fixed
                 .iter()
                 .map(|key| {
@@ -1377,17 +1379,26 @@ mod tests {
         let base = "[instance]\nname = \"t\"\nclient_interface = \"c0\"\nbackend_interface = \"b0\"\nclient_gateway = \"198.18.0.2\"\n";
         let old = Config::from_str(base, "t.toml").expect("valid");
         // Every [instance] key changed, the reloadable ones too.
-        let new = Config::from_str(
+        const NEW: &str =
             "[instance]\nname = \"u\"\nclient_interface = \"c1\"\nbackend_interface = \"b1\"\n\
              client_gateway = \"198.18.0.3\"\nattach = \"skb\"\nbind = \"copy\"\nworkers = [1]\n\
              flow_table_capacity = 2048\nflow_idle_timeout = 600\ntcp_closed_timeout = 10\n\
              tcp_syn_timeout = 5\npersistence_capacity = 2048\n\
              persistence_when_full = \"no_record\"\ncontrol_socket = \"/tmp/other.sock\"\n\
-             [[instance.neighbour]]\naddress = \"198.18.0.3\"\nmac = \"02:00:00:00:00:01\"\n",
-            "t.toml",
-        )
-        .expect("valid");
+             [[instance.neighbour]]\naddress = \"198.18.0.3\"\nmac = \"02:00:00:00:00:01\"\n";
+        let new = Config::from_str(NEW, "t.toml").expect("valid");
         let mut refused: Vec<&str> = restart_only_changes(&old, &new);
+        // A refused reload names each key at the line that sets it: every
+        // key restart_only_changes reports has its own position, not the
+        // [instance] header's (line 1).
+        for key in &refused {
+            let (line, col) = Config::instance_key_position(NEW, key).expect("the text parses");
+            let set = NEW.lines().nth(line - 1).expect("a line of the text");
+            assert!(
+                set.starts_with(&format!("{key} = ")) && col == key.len() + 4,
+                "{key}: {line}:{col} is {set:?}"
+            );
+        }
         // `mode` has one value, so no file can change it; it is refused
         // all the same (restart_only_changes compares it).
         refused.push("mode");
