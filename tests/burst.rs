@@ -8,6 +8,7 @@
 //! and a client's second new flow in a burst finds the session its first
 //! one recorded, although stage 3 found the client without one.
 
+use l4lb::dataplane::checksum::checksum;
 use l4lb::dataplane::pipeline::{Chunks, Meta};
 use l4lb::dataplane::{DropReason, Port, Verdict};
 use l4lb::replay::{Replayer, CLIENT_IF_MAC};
@@ -152,13 +153,8 @@ fn bursts_count_every_verdict_as_frame_by_frame_does() {
             // TTL 1, with the header checksum made right again.
             f[22] = 1;
             f[24..26].copy_from_slice(&[0, 0]);
-            let sum = f[14..34]
-                .chunks(2)
-                .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
-                .sum::<u32>();
-            let sum = (sum & 0xffff) + (sum >> 16);
-            let sum = (sum & 0xffff) + (sum >> 16);
-            f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let sum = checksum(&f[14..34]);
+            f[24..26].copy_from_slice(&sum.to_be_bytes());
         }
         second.extend_from_slice(&f);
     }
