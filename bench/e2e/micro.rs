@@ -114,11 +114,11 @@ pub fn repeated(file: &str, text: &str) -> Result<String> {
     }
     // Every run times the same benchmarks: a benchmark with fewer samples
     // than another is a result of some other run, picked up by mistake.
-    let counts: Vec<(&str, usize)> = runs.iter().map(|(id, v)| (*id, v.len())).collect();
-    let most = counts.iter().map(|c| c.1).max().unwrap_or(0);
-    if let Some((id, n)) = counts.iter().find(|c| c.1 != most) {
+    let most = runs.values().map(Vec::len).max().unwrap_or(0);
+    if let Some((id, v)) = runs.iter().find(|(_, v)| v.len() != most) {
         bail!(
-            "{file}: {id} has {n} sample(s), other benchmarks {most}: not all from the same runs"
+            "{file}: {id} has {} sample(s), other benchmarks {most}: not all from the same runs",
+            v.len()
         );
     }
     let mut o = String::new();
